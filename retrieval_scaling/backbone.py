@@ -1,0 +1,80 @@
+"""Backbones: the tiny Llama family (pretrained here, once, by a cached stage) and any HF decoder.
+
+A model config names its architecture shapes (so plans need no weights) and where weights come
+from: `source: pretrain` (a tiny model built by `retrieval_scaling.pretrain`) or a hub id / local
+directory given as `name_or_path`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .flops import Architecture
+from .identity import content_hash
+
+log = logging.getLogger(__name__)
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def architecture(model_cfg: Mapping[str, Any]) -> Architecture:
+    arch = model_cfg.get("arch")
+    if not arch:
+        raise ConfigError(f"model '{model_cfg.get('name')}' has no `arch` section (shapes needed for the plan)")
+    return Architecture(**arch)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE like Llama-3's (cased, no normaliser), trained on `texts` in about a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Llama-3 convention: BOS prepended by us, pad = EOS.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
+
+
+def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
+    """Where the tiny backbone for this (architecture, pretraining recipe, corpus) lives."""
+    key = content_hash({"arch": model_cfg["arch"], "pretrain": model_cfg["pretrain"], "corpus": corpus})
+    return Path(cache_root) / "backbones" / f"{model_cfg['name']}-{corpus}-{key}"
+
+
+def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
+    """(model, tokenizer) for a `*ForCausalLM` backbone, with attention made bidirectional if asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = str(local_dir) if local_dir is not None else model_cfg.get("name_or_path")
+    if not where:
+        raise ConfigError(f"model '{model_cfg.get('name')}': set model.name_or_path (hub id or directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype="float32", attn_implementation=model_cfg.get("attn_implementation", "sdpa")
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"model '{model_cfg.get('name')}': cannot load '{where}' ({exc}). Offline machines need a "
+            "local directory in model.name_or_path."
+        ) from None
+    set_bidirectional(model, bool(model_cfg.get("bidirectional", False)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def set_bidirectional(model, on: bool) -> None:
+    """transformers ≥5 builds a padding-only mask and passes is_causal=False to the kernels when the
+    config says so; setting it on attention modules alone is not enough (stays causal under eager)."""
+    model.config.is_causal = not on

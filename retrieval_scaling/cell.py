@@ -1,0 +1,157 @@
+"""One cell, end to end: prepare → backbone (+ LoRA) → evaluate at step 0 → train under the FLOP
+budget → evaluate → DONE marker. Runs in its own process (submitit job)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .identity import cell_id, content_hash
+from .plan import plan_cell
+from .stages import build_once
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE"
+
+
+def cell_dir(cfg: Mapping[str, Any]) -> Path:
+    return Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "cells" / cell_id(cfg)
+
+
+def is_done(cfg: Mapping[str, Any]) -> bool:
+    return (cell_dir(cfg) / DONE).is_file()
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Terminated(Exception):
+    """SIGTERM (scancel, local kill): the run ends KILLED, not FAILED."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated(f"signal {signum}")
+
+
+def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
+    """Run (or finish) one cell; returns its final metrics. Marks its MLflow run FAILED on error."""
+    from .distributed import configure_threads
+    from .tracking import AXES, CellRun, flatten, tracking_uri
+
+    setup_logging()
+    configure_threads(int(cfg["launcher"]["threads_per_job"]))
+    cid, out = cell_id(cfg), cell_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / DONE).is_file():
+        log.info("cell %s is done already", cid)
+        return json.loads((out / DONE).read_text())["metrics"]
+    from omegaconf import OmegaConf
+
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    sweep = cfg["sweep"]
+    tags = {axis: cfg[axis]["name"] for axis in AXES}
+    tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
+    run = CellRun(tracking_uri(cfg["tracking"], sweep["root"]), sweep["name"], cfg["tracking"]["artifacts"],
+                  cid, tags, flatten({k: v for k, v in cfg.items() if k != "hydra"}))
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        metrics = _run_stages(cfg, cid, out, run)
+    except Terminated:
+        run.finish("KILLED")
+        raise
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.log_artifact(out / "config.yaml")
+    (out / DONE).write_text(json.dumps({"cell_id": cid, "run_id": run.run_id, "metrics": metrics,
+                                        "finished_at": time.time()}, indent=2))
+    run.finish("FINISHED")
+    return metrics
+
+
+def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, float]:
+    import torch
+    from hydra.utils import instantiate
+    from peft import LoraConfig, get_peft_model
+
+    from .backbone import load_backbone
+    from .data import load_collection
+    from .distributed import init_distributed
+    from .encoders import build_encoder
+    from .evaluate import evaluate
+    from .prepare import ensure_training_data, load_examples
+    from .pretrain import ensure_pretrained
+    from .train import BatchSampler, train
+
+    init_distributed()
+    plan = plan_cell(cfg)
+    run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "steps", "flops_total",
+                                          "params_total", "params_trainable", "flops_convention")})
+    cache = Path(cfg["sweep"]["cache_dir"])
+    data_cfg, model_cfg, eval_cfg = cfg["data"], cfg["model"], cfg["eval"]
+
+    examples = load_examples(ensure_training_data(data_cfg, cache))
+    train_coll = load_collection(data_cfg["root"], data_cfg["name"], data_cfg["split"])
+    local_dir = None
+    if model_cfg.get("source") == "pretrain":
+        local_dir = ensure_pretrained(model_cfg, train_coll, cache)
+        summary = json.loads((local_dir / "pretrain.json").read_text())
+        run.log_params({f"pretrain.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds",
+                                                              "heldout_loss_after")})
+    backbone, tokenizer = load_backbone(model_cfg, local_dir)
+    torch.manual_seed(int(cfg["seed"]))
+    lora = model_cfg["lora"]
+    backbone = get_peft_model(backbone, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
+                                                   lora_dropout=float(lora["dropout"]),
+                                                   target_modules=list(lora["targets"])))
+    if model_cfg.get("train_embeddings"):
+        # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
+        backbone.get_input_embeddings().weight.requires_grad_(True)
+    encoder = build_encoder(cfg["paradigm"]["name"], backbone)
+
+    collections = [load_collection(eval_cfg["root"], c["name"], c["split"]) for c in eval_cfg["collections"]]
+
+    def evaluate_all() -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for spec, coll in zip(eval_cfg["collections"], collections, strict=True):
+            metrics.update(evaluate(encoder, tokenizer, coll, eval_cfg, bool(spec["drop_self_hits"])))
+        return metrics
+
+    # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
+    # evaluate it once and share the result.
+    key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
+                        "eval": {k: v for k, v in eval_cfg.items() if k != "root"}})
+    step0_dir = build_once(cache / "step0-evals" / key,
+                           lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_all())),
+                           "step-0 evaluation")
+    before = json.loads((step0_dir / "metrics.json").read_text())
+    run.log_metrics(before, step=0)
+    log.info("step 0: %s", before)
+
+    texts = {f"q:{e['qid']}": e["query"] for e in examples}
+    texts.update({f"d:{d}": train_coll.corpus[d] for e in examples for d in (*e["positives"], *e["negatives"])})
+    keys = list(texts)
+    max_len = max(int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]))
+    ids = tokenizer([texts[k] for k in keys], add_special_tokens=False, truncation=True,
+                    max_length=max_len - 1)["input_ids"]
+    sampler = BatchSampler(examples, dict(zip(keys, ids, strict=True)), int(cfg["train"]["queries_per_step"]),
+                           int(cfg["train"]["passages_per_query"]), int(cfg["seed"]),
+                           int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
+                           tokenizer.bos_token_id, tokenizer.pad_token_id)
+    loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
+    encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], cfg["train"],
+                    cfg["paradigm"], cfg["deepspeed"], out / "checkpoints", int(cfg["log"]["every"]),
+                    run.log_metrics)
+    after = evaluate_all()
+    run.log_metrics(after, step=plan["steps"])
+    log.info("step %d: %s", plan["steps"], after)
+    return after

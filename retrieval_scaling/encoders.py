@@ -1,0 +1,89 @@
+"""Lion-DS (dense) and Lion-SP (sparse) encoders over a decoder-only backbone.
+
+One base class owns input handling (left padding, position ids); subclasses override only `pool`,
+how a sequence of hidden states becomes one vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def encode_inputs(token_ids: list[list[int]], bos_id: int, pad_id: int, max_len: int,
+                  pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + tokens (truncated to max_len in all), left-padded with `pad_id` to `pad_to` (default:
+    the longest sequence). Returns (input_ids, attention_mask), both (N, L) int64."""
+    seqs = [[bos_id, *ids[: max_len - 1]] for ids in token_ids]
+    width = pad_to if pad_to is not None else max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return input_ids, mask
+
+
+def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token, so left padding does not shift them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class Encoder(nn.Module):
+    """A backbone (`*ForCausalLM`, possibly LoRA-wrapped) plus a pooling head."""
+
+    sparse = False
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        decoder = self.backbone.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_for(mask))
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.hidden_states(input_ids, mask), mask)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseEncoder(Encoder):
+    """Lion-DS: L2-normalise every token's hidden state, then mean over non-pad tokens (BOS
+    included), without re-normalising the mean."""
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return dense_pool(hidden, mask)
+
+
+class SparseEncoder(Encoder):
+    """Lion-SP: LM-head logits scaled by d^-1/4, max over non-pad positions, then log(1 + ReLU)."""
+
+    sparse = True
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.backbone.get_output_embeddings()(hidden)
+        return sparse_pool(logits, mask, hidden.shape[-1])
+
+
+def dense_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    normed = nn.functional.normalize(hidden, p=2, dim=-1)
+    return (normed * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def sparse_pool(logits: torch.Tensor, mask: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    # log1p∘relu is monotone and the d^-1/4 scale positive, so max-pooling the raw logits first and
+    # transforming only the (N, V) result is exact, and touches the (N, L, V) logits twice, not five times.
+    floor = torch.finfo(logits.dtype).min
+    pooled = logits.masked_fill(mask.unsqueeze(-1) == 0, floor).amax(dim=1).float()
+    return torch.log1p(torch.relu(pooled * hidden_size**-0.25))
+
+
+ENCODERS: dict[str, type[Encoder]] = {"dense": DenseEncoder, "sparse": SparseEncoder}
+
+
+def build_encoder(paradigm: str, backbone: nn.Module) -> Encoder:
+    return ENCODERS[paradigm](backbone)

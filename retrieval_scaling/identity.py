@@ -1,0 +1,41 @@
+"""A cell's identity: a short hash of its resolved *semantic* config.
+
+Everything keys off this one function: cell directories, MLflow runs, resubmission. Keys that only
+change where or how a cell is run or logged are left out, so renaming a sweep or moving the data
+root does not orphan finished work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# Dotted paths that do not change what a cell computes.
+NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root")
+
+
+def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of a resolved config without the non-semantic keys."""
+    out = json.loads(json.dumps(cfg, default=str))
+    for dotted in NON_SEMANTIC:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def content_hash(obj: Any, length: int = 8) -> str:
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:length]
+
+
+def cell_id(cfg: Mapping[str, Any]) -> str:
+    """Same semantic config → same id; any semantic change → new id."""
+    return content_hash(semantic_config(cfg))

@@ -1,0 +1,119 @@
+"""Pretraining stage of the tiny family: full-parameter causal language modelling on the corpus.
+
+The paper fine-tunes *pretrained* LLMs; LoRA on frozen random weights barely learns. So each tiny size
+is pretrained once per corpus, cached, and shared by all of that size's cells. Its compute is
+reported in the stage's `pretrain.json` (and on every cell's run), never charged to the cell budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .backbone import architecture, pretrained_dir, train_bpe_tokenizer
+from .data import Collection
+from .flops import Architecture
+from .stages import build_once
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_flops(arch: Architecture, tokens: int, block_len: int) -> int:
+    """Full-parameter training: 6N per token for every linear and the (tied) LM head, plus attention
+    (4 + 8)·d·S² per layer with S² summed over blocks = tokens·block_len."""
+    n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
+    head = arch.hidden_size * arch.vocab_size
+    return 6 * tokens * (n_lin + head) + 12 * arch.num_hidden_layers * arch.hidden_size * tokens * block_len
+
+
+def ensure_pretrained(model_cfg: Mapping[str, Any], corpus: Collection, cache_root: Path) -> Path:
+    """The directory of this tiny backbone (HF format, tokenizer included), building it if needed."""
+    out = pretrained_dir(cache_root, model_cfg, corpus.name)
+    return build_once(out, lambda tmp: _pretrain(model_cfg, corpus, tmp), f"pretrain {model_cfg['name']}")
+
+
+def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> None:
+    import torch
+    from tqdm import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    recipe = model_cfg["pretrain"]
+    arch = architecture(model_cfg)
+    torch.manual_seed(int(recipe["seed"]))
+    texts = list(corpus.corpus.values())
+    tokenizer = train_bpe_tokenizer(texts, arch.vocab_size)
+    block = int(recipe["block_len"])
+
+    # Pack the corpus: each document followed by EOS, cut into blocks that start with BOS.
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    body = block - 1
+    n_blocks = len(stream) // body
+    blocks = torch.tensor(stream[: n_blocks * body]).view(n_blocks, body)
+    blocks = torch.cat([torch.full((n_blocks, 1), tokenizer.bos_token_id), blocks], dim=1)
+    perm = torch.randperm(n_blocks)
+    n_heldout = max(1, n_blocks // 50)
+    heldout, train = blocks[perm[:n_heldout]], blocks[perm[n_heldout:]]
+
+    config = LlamaConfig(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads, tie_word_embeddings=arch.tie_word_embeddings,
+        max_position_embeddings=int(recipe.get("max_position_embeddings", 512)),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+    )
+    model = LlamaForCausalLM(config)
+    steps, batch, lr = int(recipe["steps"]), int(recipe["batch_size"]), float(recipe["lr"])
+    warmup = max(1, int(steps * float(recipe.get("warmup_fraction", 0.05))))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+
+    def heldout_loss() -> float:
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=heldout, labels=heldout).loss.item()
+        model.train()
+        return loss
+
+    initial = heldout_loss()
+    start, curve = time.time(), []
+    model.train()
+    bar = tqdm(range(steps), desc=f"pretrain {model_cfg['name']}", mininterval=10)
+    for step in bar:
+        idx = torch.randint(0, len(train), (batch,))
+        x = train[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            curve.append([step, round(loss.item(), 4)])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    final = heldout_loss()
+    tokens = steps * batch * block
+    summary = {
+        "model": model_cfg["name"], "corpus": corpus.name, "steps": steps, "batch_size": batch,
+        "block_len": block, "tokens": tokens, "flops": pretrain_flops(arch, tokens, block),
+        "seconds": round(time.time() - start, 1), "heldout_loss_before": round(initial, 4),
+        "heldout_loss_after": round(final, 4), "train_curve": curve,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    log.info("pretrain %s: held-out loss %.3f -> %.3f in %.0fs", model_cfg["name"], initial, final,
+             summary["seconds"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps(summary, indent=2))

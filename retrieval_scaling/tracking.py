@@ -1,0 +1,117 @@
+"""MLflow: one experiment per sweep, one run per cell, continued across attempts.
+
+Uses the client API only: the fluent API's atexit hook would mark a crashed run FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+AXES = ("model", "paradigm", "loss")
+
+
+def tracking_uri(tracking_cfg: Mapping[str, Any], sweep_root: str | os.PathLike) -> str:
+    """$MLFLOW_TRACKING_URI (via config) if set, else SQLite at <sweep root>/mlflow.db."""
+    if tracking_cfg.get("uri"):
+        return str(tracking_cfg["uri"])
+    return f"sqlite:///{Path(sweep_root).resolve() / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, artifacts: str | os.PathLike) -> str:
+    """Create the store and the experiment once, before cells fan out (concurrent first use of a
+    fresh SQLite store races on schema migration)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    Path(artifacts).mkdir(parents=True, exist_ok=True)
+    return c.create_experiment(name, artifact_location=Path(artifacts).resolve().as_uri())
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def find_cell_run(c, experiment_id: str, cell: str):
+    runs = c.search_runs([experiment_id], filter_string=f"tags.cell_id = '{cell}'", max_results=5)
+    return runs[0] if runs else None
+
+
+def cell_runs(uri: str, experiment: str) -> dict[str, Any]:
+    """cell_id → latest MLflow run of a sweep (empty when the experiment does not exist)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = c.search_runs([exp.experiment_id], max_results=50000)
+    out: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        if "cell_id" in run.data.tags:
+            out[run.data.tags["cell_id"]] = run
+    return out
+
+
+class CellRun:
+    """The MLflow run of one cell: created on the first attempt, continued by later ones."""
+
+    def __init__(self, uri: str, experiment: str, artifacts: str | os.PathLike, cell: str,
+                 tags: Mapping[str, str], params: Mapping[str, str]):
+        from mlflow.entities import Param, RunTag
+
+        self.client = client(uri)
+        exp_id = ensure_experiment(uri, experiment, artifacts)
+        existing = find_cell_run(self.client, exp_id, cell)
+        if existing is None:
+            run = self.client.create_run(exp_id, tags={**tags, "cell_id": cell}, run_name=tags.get("run_name"))
+            self.run_id, self.attempt = run.info.run_id, 1
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        else:
+            self.run_id = existing.info.run_id
+            self.attempt = int(existing.data.tags.get("attempt", "1")) + 1
+            self.client.update_run(self.run_id, status="RUNNING")
+        self.client.log_batch(self.run_id, tags=[RunTag("attempt", str(self.attempt))])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)) for k, v in params.items() if k not in have]
+        if items:
+            self.client.log_batch(self.run_id, params=items)
+
+    def log_artifact(self, path: str | os.PathLike) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,179 @@
+"""Retrieval fine-tuning of one cell: a DeepSpeed ZeRO engine for exactly the budget's steps.
+
+Batches are a pure function of (seed, step), so a resumed run sees the same data it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .encoders import Encoder, encode_inputs
+from .errors import DataError
+from .losses import LossOutput
+from .regularizers import flops_regularizer, quadratic_warmup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    passage_ids: torch.Tensor  # (B·G, L), positive first in each group
+    passage_mask: torch.Tensor
+    teacher: torch.Tensor  # (B, G)
+
+
+class BatchSampler:
+    """Queries without replacement per epoch; for each, one positive and G-1 hard negatives drawn
+    without replacement from its mined negatives every time the query is drawn."""
+
+    def __init__(self, examples: list[dict], tokens: Mapping[str, list[int]], queries_per_step: int,
+                 group: int, seed: int, query_len: int, passage_len: int, bos_id: int, pad_id: int):
+        self.examples = [e for e in examples if len(e["negatives"]) >= group - 1]
+        if len(self.examples) < queries_per_step:
+            raise DataError(
+                f"only {len(self.examples)} training queries have ≥ {group - 1} hard negatives; a step needs "
+                f"{queries_per_step}. Raise data.negatives.keep or lower the batch."
+            )
+        self.tokens, self.b, self.g, self.seed = tokens, queries_per_step, group, seed
+        self.query_len, self.passage_len, self.bos_id, self.pad_id = query_len, passage_len, bos_id, pad_id
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def batch(self, step: int) -> Batch:
+        n, rng = len(self.examples), np.random.default_rng([self.seed, 1_000_003, step])
+        picks = []
+        for k in range(step * self.b, (step + 1) * self.b):
+            picks.append(self.examples[self._order(k // n)[k % n]])
+        queries, passages, teacher = [], [], []
+        for ex in picks:
+            pos = ex["positives"][rng.integers(len(ex["positives"]))]
+            negs = rng.choice(len(ex["negatives"]), size=self.g - 1, replace=False)
+            group = [pos, *(ex["negatives"][i] for i in negs)]
+            queries.append(self.tokens["q:" + ex["qid"]])
+            passages.extend(self.tokens["d:" + d] for d in group)
+            teacher.append([ex["teacher"][d] for d in group])
+        q_ids, q_mask = encode_inputs(queries, self.bos_id, self.pad_id, self.query_len, pad_to=self.query_len)
+        p_ids, p_mask = encode_inputs(passages, self.bos_id, self.pad_id, self.passage_len, pad_to=self.passage_len)
+        return Batch(q_ids, q_mask, p_ids, p_mask, torch.tensor(teacher, dtype=torch.float32))
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def sparsity(reps: torch.Tensor) -> float:
+    return float((reps > 0).sum(dim=-1).float().mean())
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    path = ckpt_dir / tag
+    if not path.is_dir():
+        raise DataError(
+            f"checkpoint {ckpt_dir}: 'latest' names {tag!r}, which does not exist. Delete {ckpt_dir} "
+            "to restart the cell from step 0."
+        )
+    return path
+
+
+def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
+          flops_per_step: int, train_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any],
+          ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
+          log_metrics: Callable[[dict[str, float], int], None]) -> Encoder:
+    """Train for `steps` optimizer steps, resuming from the last checkpoint in `ckpt_dir`."""
+    import deepspeed
+
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
+    warmup = max(1, math.ceil(steps * float(train_cfg["warmup_fraction"])))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
+    config = {
+        **ds_cfg,
+        "train_micro_batch_size_per_gpu": sampler.b,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(train_cfg["grad_clip"]),
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config)
+    start = 0
+    if latest_checkpoint(ckpt_dir) is not None:
+        try:
+            _, client = engine.load_checkpoint(str(ckpt_dir))
+        except Exception as exc:  # noqa: BLE001 — any load failure means the same thing to the user
+            raise DataError(f"checkpoint {ckpt_dir} cannot be loaded ({exc}). Delete it to restart "
+                            "the cell from step 0.") from exc
+        start = int(client["step"])
+        log.info("resumed from checkpoint at step %d", start)
+
+    temperature = float(paradigm_cfg["temperature"])
+    reg = paradigm_cfg.get("flops")
+    reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
+    use_bf16 = bool(train_cfg.get("bf16", True))
+    tokens_per_step = sampler.b * (sampler.query_len + sampler.g * sampler.passage_len)
+    engine.train()
+    tick = time.time()
+    for step in range(start, steps):
+        batch = sampler.batch(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            q = engine(batch.query_ids, batch.query_mask).float()
+            p = engine(batch.passage_ids, batch.passage_mask).float()
+        out = loss_fn(q, p, batch.teacher, sampler.g, temperature)
+        loss, parts = out.total, dict(out.parts)
+        if reg:
+            lam_q = quadratic_warmup(float(reg["lambda_q"]), step, reg_warmup)
+            lam_d = quadratic_warmup(float(reg["lambda_d"]), step, reg_warmup)
+            parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
+            loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
+        engine.backward(loss)
+        engine.step()
+        done = step + 1
+        if done % log_every == 0 or done == steps or done == start + 1:
+            elapsed = max(time.time() - tick, 1e-9)
+            metrics = {
+                "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()},
+                "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
+                "tokens_seen": float(done * tokens_per_step),
+                "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
+                "heartbeat": time.time(),
+            }
+            if encoder.sparse:
+                metrics["train/query_nnz"], metrics["train/doc_nnz"] = sparsity(q), sparsity(p)
+            log_metrics(metrics, done)
+            log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])
+            tick = time.time()
+        if done % int(train_cfg["checkpoint_every"]) == 0 or done == steps:
+            save_checkpoint(engine, ckpt_dir, done)
+    return engine.module
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
+    """Save, then drop older tags; DeepSpeed writes `latest` only after the new tag is complete."""
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    for old in ckpt_dir.glob("step*"):
+        if old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,102 @@
+"""The real CLI in subprocesses: dry-run plan, bad input stopping before anything runs, and one
+tiny cell end to end (slow) with a second sweep that runs nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(verb, *args, env_extra=None, timeout=900):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", f"retrieval_scaling.{verb}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def sweeps(tmp_path, data_root):
+    return {"RS_SWEEPS_DIR": str(tmp_path / "sweeps"), "RS_DATA_DIR": str(data_root),
+            "MLFLOW_TRACKING_URI": ""}
+
+
+def test_dry_run_writes_an_18_cell_plan_within_budget(sweeps):
+    proc = run_cli("sweep", "+grid=tiny", "sweep.dry_run=true", env_extra=sweeps)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((Path(sweeps["RS_SWEEPS_DIR"]) / "tiny" / "plan.json").read_text())
+    assert len(plan) == 18 and len({c["cell_id"] for c in plan}) == 18
+    assert {(c["model"], c["paradigm"], c["loss"]) for c in plan} == {
+        (m, p, lo) for m in ("tiny_s", "tiny_m", "tiny_l") for p in ("sparse", "dense") for lo in ("cl", "kd", "cl_kd")}
+    for cell in plan:
+        assert set(cell) >= {"cell_id", "model", "paradigm", "loss", "params_total", "params_trainable",
+                             "flops_per_step", "steps", "flops_total"}
+        assert cell["flops_total"] <= cell["flops_budget"] < cell["flops_total"] + cell["flops_per_step"]
+    assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "mlflow.db").exists()  # nothing submitted, no store
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model=tiny_xl", "model/tiny_xl"),
+    ("loss=foo", "loss/foo"),
+    ("budget.flops=1e6", "smaller than one optimizer step"),
+])
+def test_bad_input_stops_before_anything_runs(sweeps, override, message):
+    proc = run_cli("sweep", "+grid=tiny", override, env_extra=sweeps)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    root = Path(sweeps["RS_SWEEPS_DIR"])
+    assert not (root / "mlflow.db").exists() and not (root / "tiny" / "cells").exists()
+
+
+def test_broken_corpus_line_stops_the_sweep_naming_file_and_line(sweeps, data_root, tmp_path):
+    broken = tmp_path / "data"
+    for name in ("scifact",):
+        (broken / name / "qrels").mkdir(parents=True)
+        for f in ("queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
+            (broken / name / f).write_text((data_root / name / f).read_text())
+        lines = (data_root / name / "corpus.jsonl").read_text().splitlines()
+        lines[41] = lines[41][:30]
+        (broken / name / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli("sweep", "+grid=tiny", env_extra={**sweeps, "RS_DATA_DIR": str(broken)})
+    assert proc.returncode == 2
+    assert "corpus.jsonl:42: broken JSON line" in proc.stderr
+    assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "tiny" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
+    from mlflow.tracking import MlflowClient
+
+    args = ["model=tiny_s", "paradigm=sparse", "loss=cl_kd", "sweep.name=e2e", "budget.flops=3e11",
+            "model.pretrain.steps=60", "log.every=5"]
+    proc = run_cli("sweep", *args, env_extra=sweeps)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = Path(sweeps["RS_SWEEPS_DIR"])
+    plan = json.loads((root / "e2e" / "plan.json").read_text())[0]
+    done = json.loads((root / "e2e" / "cells" / plan["cell_id"] / "DONE").read_text())
+    assert done["metrics"]["scifact/ndcg_10"] >= 0
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
+        "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
+    ndcg = client.get_metric_history(run.info.run_id, "scifact/ndcg_10")
+    assert sorted(m.step for m in ndcg) == [0, plan["steps"]]
+    spent = client.get_metric_history(run.info.run_id, "flops_spent")
+    assert max(m.value for m in spent) == plan["flops_total"]
+    assert {"scifact/doc_nnz", "scifact/query_nnz", "train/ce", "train/kl", "train/flops_d"} <= set(run.data.metrics)
+    assert run.data.params["model.arch.hidden_size"] == "64"
+
+    status = run_cli("status", "sweep=e2e", "format=json", env_extra=sweeps)
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "DONE" and row["flops_spent"] == plan["flops_total"]
+
+    again = run_cli("sweep", *args, env_extra=sweeps)
+    assert again.returncode == 0
+    assert "1 cells, 1 done, 0 to run" in again.stdout
+    assert len(client.search_runs([exp.experiment_id])) == 1

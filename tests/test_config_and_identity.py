@@ -1,0 +1,58 @@
+"""Config composition of the grid through Hydra's compose API, and cell identity."""
+
+import itertools
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from retrieval_scaling.identity import cell_id
+from retrieval_scaling.plan import plan_cell
+
+AXES = {"model": ["tiny_s", "tiny_m", "tiny_l"], "paradigm": ["sparse", "dense"], "loss": ["cl", "kd", "cl_kd"]}
+
+
+def test_all_18_tiny_cells_compose_with_distinct_identities(compose):
+    ids = set()
+    for model, paradigm, loss in itertools.product(*AXES.values()):
+        cfg = compose(f"model={model}", f"paradigm={paradigm}", f"loss={loss}", "+grid=tiny")
+        assert (cfg["model"]["name"], cfg["paradigm"]["name"], cfg["loss"]["name"]) == (model, paradigm, loss)
+        # the per-objective recipe of the model picks batch and group size
+        group = 2 if loss == "kd" else 8
+        assert cfg["train"]["passages_per_query"] == group
+        assert cfg["train"]["lr"] == 1e-3  # the grid's override
+        plan = plan_cell(cfg)
+        assert plan["steps"] >= 1
+        ids.add(cell_id(cfg))
+    assert len(ids) == 18
+
+
+def test_sizes_grow_and_sparse_costs_more_per_step(compose):
+    plans = {(m, p): plan_cell(compose(f"model={m}", f"paradigm={p}", "loss=cl"))
+             for m in AXES["model"] for p in AXES["paradigm"]}
+    sizes = [plans[(m, "dense")]["params_non_embedding"] for m in AXES["model"]]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    for m in AXES["model"]:
+        assert plans[(m, "sparse")]["flops_per_step"] > plans[(m, "dense")]["flops_per_step"]
+
+
+def test_identity_same_config_same_id(compose):
+    assert cell_id(compose("model=tiny_m")) == cell_id(compose("model=tiny_m"))
+
+
+@pytest.mark.parametrize("override", ["train.lr=2e-3", "seed=1", "budget.flops=3e12", "paradigm=sparse",
+                                      "model.lora.r=8", "data.passage_max_len=64"])
+def test_identity_changes_with_any_semantic_change(compose, override):
+    assert cell_id(compose(override)) != cell_id(compose())
+
+
+@pytest.mark.parametrize("override", ["sweep.name=other", "log.every=3", "launcher.max_parallel=5",
+                                      "data.root=/elsewhere", "sweep.root=/tmp/x", "tracking.uri=sqlite:///x.db"])
+def test_identity_ignores_where_and_how_a_cell_is_run_or_logged(compose, override):
+    assert cell_id(compose(override)) == cell_id(compose())
+
+
+@pytest.mark.parametrize("override", ["model=tiny_xl", "loss=foo", "paradigm=hybrid"])
+def test_unknown_axis_value_is_a_clear_hydra_error(compose, override):
+    group, value = override.split("=")
+    with pytest.raises(MissingConfigException, match=f"{group}/{value}"):
+        compose(override)

@@ -1,0 +1,61 @@
+"""Collections: real SciFact loads; malformed files fail with file, line and problem."""
+
+import json
+import shutil
+
+import pytest
+
+from retrieval_scaling.data import load_collection, resolve_data_root
+from retrieval_scaling.errors import DataError
+
+
+def test_scifact_test_split_loads(data_root):
+    coll = load_collection(data_root, "scifact", "test")
+    assert len(coll.corpus) == 5183 and len(coll.queries) == 300
+    assert sum(len(v) for v in coll.qrels.values()) == 339
+
+
+def small_collection(tmp_path, corpus_lines, qrels_rows=(("q1", "d1", 1),)):
+    base = tmp_path / "mini"
+    (base / "qrels").mkdir(parents=True)
+    (base / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    (base / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "what"}) + "\n")
+    rows = ["query-id\tcorpus-id\tscore", *("\t".join(map(str, r)) for r in qrels_rows)]
+    (base / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_broken_json_line_names_file_and_line(tmp_path):
+    root = small_collection(tmp_path, [json.dumps({"_id": "d1", "title": "", "text": "ok"}), '{"_id": "d2", "te'])
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2: broken JSON line"):
+        load_collection(root, "mini", "test")
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    line = json.dumps({"_id": "d1", "text": "x"})
+    with pytest.raises(DataError, match=r"corpus\.jsonl:2: duplicate id 'd1'"):
+        load_collection(small_collection(tmp_path, [line, line]), "mini", "test")
+
+
+def test_qrels_naming_missing_ids_are_refused(tmp_path):
+    root = small_collection(tmp_path, [json.dumps({"_id": "d1", "text": "x"})], [("q1", "d9", 1)])
+    with pytest.raises(DataError, match=r"test\.tsv: names ids that do not exist.*\['d9'\]"):
+        load_collection(root, "mini", "test")
+
+
+def test_missing_collection_and_root_say_what_to_set(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="RS_DATA_DIR"):
+        load_collection(tmp_path, "nowhere", "test")
+    monkeypatch.delenv("RS_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="set RS_DATA_DIR"):
+        resolve_data_root(None)
+
+
+def test_a_corrupted_copy_of_real_scifact_is_caught(data_root, tmp_path):
+    copy = tmp_path / "scifact"
+    shutil.copytree(data_root / "scifact", copy)
+    lines = (copy / "corpus.jsonl").read_text().splitlines()
+    lines[99] = lines[99][:40]
+    (copy / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"corpus\.jsonl:100: broken JSON line"):
+        load_collection(tmp_path, "scifact", "test")

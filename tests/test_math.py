@@ -1,0 +1,89 @@
+"""Pooling heads, losses and the FLOPS regulariser against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from retrieval_scaling.encoders import dense_pool, encode_inputs, position_ids_for, sparse_pool
+from retrieval_scaling.losses import (
+    ContrastiveDistillationLoss,
+    ContrastiveLoss,
+    KLDistillationLoss,
+    MarginMSELoss,
+)
+from retrieval_scaling.regularizers import flops_regularizer, quadratic_warmup
+
+
+def test_dense_pool_normalises_tokens_then_means_over_non_pad():
+    hidden = torch.tensor([[[9.0, 9.0], [3.0, 4.0], [0.0, 2.0]]])  # first position is padding
+    mask = torch.tensor([[0, 1, 1]])
+    # tokens → [0.6, 0.8] and [0, 1]; mean → [0.3, 0.9]; not re-normalised
+    assert torch.allclose(dense_pool(hidden, mask), torch.tensor([[0.3, 0.9]]))
+
+
+def test_sparse_pool_scales_masks_max_and_log1p_relu():
+    logits = torch.tensor([[[100.0, 100.0, 100.0], [2.0, -4.0, 0.0], [0.0, 2.0, 6.0]]])
+    mask = torch.tensor([[0, 1, 1]])
+    # hidden 16 → scale 16^-1/4 = 0.5: [1, -2, 0] and [0, 1, 3] → log1p∘relu → max per term
+    expected = torch.tensor([[math.log(2), math.log(2), math.log(4)]])
+    assert torch.allclose(sparse_pool(logits, mask, hidden_size=16), expected)
+
+
+def test_inputs_get_bos_and_left_padding_with_positions_from_first_token():
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9]], bos_id=1, pad_id=2, max_len=4)
+    assert ids.tolist() == [[1, 5, 6, 7], [2, 2, 1, 9]]  # truncated to max_len with BOS; pad on the left
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert position_ids_for(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    padded, _ = encode_inputs([[5]], bos_id=1, pad_id=2, max_len=4, pad_to=4)
+    assert padded.tolist() == [[2, 2, 1, 5]]
+
+
+def test_flops_regularizer_is_sum_of_squared_mean_activations():
+    reps = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    assert flops_regularizer(reps).item() == pytest.approx(2.0**2 + 0 + 1.0**2)
+
+
+def test_quadratic_warmup_counts_optimizer_steps():
+    assert quadratic_warmup(0.04, 0, 10) == 0.0
+    assert quadratic_warmup(0.04, 5, 10) == pytest.approx(0.01)
+    assert quadratic_warmup(0.04, 10, 10) == pytest.approx(0.04)
+    assert quadratic_warmup(0.04, 25, 10) == pytest.approx(0.04)
+
+
+def test_contrastive_loss_uses_every_in_batch_passage():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # G=2, positives at 0 and 2
+    out = ContrastiveLoss()(q, p, None, group=2, temperature=1.0)
+    # each query: scores [1, 0, 0, 0] with the positive first → log(e + 3) - 1
+    assert out.total.item() == pytest.approx(math.log(math.e + 3) - 1, rel=1e-6)
+    # the temperature divides the scores
+    out = ContrastiveLoss()(q, p, None, group=2, temperature=0.5)
+    assert out.total.item() == pytest.approx(math.log(math.e**2 + 3) - 2, rel=1e-6)
+
+
+def test_margin_mse_divides_student_margin_by_temperature():
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    teacher = torch.tensor([[5.0, 2.0]])
+    out = MarginMSELoss()(q, p, teacher, group=2, temperature=0.5)
+    assert out.total.item() == pytest.approx(((2 - 1) / 0.5 - 3) ** 2)
+
+
+def test_cl_kd_is_half_ce_half_kl_teacher_to_student():
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.0]])  # uniform teacher
+    out = ContrastiveDistillationLoss()(q, p, teacher, group=2, temperature=1.0)
+    ce = math.log(math.e + 1) - 1
+    kl = math.log(0.5) + math.log(math.e + 1) - 0.5  # KL(uniform ‖ softmax([1, 0]))
+    assert out.parts["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert out.parts["kl"].item() == pytest.approx(kl, rel=1e-6)
+    assert out.total.item() == pytest.approx(0.5 * ce + 0.5 * kl, rel=1e-6)
+    kl_only = KLDistillationLoss()(q, p, teacher, group=2, temperature=1.0)
+    assert kl_only.total.item() == pytest.approx(kl, rel=1e-6)
+
+
+def test_margin_mse_refuses_groups_other_than_two():
+    with pytest.raises(ValueError, match="group 2"):
+        MarginMSELoss()(torch.ones(1, 2), torch.ones(3, 2), torch.ones(1, 3), group=3, temperature=1.0)
