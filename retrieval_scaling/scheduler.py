@@ -204,19 +204,17 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
 
     uri = tracking_uri(first["tracking"], first["sweep"]["root"])
     ensure_experiment(uri, first["sweep"]["name"], first["tracking"]["artifacts"])
-    todo = [c for c in cfgs if not is_done(c)]
+    todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if not is_done(c)]
     log.info("%d cells, %d done, %d to run", len(cfgs), len(cfgs) - len(todo), len(todo))
     if todo:
-        for data_cfg in {json.dumps(c["data"], sort_keys=True): c["data"] for c in todo}.values():
+        for data_cfg in {json.dumps(c["data"], sort_keys=True): c["data"] for c, _ in todo}.values():
             ensure_training_data(data_cfg, Path(first["sweep"]["cache_dir"]))
-        folder = sweep_dir(first) / "stages"
-        jobs = stage_jobs(todo, folder)
+        jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
         axes = {}
-        for cfg, plan in zip(cfgs, plans, strict=True):
-            if cfg in todo:
-                axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
-                jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                                run_cell_job, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
+        for cfg, plan in todo:
+            axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
+            jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
+                            run_cell_job, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
         dispatch_local(jobs, first["launcher"], Ledger(sweep_dir(first) / "ledger.json"), axes)
     rows = sweep_rows(first["sweep"]["name"], first["sweep"]["root"], uri)
     print_table(rows, title=f"sweep '{first['sweep']['name']}'")
