@@ -78,10 +78,20 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[Path | None, Path | None]:
+    """The backbone's shared stages, built once: (pretrained tiny model dir or None, MNTP adapter or None)."""
+    from .mntp import ensure_mntp
+    from .pretrain import ensure_pretrained
+
+    local_dir = ensure_pretrained(model_cfg, corpus, cache) if model_cfg.get("source") == "pretrain" else None
+    adapter = ensure_mntp(model_cfg, local_dir, corpus, cache) if model_cfg.get("mntp") else None
+    return local_dir, adapter
+
+
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     from .backbone import load_backbone
     from .data import load_collection
@@ -89,7 +99,6 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
     from .encoders import build_encoder
     from .evaluate import evaluate
     from .prepare import ensure_training_data, load_examples
-    from .pretrain import ensure_pretrained
     from .train import BatchSampler, train
 
     init_distributed()
@@ -101,18 +110,22 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
 
     examples = load_examples(ensure_training_data(data_cfg, cache))
     train_coll = load_collection(data_cfg["root"], data_cfg["name"], data_cfg["split"])
-    local_dir = None
-    if model_cfg.get("source") == "pretrain":
-        local_dir = ensure_pretrained(model_cfg, train_coll, cache)
-        summary = json.loads((local_dir / "pretrain.json").read_text())
-        run.log_params({f"pretrain.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds",
-                                                              "heldout_loss_after")})
+    local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
+    for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
+        if directory is not None:
+            summary = json.loads((directory / f"{stage}.json").read_text())
+            run.log_params({f"{stage}.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds")})
     backbone, tokenizer = load_backbone(model_cfg, local_dir)
     torch.manual_seed(int(cfg["seed"]))
     lora = model_cfg["lora"]
-    backbone = get_peft_model(backbone, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
-                                                   lora_dropout=float(lora["dropout"]),
-                                                   target_modules=list(lora["targets"])))
+    if adapter is not None:
+        # Retrieval fine-tuning continues the MNTP adapter; it is not a new one.
+        log.info("continuing MNTP adapter %s", adapter)
+        backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=True)
+    else:
+        backbone = get_peft_model(backbone, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
+                                                       lora_dropout=float(lora["dropout"]),
+                                                       target_modules=list(lora["targets"])))
     if model_cfg.get("train_embeddings"):
         # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
         backbone.get_input_embeddings().weight.requires_grad_(True)

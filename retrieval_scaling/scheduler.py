@@ -110,32 +110,36 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
 
 
 def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
-    """Shared stages that cells depend on and that are not built yet: one job each."""
+    """One job per backbone whose shared stages (tiny pretraining, MNTP) are not built yet, queued
+    before the cells that need them."""
     from .backbone import pretrained_dir
+    from .mntp import mntp_dir
     from .stages import is_built
 
     jobs, seen = [], set()
     for cfg in cfgs:
-        model = cfg["model"]
-        if model.get("source") != "pretrain":
+        model, cache, corpus = cfg["model"], Path(cfg["sweep"]["cache_dir"]), cfg["data"]["name"]
+        targets = []
+        if model.get("source") == "pretrain":
+            targets.append(pretrained_dir(cache, model, corpus))
+        if model.get("mntp"):
+            targets.append(mntp_dir(cache, model, corpus))
+        key = tuple(targets)
+        if not targets or key in seen or all(is_built(t) for t in targets):
             continue
-        target = pretrained_dir(Path(cfg["sweep"]["cache_dir"]), model, cfg["data"]["name"])
-        if target in seen or is_built(target):
-            continue
-        seen.add(target)
-        jobs.append(Job(f"pretrain {model['name']}", run_pretrain_stage, (cfg,), folder / f"pretrain-{model['name']}"))
+        seen.add(key)
+        jobs.append(Job(f"backbone {model['name']}", run_backbone_stage, (cfg,), folder / f"backbone-{model['name']}"))
     return jobs
 
 
-def run_pretrain_stage(cfg: Mapping[str, Any]) -> str:
-    from .cell import setup_logging
+def run_backbone_stage(cfg: Mapping[str, Any]) -> None:
+    from .cell import ensure_backbone, setup_logging
     from .distributed import configure_threads
-    from .pretrain import ensure_pretrained
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"]))
     corpus = load_collection(cfg["data"]["root"], cfg["data"]["name"], cfg["data"]["split"])
-    return str(ensure_pretrained(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"])))
+    ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]))
 
 
 def run_cell_job(cfg: dict[str, Any]) -> dict[str, float]:

@@ -71,7 +71,7 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     from mlflow.tracking import MlflowClient
 
     args = ["model=tiny_s", "paradigm=sparse", "loss=cl_kd", "sweep.name=e2e", "budget.flops=3e11",
-            "model.pretrain.steps=60", "log.every=5"]
+            "model.pretrain.steps=60", "model.mntp.steps=20", "log.every=5"]
     proc = run_cli("sweep", *args, env_extra=sweeps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = Path(sweeps["RS_SWEEPS_DIR"])

@@ -4,6 +4,7 @@ cannot plan, skip done cells, or cap concurrency)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -22,6 +23,7 @@ class CellLauncher(Launcher):
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from retrieval_scaling.errors import UserError
         from retrieval_scaling.scheduler import run_sweep
 
         cfgs = []
@@ -30,7 +32,11 @@ class CellLauncher(Launcher):
             with open_dict(cfg):
                 del cfg["hydra"]
             cfgs.append(OmegaConf.to_container(cfg, resolve=True))
-        OUTCOME["exit_code"] = run_sweep(cfgs)
+        try:
+            OUTCOME["exit_code"] = run_sweep(cfgs)
+        except UserError as exc:  # bad input: one clear line, no traceback, nothing submitted
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         returns = []
         for idx, overrides in enumerate(job_overrides):
             ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)

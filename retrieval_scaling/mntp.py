@@ -1,0 +1,121 @@
+"""MNTP (masked next-token prediction), the paper's stage 1: once per backbone, cached, shared.
+
+With attention made bidirectional, 20% of tokens are masked (80% → mask token, 10% → random token,
+10% kept) and token i is predicted from position i−1 (the causal LM's shifted loss). Only a LoRA
+adapter trains; retrieval fine-tuning continues this same adapter. Its compute is reported in the
+stage's `mntp.json`, never charged to a cell's budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import architecture, load_backbone
+from .data import Collection
+from .identity import content_hash
+from .stages import build_once
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def mntp_mask(input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, vocab_size: int, rate: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels): `rate` of the maskable positions are selected; of those 80% become the mask
+    token, 10% a random token, 10% stay. Labels hold the original token at selected positions and
+    IGNORE elsewhere, unshifted: the causal LM loss shifts them, so position i−1 predicts token i."""
+    selected = (torch.rand(input_ids.shape, generator=generator) < rate) & maskable
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    inputs = input_ids.clone()
+    inputs[selected & (roll < 0.8)] = mask_id
+    to_random = selected & (roll >= 0.8) & (roll < 0.9)
+    inputs[to_random] = torch.randint(vocab_size, input_ids.shape, generator=generator)[to_random]
+    return inputs, labels
+
+
+def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int) -> int:
+    """Same convention as cells (flops.py): frozen weights 4N per token, LoRA 6N, the LM head 4·d·V,
+    attention 12·L·d·S² with S² summed over blocks = tokens·block_len."""
+    arch = architecture(model_cfg)
+    n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
+    n_lora = arch.num_hidden_layers * arch.lora_params_per_layer(int(model_cfg["lora"]["r"]),
+                                                                tuple(model_cfg["lora"]["targets"]))
+    head = 4 * arch.hidden_size * arch.vocab_size
+    attention = 12 * arch.num_hidden_layers * arch.hidden_size * block_len
+    return tokens * (4 * n_lin + 6 * n_lora + head + attention)
+
+
+def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
+    key = content_hash({"model": {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")},
+                        "corpus": corpus})
+    return Path(cache_root) / "mntp" / f"{model_cfg['name']}-{corpus}-{key}"
+
+
+def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection,
+                cache_root: Path) -> Path:
+    out = mntp_dir(cache_root, model_cfg, corpus.name)
+    return build_once(out, lambda tmp: _train_mntp(model_cfg, backbone_dir, corpus, tmp), f"MNTP {model_cfg['name']}")
+
+
+def corpus_blocks(tokenizer, texts: list[str], block: int) -> torch.Tensor:
+    """The corpus packed into blocks of `block` tokens that start with BOS (documents end with EOS)."""
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    body = block - 1
+    n = len(stream) // body
+    blocks = torch.tensor(stream[: n * body]).view(n, body)
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), blocks], dim=1)
+
+
+def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    recipe, lora = model_cfg["mntp"], model_cfg["lora"]
+    torch.manual_seed(int(recipe["seed"]))
+    model, tokenizer = load_backbone({**model_cfg, "bidirectional": True}, backbone_dir)
+    mask_id = tokenizer.convert_tokens_to_ids(recipe["mask_token"])
+    if mask_id is None or mask_id == tokenizer.unk_token_id:
+        raise ValueError(f"MNTP mask token {recipe['mask_token']!r} is not in the tokenizer's vocabulary")
+    model = get_peft_model(model, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
+                                             lora_dropout=float(lora["dropout"]), target_modules=list(lora["targets"])))
+    blocks = corpus_blocks(tokenizer, list(corpus.corpus.values()), int(recipe["block_len"]))
+    steps, batch = int(recipe["steps"]), int(recipe["batch_size"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(recipe["lr"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))  # linear, no warm-up
+    gen = torch.Generator().manual_seed(int(recipe["seed"]))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    start, curve = time.time(), []
+    model.train()
+    for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):
+        x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)]
+        maskable = torch.ones_like(x, dtype=torch.bool)
+        maskable[:, 0] = False  # BOS is never a target
+        inputs, labels = mntp_mask(x, maskable, mask_id, vocab, float(recipe["mask_rate"]), gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(recipe.get("bf16", True))):
+            loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == steps - 1:
+            curve.append([step, round(loss.item(), 4)])
+    model.save_pretrained(out)
+    tokens = steps * batch * int(recipe["block_len"])
+    summary = {"model": model_cfg["name"], "steps": steps, "batch_size": batch, "tokens": tokens,
+               "flops": mntp_flops(model_cfg, tokens, int(recipe["block_len"])),
+               "seconds": round(time.time() - start, 1), "loss_curve": curve,
+               "mask_token": recipe["mask_token"], "mask_rate": recipe["mask_rate"]}
+    (out / "mntp.json").write_text(json.dumps(summary, indent=2))
+    log.info("MNTP %s: loss %s -> %s in %.0fs", model_cfg["name"], curve[0][1], curve[-1][1], summary["seconds"])

@@ -1,0 +1,73 @@
+"""Bidirectional attention switch and MNTP masking on real transformers models."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from retrieval_scaling.backbone import set_bidirectional
+from retrieval_scaling.mntp import IGNORE, mntp_mask
+
+
+def tiny_llama(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, attn_implementation=attn)).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_later_token_reaches_earlier_positions_only_when_bidirectional(attn):
+    model = tiny_llama(attn)
+    a = torch.tensor([[1, 5, 6, 7]])
+    b = torch.tensor([[1, 5, 6, 9]])  # only the last token differs
+    mask = torch.ones_like(a)
+
+    def first_position(ids):
+        with torch.no_grad():
+            return model.model(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0]
+
+    set_bidirectional(model, False)
+    assert torch.equal(first_position(a), first_position(b))
+    set_bidirectional(model, True)
+    assert not torch.allclose(first_position(a), first_position(b))
+
+
+def test_left_padding_does_not_change_bidirectional_hidden_states():
+    from retrieval_scaling.encoders import encode_inputs, position_ids_for
+
+    model = tiny_llama("eager")
+    set_bidirectional(model, True)
+    ids, mask = encode_inputs([[5, 6, 7], [8]], bos_id=1, pad_id=2, max_len=8)
+    alone, alone_mask = encode_inputs([[8]], bos_id=1, pad_id=2, max_len=8)
+    with torch.no_grad():
+        padded = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask)).last_hidden_state
+        single = model.model(input_ids=alone, attention_mask=alone_mask,
+                             position_ids=position_ids_for(alone_mask)).last_hidden_state
+    assert torch.allclose(padded[1, -2:], single[0], atol=1e-5)
+
+
+def test_mntp_masks_the_rate_with_80_10_10_and_unshifted_labels():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (200, 500), generator=gen)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = False
+    inputs, labels = mntp_mask(ids, maskable, mask_id=3, vocab_size=1000, rate=0.2, generator=gen)
+    selected = labels != IGNORE
+    n = selected.sum().item()
+    assert abs(n / maskable.sum().item() - 0.2) < 0.005            # the rate, over maskable positions only
+    assert not selected[:, 0].any()                                 # BOS is never a target
+    assert torch.equal(labels[selected], ids[selected])             # labels: the original token, unshifted
+    as_mask = (inputs == 3) & selected
+    kept = (inputs == ids) & selected
+    assert abs(as_mask.sum().item() / n - 0.8) < 0.01
+    assert abs(kept.sum().item() / n - 0.1) < 0.01                 # (random draws rarely hit the original)
+    assert torch.equal(inputs[~selected], ids[~selected])           # unselected positions untouched
+
+
+def test_causal_lm_loss_shift_makes_position_i_minus_1_predict_token_i():
+    model = tiny_llama("eager")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    labels = torch.tensor([[IGNORE, IGNORE, 6, IGNORE]])  # token 6 at position 2 is the only target
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, 1:2], torch.tensor([6]))  # from position 1
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
