@@ -56,3 +56,18 @@ def test_unknown_axis_value_is_a_clear_hydra_error(compose, override):
     group, value = override.split("=")
     with pytest.raises(MissingConfigException, match=f"{group}/{value}"):
         compose(override)
+
+
+@pytest.mark.parametrize("model,lora_params", [
+    # r·(in+out) summed over q,k,v,o,gate,up,down and layers: peft's count for these models
+    ("llama3_1b", 16 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 512) + 3 * (2048 + 8192))),
+    ("llama3_3b", 28 * 16 * ((3072 + 3072) * 2 + 2 * (3072 + 1024) + 3 * (3072 + 8192))),
+    ("llama3_8b", 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))),
+])
+def test_full_grid_plans_paper_backbones_without_weights(compose, model, lora_params):
+    cfg = compose(f"model={model}", "+grid=full", "loss=cl")
+    plan = plan_cell(cfg)
+    assert plan["params_trainable"] == lora_params
+    assert lora_params in (11_272_192, 24_313_856, 41_943_040)
+    assert (plan["queries_per_step"], plan["passages_per_query"]) == ((112 if model == "llama3_1b" else 128), 17)
+    assert (plan["query_len"], plan["passage_len"]) == (64, 128)
