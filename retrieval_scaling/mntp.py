@@ -20,6 +20,7 @@ import torch
 from .backbone import architecture, load_backbone
 from .data import Collection
 from .identity import content_hash
+from .pretrain import corpus_blocks
 from .stages import build_once
 
 log = logging.getLogger(__name__)
@@ -64,18 +65,6 @@ def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
                 cache_root: Path) -> Path:
     out = mntp_dir(cache_root, model_cfg, corpus.name)
     return build_once(out, lambda tmp: _train_mntp(model_cfg, backbone_dir, corpus, tmp), f"MNTP {model_cfg['name']}")
-
-
-def corpus_blocks(tokenizer, texts: list[str], block: int) -> torch.Tensor:
-    """The corpus packed into blocks of `block` tokens that start with BOS (documents end with EOS)."""
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
-    body = block - 1
-    n = len(stream) // body
-    blocks = torch.tensor(stream[: n * body]).view(n, body)
-    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), blocks], dim=1)
 
 
 def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path) -> None:

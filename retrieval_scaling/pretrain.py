@@ -31,6 +31,20 @@ def pretrain_flops(arch: Architecture, tokens: int, block_len: int) -> int:
     return 6 * tokens * (n_lin + head) + 12 * arch.num_hidden_layers * arch.hidden_size * tokens * block_len
 
 
+def corpus_blocks(tokenizer, texts: list[str], block: int):
+    """The corpus packed into blocks of `block` tokens that start with BOS (documents end with EOS)."""
+    import torch
+
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(tokenizer.eos_token_id)
+    body = block - 1
+    n = len(stream) // body
+    blocks = torch.tensor(stream[: n * body]).view(n, body)
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), blocks], dim=1)
+
+
 def ensure_pretrained(model_cfg: Mapping[str, Any], corpus: Collection, cache_root: Path) -> Path:
     """The directory of this tiny backbone (HF format, tokenizer included), building it if needed."""
     out = pretrained_dir(cache_root, model_cfg, corpus.name)
@@ -48,16 +62,8 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> No
     texts = list(corpus.corpus.values())
     tokenizer = train_bpe_tokenizer(texts, arch.vocab_size)
     block = int(recipe["block_len"])
-
-    # Pack the corpus: each document followed by EOS, cut into blocks that start with BOS.
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
-    body = block - 1
-    n_blocks = len(stream) // body
-    blocks = torch.tensor(stream[: n_blocks * body]).view(n_blocks, body)
-    blocks = torch.cat([torch.full((n_blocks, 1), tokenizer.bos_token_id), blocks], dim=1)
+    blocks = corpus_blocks(tokenizer, texts, block)
+    n_blocks = len(blocks)
     perm = torch.randperm(n_blocks)
     n_heldout = max(1, n_blocks // 50)
     heldout, train = blocks[perm[:n_heldout]], blocks[perm[n_heldout:]]
