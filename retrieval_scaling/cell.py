@@ -19,6 +19,8 @@ from .stages import build_once
 log = logging.getLogger(__name__)
 
 DONE = "DONE"
+# Not logged as params: Hydra's own node, and the tracking URI (a server URI may carry credentials).
+NOT_PARAMS = ("hydra", "tracking")
 
 
 def cell_dir(cfg: Mapping[str, Any]) -> Path:
@@ -61,7 +63,7 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     tags = {axis: cfg[axis]["name"] for axis in AXES}
     tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
     run = CellRun(tracking_uri(cfg["tracking"], sweep["root"]), sweep["name"], cfg["tracking"]["artifacts"],
-                  cid, tags, flatten({k: v for k, v in cfg.items() if k != "hydra"}))
+                  cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}))
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         metrics = _run_stages(cfg, cid, out, run)
