@@ -95,7 +95,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
     from hydra.utils import instantiate
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from .backbone import load_backbone
+    from .backbone import attention_implementation, load_backbone
     from .data import load_collection
     from .distributed import init_distributed
     from .encoders import build_encoder
@@ -137,8 +137,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
 
     def evaluate_all() -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for spec, coll in zip(eval_cfg["collections"], collections, strict=True):
-            metrics.update(evaluate(encoder, tokenizer, coll, eval_cfg, bool(spec["drop_self_hits"])))
+        with attention_implementation(encoder.backbone, model_cfg.get("eval_attn_implementation")):
+            for spec, coll in zip(eval_cfg["collections"], collections, strict=True):
+                metrics.update(evaluate(encoder, tokenizer, coll, eval_cfg, bool(spec["drop_self_hits"])))
         return metrics
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:

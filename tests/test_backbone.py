@@ -71,3 +71,20 @@ def test_causal_lm_loss_shift_makes_position_i_minus_1_predict_token_i():
         out = model(input_ids=ids, labels=labels)
     expected = torch.nn.functional.cross_entropy(out.logits[0, 1:2], torch.tensor([6]))  # from position 1
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_attention_implementation_switch_is_temporary_and_keeps_results():
+    from peft import LoraConfig, get_peft_model
+
+    from retrieval_scaling.backbone import attention_implementation
+
+    model = get_peft_model(tiny_llama("eager"), LoraConfig(r=2, target_modules=["q_proj"]))
+    set_bidirectional(model, True)
+    ids, mask = torch.tensor([[2, 2, 1, 5, 6]]), torch.tensor([[0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        eager = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        with attention_implementation(model, "sdpa"):
+            assert model.config._attn_implementation == "sdpa"
+            sdpa = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert model.config._attn_implementation == "eager"
+    assert torch.allclose(eager[:, 2:], sdpa[:, 2:], atol=1e-5)

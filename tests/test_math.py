@@ -87,3 +87,9 @@ def test_cl_kd_is_half_ce_half_kl_teacher_to_student():
 def test_margin_mse_refuses_groups_other_than_two():
     with pytest.raises(ValueError, match="group 2"):
         MarginMSELoss()(torch.ones(1, 2), torch.ones(3, 2), torch.ones(1, 3), group=3, temperature=1.0)
+
+
+def test_sparse_pool_without_padding_takes_the_plain_max():
+    logits = torch.tensor([[[2.0, -4.0], [0.0, 6.0]]])
+    assert torch.allclose(sparse_pool(logits, torch.ones(1, 2, dtype=torch.long), hidden_size=16),
+                          torch.tensor([[math.log(2), math.log(4)]]))
