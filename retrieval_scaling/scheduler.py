@@ -154,8 +154,9 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
     Returns job name → COMPLETED / FAILED."""
     import submitit
 
-    cap = max(1, int(launcher_cfg["max_parallel"]))
     threads = str(launcher_cfg["threads_per_job"])
+    cap = launcher_cfg.get("max_parallel") or (os.cpu_count() or 1) // int(threads)
+    cap = max(1, int(cap))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     queue, running, outcome = list(jobs), [], {}
     while queue or running:
