@@ -149,7 +149,8 @@ def run_cell_job(cfg: dict[str, Any]) -> dict[str, float]:
 
 
 def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger: Ledger,
-                   axes: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+                   axes: Mapping[str, Mapping[str, str]],
+                   on_cell_failed: Callable[[str], Any] = lambda cell: None) -> dict[str, str]:
     """Run jobs as local submitit processes, in order, at most `max_parallel` at once.
     Returns job name → COMPLETED / FAILED."""
     import submitit
@@ -177,6 +178,8 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
             outcome[job.name] = state
             if job.cell:
                 ledger.ended(job.cell, state, str(error) if error else None)
+                if error:
+                    on_cell_failed(job.cell)
             if error:
                 log.error("%s failed: %s (log: %s)", job.name, str(error).strip().splitlines()[-1],
                           job.handle.paths.stderr)
@@ -205,7 +208,7 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     check_inputs(cfgs)
 
     from .prepare import ensure_training_data
-    from .tracking import ensure_experiment, tracking_uri
+    from .tracking import ensure_experiment, fail_if_running, tracking_uri
 
     uri = tracking_uri(first["tracking"], first["sweep"]["root"])
     ensure_experiment(uri, first["sweep"]["name"], first["tracking"]["artifacts"])
@@ -220,7 +223,8 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
             axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
             jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
                             run_cell_job, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
-        dispatch_local(jobs, first["launcher"], Ledger(sweep_dir(first) / "ledger.json"), axes)
+        dispatch_local(jobs, first["launcher"], Ledger(sweep_dir(first) / "ledger.json"), axes,
+                       on_cell_failed=lambda cell: fail_if_running(uri, first["sweep"]["name"], cell))
     rows = sweep_rows(first["sweep"]["name"], first["sweep"]["root"], uri)
     print_table(rows, title=f"sweep '{first['sweep']['name']}'")
     print(f"results: {sweep_dir(first)}  ·  MLflow store: {uri}  ·  UI: make ui "

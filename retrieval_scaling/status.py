@@ -57,7 +57,8 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str) -> list[dict[str, 
             "cell_id": cid, "model": plan["model"], "paradigm": plan["paradigm"], "loss": plan["loss"],
             "state": state, "job_id": attempts[-1]["job_id"] if attempts else None,
             "attempt": int(run.data.tags.get("attempt", 0)) if run else len(attempts),
-            "flops_spent": metrics.get("flops_spent", 0.0), "flops_budget": plan["flops_total"],
+            "flops_spent": metrics.get("flops_spent", 0.0), "flops_budget": plan["flops_budget"],
+            "flops_total": plan["flops_total"],
             "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")},
         })
     return rows
@@ -85,8 +86,8 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
         cells = []
         for col in columns:
             if col == "progress":
-                spent, budget = row.get("flops_spent", 0.0), row.get("flops_budget") or 1
-                cells.append(f"{100 * spent / budget:.0f}%")
+                spent, planned = row.get("flops_spent", 0.0), row.get("flops_total") or 1
+                cells.append(f"{100 * spent / planned:.0f}%")
             elif col == HEADLINE:
                 cells.append(_fmt(next((v for k, v in row.get("metrics", {}).items() if k.endswith("/" + HEADLINE)),
                                        None)))
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args["format"] == "json":
-        keys = ("cell_id", "model", "paradigm", "loss", "state", "flops_spent", "flops_budget", "metrics",
-                "job_id", "attempt")
+        keys = ("cell_id", "model", "paradigm", "loss", "state", "flops_spent", "flops_budget", "flops_total",
+                "metrics", "job_id", "attempt")
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
     else:
         print_table(rows, title=f"sweep '{args['sweep']}'")

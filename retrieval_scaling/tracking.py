@@ -72,6 +72,18 @@ def cell_runs(uri: str, experiment: str) -> dict[str, Any]:
     return out
 
 
+def fail_if_running(uri: str, experiment: str, cell: str) -> bool:
+    """Close a cell's run as FAILED when its process died without doing so (SIGKILL, OOM): MLflow
+    would otherwise show it RUNNING forever. Returns whether a run was closed."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    run = find_cell_run(c, exp.experiment_id, cell) if exp else None
+    if run is None or run.info.status != "RUNNING":
+        return False
+    c.set_terminated(run.info.run_id, status="FAILED")
+    return True
+
+
 class CellRun:
     """The MLflow run of one cell: created on the first attempt, continued by later ones."""
 

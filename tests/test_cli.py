@@ -94,7 +94,8 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
 
     status = run_cli("status", "sweep=e2e", "format=json", env_extra=sweeps)
     (row,) = json.loads(status.stdout)
-    assert row["state"] == "DONE" and row["flops_spent"] == plan["flops_total"]
+    assert row["state"] == "DONE" and row["flops_spent"] == row["flops_total"] == plan["flops_total"]
+    assert row["flops_budget"] == 3e11 and row["metrics"]["scifact/ndcg_10"] == done["metrics"]["scifact/ndcg_10"]
 
     again = run_cli("sweep", *args, env_extra=sweeps)
     assert again.returncode == 0

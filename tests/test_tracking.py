@@ -1,0 +1,27 @@
+"""MLflow bookkeeping against a real SQLite store: one run per cell across attempts, no run left
+RUNNING after its process died."""
+
+from retrieval_scaling.tracking import CellRun, cell_runs, ensure_experiment, fail_if_running, flatten
+
+
+def test_a_cell_keeps_one_run_across_attempts_and_a_dead_one_is_closed_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_experiment(uri, "sw", tmp_path / "art")
+    tags = {"model": "tiny_s", "paradigm": "dense", "loss": "cl", "sweep": "sw"}
+    first = CellRun(uri, "sw", tmp_path / "art", "c1", tags, {"a.b": "1"})
+    first.log_metrics({"flops_spent": 10.0}, step=1)
+    # the process dies here without closing its run (SIGKILL): the scheduler closes it
+    assert fail_if_running(uri, "sw", "c1") is True
+    assert cell_runs(uri, "sw")["c1"].info.status == "FAILED"
+    assert fail_if_running(uri, "sw", "c1") is False  # only RUNNING runs are touched
+
+    second = CellRun(uri, "sw", tmp_path / "art", "c1", tags, {"a.b": "1"})
+    assert (second.run_id, second.attempt) == (first.run_id, 2)
+    second.finish("FINISHED")
+    run = cell_runs(uri, "sw")["c1"]
+    assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2" and run.data.params["a.b"] == "1"
+    assert len(cell_runs(uri, "sw")) == 1
+
+
+def test_flatten_joins_nested_keys_with_dots():
+    assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2]}) == {"a.b": "1", "a.c.d": "x", "e": "[1, 2]"}
