@@ -20,6 +20,11 @@ def test_all_18_tiny_cells_compose_with_distinct_identities(compose):
         group = 2 if loss == "kd" else 8
         assert cfg["train"]["passages_per_query"] == group
         assert cfg["train"]["lr"] == 1e-3  # the grid's override
+        # the grid's λ reaches sparse cells only; dense cells have no regulariser at all
+        if paradigm == "sparse":
+            assert (cfg["paradigm"]["flops"]["lambda_q"], cfg["paradigm"]["flops"]["lambda_d"]) == (0.1, 0.08)
+        else:
+            assert "flops" not in cfg["paradigm"]
         plan = plan_cell(cfg)
         assert plan["steps"] >= 1
         ids.add(cell_id(cfg))
@@ -43,6 +48,12 @@ def test_identity_same_config_same_id(compose):
                                       "model.lora.r=8", "data.passage_max_len=64"])
 def test_identity_changes_with_any_semantic_change(compose, override):
     assert cell_id(compose(override)) != cell_id(compose())
+
+
+def test_the_flops_lambda_changes_sparse_cells_only(compose):
+    for paradigm, changes in (("sparse", True), ("dense", False)):
+        base = cell_id(compose(f"paradigm={paradigm}"))
+        assert (cell_id(compose(f"paradigm={paradigm}", "flops_lambda.d=0.5")) != base) == changes
 
 
 @pytest.mark.parametrize("override", ["sweep.name=other", "log.every=3", "launcher.max_parallel=5",
