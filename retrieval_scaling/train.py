@@ -5,6 +5,7 @@ Batches are a pure function of (seed, step), so a resumed run sees the same data
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -46,21 +47,22 @@ class BatchSampler:
                 f"only {len(self.examples)} training queries have ≥ {group - 1} hard negatives; a step needs "
                 f"{queries_per_step}. Raise data.negatives.keep or lower the batch."
             )
-        self.tokens, self.b, self.g, self.seed = tokens, queries_per_step, group, seed
+        self.tokens, self.queries_per_step, self.group, self.seed = tokens, queries_per_step, group, seed
         self.query_len, self.passage_len, self.bos_id, self.pad_id = query_len, passage_len, bos_id, pad_id
 
+    @functools.lru_cache(maxsize=4)  # noqa: B019  (a few epochs' permutations; samplers live for a run)
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
     def batch(self, step: int) -> Batch:
         n, rng = len(self.examples), np.random.default_rng([self.seed, 1_000_003, step])
         picks = []
-        for k in range(step * self.b, (step + 1) * self.b):
+        for k in range(step * self.queries_per_step, (step + 1) * self.queries_per_step):
             picks.append(self.examples[self._order(k // n)[k % n]])
         queries, passages, teacher = [], [], []
         for ex in picks:
             pos = ex["positives"][rng.integers(len(ex["positives"]))]
-            negs = rng.choice(len(ex["negatives"]), size=self.g - 1, replace=False)
+            negs = rng.choice(len(ex["negatives"]), size=self.group - 1, replace=False)
             group = [pos, *(ex["negatives"][i] for i in negs)]
             queries.append(self.tokens["q:" + ex["qid"]])
             passages.extend(self.tokens["d:" + d] for d in group)
@@ -112,7 +114,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
     config = {
         **ds_cfg,
-        "train_micro_batch_size_per_gpu": sampler.b,
+        "train_micro_batch_size_per_gpu": sampler.queries_per_step,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(train_cfg["grad_clip"]),
         "zero_allow_untested_optimizer": True,
@@ -133,7 +135,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     reg = paradigm_cfg.get("flops")
     reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
     use_bf16 = bool(train_cfg.get("bf16", True))
-    tokens_per_step = sampler.b * (sampler.query_len + sampler.g * sampler.passage_len)
+    tokens_per_step = sampler.queries_per_step * (sampler.query_len + sampler.group * sampler.passage_len)
     engine.train()
     tick = time.time()
     for step in range(start, steps):
@@ -141,7 +143,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             q = engine(batch.query_ids, batch.query_mask).float()
             p = engine(batch.passage_ids, batch.passage_mask).float()
-        out = loss_fn(q, p, batch.teacher, sampler.g, temperature)
+        out = loss_fn(q, p, batch.teacher, sampler.group, temperature)
         loss, parts = out.total, dict(out.parts)
         if reg:
             lam_q = quadratic_warmup(float(reg["lambda_q"]), step, reg_warmup)
