@@ -75,6 +75,15 @@ def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
     return model, tokenizer
 
 
+def lora_config(model_cfg: Mapping[str, Any]):
+    """The peft LoraConfig a model config names (MNTP trains it; retrieval fine-tuning continues it)."""
+    from peft import LoraConfig
+
+    lora = model_cfg["lora"]
+    return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=list(lora["targets"]))
+
+
 def set_bidirectional(model, on: bool) -> None:
     """transformers ≥5 builds a padding-only mask and passes is_causal=False to the kernels when the
     config says so; setting it on attention modules alone is not enough (stays causal under eager)."""

@@ -93,9 +93,9 @@ def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
-    from .backbone import attention_implementation, load_backbone
+    from .backbone import attention_implementation, load_backbone, lora_config
     from .data import load_collection
     from .distributed import init_distributed
     from .encoders import build_encoder
@@ -119,15 +119,12 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
             run.log_params({f"{stage}.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds")})
     backbone, tokenizer = load_backbone(model_cfg, local_dir)
     torch.manual_seed(int(cfg["seed"]))
-    lora = model_cfg["lora"]
     if adapter is not None:
         # Retrieval fine-tuning continues the MNTP adapter; it is not a new one.
         log.info("continuing MNTP adapter %s", adapter)
         backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=True)
     else:
-        backbone = get_peft_model(backbone, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
-                                                       lora_dropout=float(lora["dropout"]),
-                                                       target_modules=list(lora["targets"])))
+        backbone = get_peft_model(backbone, lora_config(model_cfg))
     if model_cfg.get("train_embeddings"):
         # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
         backbone.get_input_embeddings().weight.requires_grad_(True)
@@ -164,9 +161,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
                            int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
                            tokenizer.bos_token_id, tokenizer.pad_token_id)
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
-    encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], cfg["train"],
-                    cfg["paradigm"], cfg["deepspeed"], out / "checkpoints", int(cfg["log"]["every"]),
-                    run.log_metrics)
+    encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], plan["tokens_per_step"],
+                    cfg["train"], cfg["paradigm"], cfg["deepspeed"], out / "checkpoints",
+                    int(cfg["log"]["every"]), run.log_metrics)
     after = evaluate_all()
     run.log_metrics(after, step=plan["steps"])
     log.info("step %d: %s", plan["steps"], after)

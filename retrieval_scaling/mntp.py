@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .backbone import architecture, load_backbone
+from .backbone import architecture, load_backbone, lora_config
 from .data import Collection
 from .identity import content_hash
 from .pretrain import corpus_blocks
@@ -68,17 +68,16 @@ def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
 
 
 def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from tqdm import tqdm
 
-    recipe, lora = model_cfg["mntp"], model_cfg["lora"]
+    recipe = model_cfg["mntp"]
     torch.manual_seed(int(recipe["seed"]))
     model, tokenizer = load_backbone({**model_cfg, "bidirectional": True}, backbone_dir)
     mask_id = tokenizer.convert_tokens_to_ids(recipe["mask_token"])
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         raise ValueError(f"MNTP mask token {recipe['mask_token']!r} is not in the tokenizer's vocabulary")
-    model = get_peft_model(model, LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]),
-                                             lora_dropout=float(lora["dropout"]), target_modules=list(lora["targets"])))
+    model = get_peft_model(model, lora_config(model_cfg))
     blocks = corpus_blocks(tokenizer, list(corpus.corpus.values()), int(recipe["block_len"]))
     steps, batch = int(recipe["steps"]), int(recipe["batch_size"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(recipe["lr"]))

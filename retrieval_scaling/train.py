@@ -102,10 +102,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
-          flops_per_step: int, train_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any],
-          ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
+          flops_per_step: int, tokens_per_step: int, train_cfg: Mapping[str, Any],
+          paradigm_cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
           log_metrics: Callable[[dict[str, float], int], None]) -> Encoder:
-    """Train for `steps` optimizer steps, resuming from the last checkpoint in `ckpt_dir`."""
+    """Train for `steps` optimizer steps, resuming from the last checkpoint in `ckpt_dir`. FLOPs and
+    tokens per step come from the cell's plan, the one place they are counted."""
     import deepspeed
 
     params = [p for p in encoder.parameters() if p.requires_grad]
@@ -135,7 +136,6 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     reg = paradigm_cfg.get("flops")
     reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
     use_bf16 = bool(train_cfg.get("bf16", True))
-    tokens_per_step = sampler.queries_per_step * (sampler.query_len + sampler.group * sampler.passage_len)
     engine.train()
     tick = time.time()
     for step in range(start, steps):
