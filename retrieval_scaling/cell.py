@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .faults import Faults
 from .identity import cell_id, content_hash
 from .plan import plan_cell
 from .stages import build_once
@@ -44,18 +48,75 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise Terminated(f"signal {signum}")
 
 
+class NullRun:
+    """What ranks > 0 log to: nothing (rank 0 alone owns the MLflow run)."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+
+class Heartbeat:
+    """A `heartbeat` metric (unix time) every few seconds from a background thread, through training
+    and evaluation alike, so `status` can tell a live cell from one whose process vanished."""
+
+    def __init__(self, run, every_s: float):
+        self.run, self.every_s = run, every_s
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            now = time.time()
+            try:  # step = the time too: MLflow's latest value is the highest step's, across attempts
+                self.run.log_metrics({"heartbeat": now}, step=int(now))
+            except Exception as exc:  # noqa: BLE001 — a missed beat must not kill the cell
+                log.warning("heartbeat not logged: %s", exc)
+            if self.stop_event.wait(self.every_s):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+
+
+def write_process_info(out: Path, attempt: int) -> None:
+    """`process.json`: where this attempt runs (to find, debug or kill it)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": job_id, "attempt": attempt,
+            "started_at": time.time()}
+    (out / "process.json").write_text(json.dumps(info, indent=2))
+
+
 def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
-    """Run (or finish) one cell; returns its final metrics. Marks its MLflow run FAILED on error."""
-    from .distributed import configure_threads
+    """Run (or finish) one cell; returns its final metrics (rank 0; other ranks return {}).
+    The MLflow run ends FINISHED after DONE, FAILED on an exception, KILLED on SIGTERM, and
+    SCHEDULED while a requeued job waits to resume."""
+    from .distributed import configure_threads, launched_ranks
+    from .requeue import REQUEUE
     from .tracking import AXES, CellRun, flatten, tracking_uri
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"]))
+    REQUEUE.install()
+    rank, _ = launched_ranks()
     cid, out = cell_id(cfg), cell_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if (out / DONE).is_file():
         log.info("cell %s is done already", cid)
         return json.loads((out / DONE).read_text())["metrics"]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if rank != 0:
+        _run_stages(cfg, cid, out, NullRun(), rank)
+        return {}
     from omegaconf import OmegaConf
 
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -64,11 +125,18 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
     run = CellRun(tracking_uri(cfg["tracking"], sweep["root"]), sweep["name"], cfg["tracking"]["artifacts"],
                   cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}))
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    write_process_info(out, run.attempt)
     try:
-        metrics = _run_stages(cfg, cid, out, run)
+        with Heartbeat(run, float(cfg["log"]["heartbeat_s"])):
+            metrics = _run_stages(cfg, cid, out, run, rank)
     except Terminated:
         run.finish("KILLED")
+        raise
+    except SystemExit:
+        if REQUEUE.requeued:
+            run.set_status("SCHEDULED")
+        else:
+            run.finish("FAILED")
         raise
     except BaseException:
         run.finish("FAILED")
@@ -90,7 +158,7 @@ def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[
     return local_dir, adapter
 
 
-def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, float]:
+def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
     import torch
     from hydra.utils import instantiate
     from peft import PeftModel, get_peft_model
@@ -141,14 +209,16 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result.
-    key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
-                        "eval": {k: v for k, v in eval_cfg.items() if k != "root"}})
-    step0_dir = build_once(cache / "step0-evals" / key,
-                           lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_all())),
-                           "step-0 evaluation")
-    before = json.loads((step0_dir / "metrics.json").read_text())
-    run.log_metrics(before, step=0)
-    log.info("step 0: %s", before)
+    # Rank 0 alone evaluates; the others wait for it in DeepSpeed's initialisation.
+    if rank == 0:
+        key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
+                            "eval": {k: v for k, v in eval_cfg.items() if k != "root"}})
+        step0_dir = build_once(cache / "step0-evals" / key,
+                               lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_all())),
+                               "step-0 evaluation")
+        before = json.loads((step0_dir / "metrics.json").read_text())
+        run.log_metrics(before, step=0)
+        log.info("step 0: %s", before)
 
     texts = {f"q:{e['qid']}": e["query"] for e in examples}
     texts.update({f"d:{d}": train_coll.corpus[d] for e in examples for d in (*e["positives"], *e["negatives"])})
@@ -163,7 +233,10 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run) -> dict[str, floa
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
     encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], plan["tokens_per_step"],
                     cfg["train"], cfg["paradigm"], cfg["deepspeed"], out / "checkpoints",
-                    int(cfg["log"]["every"]), run.log_metrics)
+                    int(cfg["log"]["every"]), run.log_metrics,
+                    Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
+    if rank != 0:
+        return {}
     after = evaluate_all()
     run.log_metrics(after, step=plan["steps"])
     log.info("step %d: %s", plan["steps"], after)

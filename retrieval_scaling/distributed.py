@@ -1,25 +1,37 @@
-"""Process setup for DeepSpeed on CPU: gloo, one thread per process, no run-time op compilation."""
+"""Process setup for DeepSpeed on CPU: gloo, a few threads per process, no run-time op compilation;
+and the collectives training needs across ranks."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import torch
+
 
 def configure_threads(threads: int) -> None:
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
+def launched_ranks() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them, before any process group exists."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int]:
-    """(rank, world size). Uses the environment's rendezvous when there is one (torchrun, SLURM via
-    submitit); otherwise a single-rank gloo group over an in-memory store (no port to collide on)."""
+    """(rank, world size). A multi-task SLURM job (submitit) or torchrun gives the rendezvous;
+    otherwise a single-rank gloo group over an in-memory store (no port to collide on)."""
     import torch.distributed as dist
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
+        if launched_ranks()[1] > 1 and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group("gloo")
         else:
@@ -31,3 +43,31 @@ def init_distributed() -> tuple[int, int]:
     # on CPU; gloo does not need it. `import deepspeed.comm.torch as m` yields torch itself, hence sys.modules.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     return dist.get_rank(), dist.get_world_size()
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows in rank order, differentiable: each rank's gradient flows back to its own rows.
+    Every rank then computes the same global loss, and DeepSpeed's gradient mean over ranks equals
+    the single-rank gradient of that loss."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any."""
+    if world_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

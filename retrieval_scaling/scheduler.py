@@ -4,6 +4,7 @@ A dry run stops after the first phase."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cell import cell_dir, is_done
+import submitit
+
+from .cell import cell_dir
 from .data import load_collection, resolve_data_root
 from .errors import ConfigError
 from .plan import check_budget, plan_cell
@@ -30,6 +33,7 @@ class Job:
     args: tuple
     folder: Path
     cell: str | None = None
+    stage: str | None = None
     handle: Any = field(default=None, repr=False)
 
 
@@ -72,16 +76,25 @@ def write_plan(cfgs: Sequence[dict[str, Any]], plans: Sequence[dict[str, Any]]) 
 
 
 class Ledger:
-    """`sweeps/<name>/ledger.json`: cell → attempts (job id, when, how it ended). Written only by the
-    sweep process, atomically."""
+    """`sweeps/<name>/ledger.json`: cell → attempts (job id, launcher, when, how it ended), and shared
+    stage → its last job. Written only by `sweep` processes, atomically."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.cells: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if data and "cells" not in data:  # the first version held cells only
+            data = {"cells": data}
+        self.cells: dict[str, dict] = data.get("cells", {})
+        self.stages: dict[str, dict] = data.get("stages", {})
 
-    def submitted(self, cell: str, job_id: str, axes: Mapping[str, str]) -> None:
+    def submitted(self, cell: str, job_id: str, axes: Mapping[str, str], launcher: str) -> None:
         entry = self.cells.setdefault(cell, {**axes, "attempts": []})
-        entry["attempts"].append({"job_id": job_id, "submitted_at": time.time(), "state": "SUBMITTED"})
+        entry["attempts"].append({"job_id": job_id, "launcher": launcher, "submitted_at": time.time(),
+                                  "state": "SUBMITTED"})
+        self.save()
+
+    def stage_submitted(self, stage: str, job_id: str) -> None:
+        self.stages[stage] = {"job_id": job_id, "submitted_at": time.time()}
         self.save()
 
     def ended(self, cell: str, state: str, error: str | None = None) -> None:
@@ -92,8 +105,9 @@ class Ledger:
         self.save()
 
     def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cells, indent=2))
+        tmp.write_text(json.dumps({"cells": self.cells, "stages": self.stages}, indent=2))
         os.replace(tmp, self.path)
 
 
@@ -109,37 +123,65 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
                 load_collection(*spec)
 
 
-def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
-    """One job per backbone whose shared stages (tiny pretraining, MNTP) are not built yet, queued
-    before the cells that need them."""
+def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
+    """The shared stages a cell needs: its training data, and its backbone's tiny pretraining and MNTP."""
     from .backbone import pretrained_dir
     from .mntp import mntp_dir
+    from .prepare import training_data_dir
+
+    model, cache, corpus = cfg["model"], Path(cfg["sweep"]["cache_dir"]), cfg["data"]["name"]
+    targets = [training_data_dir(cfg["data"], cache)]
+    if model.get("source") == "pretrain":
+        targets.append(pretrained_dir(cache, model, corpus))
+    if model.get("mntp"):
+        targets.append(mntp_dir(cache, model, corpus))
+    return tuple(targets)
+
+
+def stage_key(targets: Sequence[Path]) -> str:
+    return "+".join(t.name for t in targets)
+
+
+def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
+    """One job per backbone whose shared stages (training data, tiny pretraining, MNTP) are not all
+    built, to run before the cells that need them (a dependency, not a per-cell redo)."""
     from .stages import is_built
 
     jobs, seen = [], set()
     for cfg in cfgs:
-        model, cache, corpus = cfg["model"], Path(cfg["sweep"]["cache_dir"]), cfg["data"]["name"]
-        targets = []
-        if model.get("source") == "pretrain":
-            targets.append(pretrained_dir(cache, model, corpus))
-        if model.get("mntp"):
-            targets.append(mntp_dir(cache, model, corpus))
-        key = tuple(targets)
-        if not targets or key in seen or all(is_built(t) for t in targets):
+        targets = stage_targets(cfg)
+        key = stage_key(targets)
+        if key in seen or all(is_built(t) for t in targets):
             continue
         seen.add(key)
-        jobs.append(Job(f"backbone {model['name']}", run_backbone_stage, (cfg,), folder / f"backbone-{model['name']}"))
+        jobs.append(Job(f"stages {cfg['model']['name']}", run_stages_job, (cfg,),
+                        folder / f"{cfg['model']['name']}", cell=None, stage=key))
     return jobs
 
 
-def run_backbone_stage(cfg: Mapping[str, Any]) -> None:
+def run_stages_job(cfg: Mapping[str, Any]) -> None:
     from .cell import ensure_backbone, setup_logging
     from .distributed import configure_threads
+    from .prepare import ensure_training_data
 
     setup_logging()
-    configure_threads(int(cfg["launcher"]["threads_per_job"]))
+    configure_threads(int(cfg["launcher"]["threads_per_job"] or 1))
+    ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
     corpus = load_collection(cfg["data"]["root"], cfg["data"]["name"], cfg["data"]["split"])
     ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]))
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """A cell as a requeueable submitit job: on SLURM's warning signal the training loop checkpoints
+    (see `requeue`) and `checkpoint()` resubmits this same call, which resumes from that checkpoint."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+
+    def __call__(self) -> dict[str, float]:
+        from .cell import run_cell
+
+        return run_cell(self.cfg)
 
 
 def run_cell_job(cfg: dict[str, Any]) -> dict[str, float]:
@@ -155,7 +197,7 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
     Returns job name → COMPLETED / FAILED."""
     import submitit
 
-    threads = str(launcher_cfg["threads_per_job"])
+    threads = str(launcher_cfg["threads_per_job"] or 1)
     cap = launcher_cfg.get("max_parallel") or (os.cpu_count() or 1) // int(threads)
     cap = max(1, int(cap))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
@@ -168,7 +210,7 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
             job.handle = executor.submit(job.fn, *job.args)
             log.info("started %s (job %s)", job.name, job.handle.job_id)
             if job.cell:
-                ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell])
+                ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell], "local")
             running.append(job)
         time.sleep(1.0)
         for job in [j for j in running if j.handle.done()]:
@@ -188,45 +230,106 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
     return outcome
 
 
+def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], launcher_cfg: Mapping[str, Any],
+                 ledger: Ledger, axes: Mapping[str, Mapping[str, str]], folder: Path, sweep: str) -> list[str]:
+    """Stage jobs first (one per backbone, unless an earlier one is still queued or running), then the
+    cells as array jobs, one per (resource shape, stage dependency). Returns the array job ids."""
+    from . import slurm
+
+    live_stage = {}
+    earlier = {k: v["job_id"] for k, v in ledger.stages.items()}
+    states = slurm.job_states(earlier.values())
+    for job in (j for j in jobs if j.stage):
+        cfg = job.args[0]
+        old = earlier.get(job.stage)
+        if old and slurm.SACCT_TO_CELL.get(states.get(old, "")) in ("PENDING", "RUNNING"):
+            live_stage[job.stage] = old
+            continue
+        res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
+        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
+        # Stages run on one rank: ask for one task whatever the cells get.
+        (job_id,) = slurm.submit(folder, launcher_cfg, {**res, "nodes": 1, "tasks_per_node": 1},
+                                 f"rs-{sweep}-stages", [functools.partial(run_stages_job, cfg)])
+        ledger.stage_submitted(job.stage, job_id)
+        live_stage[job.stage] = job_id
+        log.info("submitted %s as job %s", job.name, job_id)
+    groups: dict[tuple[str, str | None], list[Job]] = {}
+    for job in (j for j in jobs if j.cell):
+        cfg = cfg_of[job.cell]
+        res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
+        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
+        dep = live_stage.get(stage_key(stage_targets(cfg)))
+        groups.setdefault((json.dumps(res, sort_keys=True), dep), []).append(job)
+    arrays = []
+    for (res_json, dep), group in groups.items():
+        ids = slurm.submit(folder, launcher_cfg, json.loads(res_json), f"rs-{sweep}",
+                           [CellJob(cfg_of[j.cell]) for j in group], dependency=f"afterok:{dep}" if dep else None)
+        for job, job_id in zip(group, ids, strict=True):
+            ledger.submitted(job.cell, job_id, axes[job.cell], "slurm")
+        arrays.append(ids[0].split("_")[0])
+        log.info("submitted %d cells as job %s%s", len(group), arrays[-1], f" (after stages job {dep})" if dep else "")
+    return arrays
+
+
 def run_sweep(cfgs: list[dict[str, Any]]) -> int:
-    """Plan, then (unless dry run) run every cell that is not done. Exit code: 0 when all cells are
-    done, 1 when some failed."""
-    from .status import print_table, sweep_rows
+    """Plan; then (unless dry run) submit every cell that is not DONE, RUNNING or PENDING. Locally,
+    wait for them (exit 0 when all are done, 1 otherwise); on SLURM, return once submitted."""
+    from .status import RESUBMIT, print_table, sweep_rows
 
     cfgs = [normalise_paths(c) for c in cfgs]
     first = cfgs[0]
+    sweep, launcher = first["sweep"], first["launcher"]
+    if launcher["name"] not in ("local", "slurm"):
+        raise ConfigError(f"launcher.name={launcher['name']!r}: expected local or slurm")
     plans = plan_sweep(cfgs)
     plan_path = write_plan(cfgs, plans)
-    if first["sweep"]["dry_run"]:
-        print_table(plans, title=f"plan of sweep '{first['sweep']['name']}' ({len(plans)} cells)",
+    from .tracking import tracking_uri
+
+    uri = tracking_uri(first["tracking"], sweep["root"])
+    states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))}
+    todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
+    if sweep["dry_run"]:
+        rows = [{**p, "state": states[p["cell_id"]]["state"],
+                 "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
+        print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit)",
                     columns=("cell_id", "model", "paradigm", "loss", "params_total", "params_trainable",
-                             "flops_per_step", "steps", "flops_total"))
+                             "flops_per_step", "steps", "flops_total", "state", "action"))
         print(f"plan written to {plan_path} (dry run: nothing submitted)")
         return 0
-    if first["launcher"]["name"] != "local":
-        raise ConfigError(f"launcher={first['launcher']['name']}: only `local` is available in this version")
     check_inputs(cfgs)
 
-    from .prepare import ensure_training_data
-    from .tracking import ensure_experiment, fail_if_running, tracking_uri
+    from .tracking import ensure_experiment, fail_if_running
 
-    uri = tracking_uri(first["tracking"], first["sweep"]["root"])
-    ensure_experiment(uri, first["sweep"]["name"], first["tracking"]["artifacts"])
-    todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if not is_done(c)]
-    log.info("%d cells, %d done, %d to run", len(cfgs), len(cfgs) - len(todo), len(todo))
+    ensure_experiment(uri, sweep["name"], first["tracking"]["artifacts"])
+    log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
+    ledger = Ledger(sweep_dir(first) / "ledger.json")
     if todo:
-        for data_cfg in {json.dumps(c["data"], sort_keys=True): c["data"] for c, _ in todo}.values():
-            ensure_training_data(data_cfg, Path(first["sweep"]["cache_dir"]))
+        from . import slurm
+
+        stale = [states[p["cell_id"]] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"]
+        slurm.cancel([r["job_id"] for r in stale if r["job_state"] and r["job_id"]])
+        for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
+            fail_if_running(uri, sweep["name"], plan["cell_id"])
         jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
-        axes = {}
+        axes, cfg_of = {}, {}
         for cfg, plan in todo:
             axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
+            cfg_of[plan["cell_id"]] = cfg
             jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
                             run_cell_job, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
-        dispatch_local(jobs, first["launcher"], Ledger(sweep_dir(first) / "ledger.json"), axes,
-                       on_cell_failed=lambda cell: fail_if_running(uri, first["sweep"]["name"], cell))
-    rows = sweep_rows(first["sweep"]["name"], first["sweep"]["root"], uri)
-    print_table(rows, title=f"sweep '{first['sweep']['name']}'")
+        if launcher["name"] == "slurm":
+            arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
+            print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
+                  f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same command")
+        else:
+            dispatch_local(jobs, launcher, ledger, axes,
+                           on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell))
+    else:
+        print("nothing to submit: every cell is done, running or pending")
+    rows = sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))
+    print_table(rows, title=f"sweep '{sweep['name']}'")
     print(f"results: {sweep_dir(first)}  ·  MLflow store: {uri}  ·  UI: make ui "
           f"(mlflow ui --backend-store-uri {uri})")
+    if launcher["name"] == "slurm":
+        return 0
     return 0 if all(r["state"] == "DONE" for r in rows) else 1

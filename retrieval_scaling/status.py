@@ -1,7 +1,9 @@
 """`python -m retrieval_scaling.status sweep=<name> [format=json]` — one row per cell.
 
-A cell's state is reconciled from its DONE marker (written after evaluation), its MLflow run and the
-sweep's ledger; each alone can lie (MLflow leaves a killed run RUNNING forever).
+A cell's state is reconciled from its DONE marker (written after evaluation), its last job (sacct and
+squeue for SLURM, the process for local jobs; the ledger says which job) and its MLflow run (status and
+heartbeat). Each alone can lie: SLURM calls a Python failure COMPLETED, MLflow leaves a SIGKILLed run
+RUNNING forever, a hung process looks RUNNING to SLURM but stops beating.
 """
 
 from __future__ import annotations
@@ -9,39 +11,84 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 HEADLINE = "ndcg_10"
+STATES = ("DONE", "RUNNING", "PENDING", "FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
+# What a second `sweep` submits again; never DONE, RUNNING or PENDING.
+RESUBMIT = ("FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
+STALE_AFTER_S = 600.0
 
 
-def reconcile(done: bool, run_status: str | None, ledger_state: str | None) -> str:
-    """One state per cell from the three sources, most trustworthy first."""
+def reconcile(done: bool, job_state: str | None, run_status: str | None, heartbeat_age: float | None,
+              stale_after: float = STALE_AFTER_S) -> str:
+    """One state per cell from three sources, most trustworthy first: the DONE marker (written after
+    evaluation), the job's state (sacct/squeue for SLURM, the process for local jobs; None when
+    unknown), then the MLflow run (status + age of its last heartbeat, in seconds)."""
     if done:
         return "DONE"
-    if ledger_state == "FAILED" or run_status in ("FAILED", "KILLED"):
-        return "FAILED"
-    if run_status == "RUNNING":
-        return "RUNNING"
-    if ledger_state == "SUBMITTED":
+    if job_state == "PENDING":
         return "PENDING"
-    if ledger_state == "COMPLETED" or run_status == "FINISHED":
+    if job_state == "RUNNING":
+        return "STALE" if heartbeat_age is not None and heartbeat_age > stale_after else "RUNNING"
+    if job_state == "COMPLETED":
         return "FAILED"  # the job ended without writing DONE
+    if job_state in ("FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED"):
+        return job_state
+    # No job to ask (purged from accounting, ledger lost, another machine): MLflow alone.
+    if run_status == "RUNNING":
+        return "RUNNING" if heartbeat_age is not None and heartbeat_age <= stale_after else "STALE"
+    if run_status is not None:
+        return "FAILED"  # FAILED, KILLED, FINISHED without DONE, SCHEDULED without a job
     return "MISSING"
 
 
-def sweep_rows(sweep: str, root: str | os.PathLike, uri: str) -> list[dict[str, Any]]:
-    from .tracking import cell_runs
+def _local_job_state(attempt: Mapping[str, Any]) -> str | None:
+    """A local attempt: the ledger's outcome, or whether its process still lives."""
+    if attempt.get("state") in ("COMPLETED", "FAILED"):
+        return attempt["state"]
+    try:
+        os.kill(int(attempt["job_id"]), 0)
+    except (OSError, ValueError):
+        return None
+    return "RUNNING"
+
+
+def job_states(ledger: Mapping[str, Any]) -> dict[str, str | None]:
+    """cell → state of its last job (None when unknown)."""
+    from .slurm import SACCT_TO_CELL
+    from .slurm import job_states as slurm_states
+
+    last = {cell: entry["attempts"][-1] for cell, entry in ledger.items() if entry.get("attempts")}
+    slurm_ids = [a["job_id"] for a in last.values() if a.get("launcher") == "slurm"]
+    live = slurm_states(slurm_ids) if slurm_ids else {}
+    out: dict[str, str | None] = {}
+    for cell, attempt in last.items():
+        if attempt.get("launcher") == "slurm":
+            word = live.get(attempt["job_id"])
+            out[cell] = SACCT_TO_CELL.get(word, "FAILED") if word else None
+        else:
+            out[cell] = _local_job_state(attempt)
+    return out
+
+
+def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
+               stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
+    from .scheduler import Ledger
+    from .tracking import cell_runs, store_exists
 
     base = Path(root) / sweep
     plan_path = base / "plan.json"
     if not plan_path.is_file():
         raise FileNotFoundError(f"no sweep '{sweep}' under {root} (no {plan_path})")
     plans = json.loads(plan_path.read_text())
-    ledger_path = base / "ledger.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
-    runs = cell_runs(uri, sweep)
+    ledger = Ledger(base / "ledger.json").cells
+    jobs = job_states(ledger)
+    runs = cell_runs(uri, sweep) if store_exists(uri) else {}
+    now = time.time()
     rows = []
     for plan in plans:
         cid = plan["cell_id"]
@@ -51,14 +98,16 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str) -> list[dict[str, 
         metrics = dict(run.data.metrics) if run else {}
         if done_path.is_file():
             metrics.update(json.loads(done_path.read_text())["metrics"])
-        state = reconcile(done_path.is_file(), run.info.status if run else None,
-                          attempts[-1]["state"] if attempts else None)
+        beat = metrics.pop("heartbeat", None)
+        age = now - beat if beat else None
+        state = reconcile(done_path.is_file(), jobs.get(cid), run.info.status if run else None, age, stale_after)
         rows.append({
             "cell_id": cid, "model": plan["model"], "paradigm": plan["paradigm"], "loss": plan["loss"],
             "state": state, "job_id": attempts[-1]["job_id"] if attempts else None,
-            "attempt": int(run.data.tags.get("attempt", 0)) if run else len(attempts),
+            "job_state": jobs.get(cid), "run_status": run.info.status if run else None,
+            "attempt": int(run.data.tags.get("attempt", 0)) if run else 0, "submissions": len(attempts),
             "flops_spent": metrics.get("flops_spent", 0.0), "flops_budget": plan["flops_budget"],
-            "flops_total": plan["flops_total"],
+            "flops_total": plan["flops_total"], "heartbeat_age_s": None if age is None else round(age, 1),
             "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")},
         })
     return rows
@@ -77,7 +126,8 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
     from rich.table import Table
 
     if columns is None:
-        columns = ("cell_id", "model", "paradigm", "loss", "state", "job_id", "attempt", "progress", HEADLINE)
+        columns = ("cell_id", "model", "paradigm", "loss", "state", "job_id", "attempt", "progress", "heartbeat",
+                   HEADLINE)
     table = Table(title=title)
     for col in columns:
         text = col in ("cell_id", "model", "paradigm", "loss", "state")
@@ -86,8 +136,11 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
         cells = []
         for col in columns:
             if col == "progress":
-                spent, planned = row.get("flops_spent", 0.0), row.get("flops_total") or 1
-                cells.append(f"{100 * spent / planned:.0f}%")
+                spent, budget = row.get("flops_spent", 0.0), row.get("flops_budget") or 1
+                cells.append(f"{100 * spent / budget:.0f}%")
+            elif col == "heartbeat":
+                age = row.get("heartbeat_age_s")
+                cells.append("" if age is None or row.get("state") == "DONE" else f"{age:.0f}s ago")
             elif col == HEADLINE:
                 cells.append(_fmt(next((v for k, v in row.get("metrics", {}).items() if k.endswith("/" + HEADLINE)),
                                        None)))
@@ -99,12 +152,13 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
 
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
     """`key=value` arguments, as the other verbs take them through Hydra."""
-    args = {"sweep": None, "format": "table", "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None}
+    args = {"sweep": None, "format": "table", "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None,
+            "stale_after": str(STALE_AFTER_S)}
     for item in argv:
         key, sep, value = item.partition("=")
         if not sep or key not in args:
             raise SystemExit(f"usage: python -m retrieval_scaling.status sweep=<name> [format=table|json] "
-                             f"[root=<sweeps dir>] [uri=<mlflow uri>] (got {item!r})")
+                             f"[root=<sweeps dir>] [uri=<mlflow uri>] [stale_after=<seconds>] (got {item!r})")
         args[key] = value
     if not args["sweep"]:
         raise SystemExit("usage: python -m retrieval_scaling.status sweep=<name> [format=table|json]")
@@ -117,13 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     uri = args["uri"] or tracking_uri({"uri": os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
     try:
-        rows = sweep_rows(args["sweep"], args["root"], uri)
+        rows = sweep_rows(args["sweep"], args["root"], uri, float(args["stale_after"]))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args["format"] == "json":
         keys = ("cell_id", "model", "paradigm", "loss", "state", "flops_spent", "flops_budget", "flops_total",
-                "metrics", "job_id", "attempt")
+                "metrics", "job_id", "job_state", "run_status", "attempt", "submissions", "heartbeat_age_s")
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
     else:
         print_table(rows, title=f"sweep '{args['sweep']}'")

@@ -23,6 +23,11 @@ def tracking_uri(tracking_cfg: Mapping[str, Any], sweep_root: str | os.PathLike)
     return f"sqlite:///{Path(sweep_root).resolve() / 'mlflow.db'}"
 
 
+def store_exists(uri: str) -> bool:
+    """False only for a SQLite store not created yet (opening it would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -124,6 +129,10 @@ class CellRun:
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self.client.log_artifact(self.run_id, str(path))
+
+    def set_status(self, status: str) -> None:
+        """A non-terminal status (SCHEDULED: requeued, waiting to resume)."""
+        self.client.update_run(self.run_id, status=status)
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import any_rank, gather_rows, world_size
 from .encoders import Encoder, encode_inputs
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .faults import Faults
 from .losses import LossOutput
 from .regularizers import flops_regularizer, quadratic_warmup
+from .requeue import REQUEUE
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,18 @@ class BatchSampler:
         return Batch(q_ids, q_mask, p_ids, p_mask, torch.tensor(teacher, dtype=torch.float32))
 
 
+def shard(batch: Batch, rank: int, world: int) -> Batch:
+    """This rank's contiguous share of a global batch: queries [r·B/W, (r+1)·B/W) and their groups.
+    Gathering every rank's reps in rank order restores the global batch's order."""
+    b = batch.query_ids.shape[0]
+    n = b // world
+    q = slice(rank * n, (rank + 1) * n)
+    group = batch.passage_ids.shape[0] // b
+    p = slice(rank * n * group, (rank + 1) * n * group)
+    return Batch(batch.query_ids[q], batch.query_mask[q], batch.passage_ids[p], batch.passage_mask[p],
+                 batch.teacher[q])
+
+
 def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up to the peak, then linear decay to 0 at `total_steps`."""
 
@@ -104,10 +119,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
           flops_per_step: int, tokens_per_step: int, train_cfg: Mapping[str, Any],
           paradigm_cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
-          log_metrics: Callable[[dict[str, float], int], None]) -> Encoder:
+          log_metrics: Callable[[dict[str, float], int], None], faults: Faults | None = None) -> Encoder:
     """Train for `steps` optimizer steps, resuming from the last checkpoint in `ckpt_dir`. FLOPs and
-    tokens per step come from the cell's plan, the one place they are counted."""
+    tokens per step come from the cell's plan, the one place they are counted. Over several ranks,
+    each encodes its share of the global batch and the loss is taken over the gathered reps, so
+    in-batch negatives and the FLOPS term see the whole batch whatever the number of ranks."""
     import deepspeed
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), world_size()
+    if sampler.queries_per_step % world:
+        raise ConfigError(f"{sampler.queries_per_step} queries per step do not split over {world} ranks; make "
+                          "train.queries_per_step a multiple of the ranks (launcher.resources tasks × nodes)")
 
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
@@ -115,7 +138,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
     config = {
         **ds_cfg,
-        "train_micro_batch_size_per_gpu": sampler.queries_per_step,
+        "train_micro_batch_size_per_gpu": sampler.queries_per_step // world,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": float(train_cfg["grad_clip"]),
         "zero_allow_untested_optimizer": True,
@@ -131,18 +154,22 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                             "the cell from step 0.") from exc
         start = int(client["step"])
         log.info("resumed from checkpoint at step %d", start)
+        log_metrics({"resumed_from_step": float(start)}, start)
 
     temperature = float(paradigm_cfg["temperature"])
     reg = paradigm_cfg.get("flops")
     reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
     use_bf16 = bool(train_cfg.get("bf16", True))
     engine.train()
+    REQUEUE.training(True)
     tick = time.time()
     for step in range(start, steps):
         batch = sampler.batch(step)
+        local = shard(batch, rank, world)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            q = engine(batch.query_ids, batch.query_mask).float()
-            p = engine(batch.passage_ids, batch.passage_mask).float()
+            q = engine(local.query_ids, local.query_mask).float()
+            p = engine(local.passage_ids, local.passage_mask).float()
+        q, p = gather_rows(q), gather_rows(p)
         out = loss_fn(q, p, batch.teacher, sampler.group, temperature)
         loss, parts = out.total, dict(out.parts)
         if reg:
@@ -160,7 +187,6 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                 "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
                 "tokens_seen": float(done * tokens_per_step),
                 "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
-                "heartbeat": time.time(),
             }
             if encoder.sparse:
                 metrics["train/query_nnz"], metrics["train/doc_nnz"] = sparsity(q), sparsity(p)
@@ -169,6 +195,10 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
             tick = time.time()
         if done % int(train_cfg["checkpoint_every"]) == 0 or done == steps:
             save_checkpoint(engine, ckpt_dir, done)
+        REQUEUE.at_step_end(lambda: save_checkpoint(engine, ckpt_dir, done), any_rank)  # noqa: B023
+        if faults is not None:
+            faults.at_step(done)
+    REQUEUE.training(False)
     return engine.module
 
 
@@ -176,6 +206,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
     """Save, then drop older tags; DeepSpeed writes `latest` only after the new tag is complete."""
     tag = f"step{step}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return
     for old in ckpt_dir.glob("step*"):
         if old.name != tag:
             shutil.rmtree(old, ignore_errors=True)

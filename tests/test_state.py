@@ -1,37 +1,81 @@
 """Cell state reconciliation, the ledger, and the resumable batch sampler."""
 
+import json
+
 import pytest
 import torch
 
+from retrieval_scaling.faults import Faults, InjectedFault
 from retrieval_scaling.scheduler import Ledger
-from retrieval_scaling.status import reconcile
-from retrieval_scaling.train import BatchSampler, linear_schedule
+from retrieval_scaling.slurm import _expand
+from retrieval_scaling.status import RESUBMIT, STATES, reconcile
+from retrieval_scaling.train import BatchSampler, linear_schedule, shard
 
 
-@pytest.mark.parametrize("done,run,ledger,state", [
-    (True, "RUNNING", "FAILED", "DONE"),        # DONE marker wins: written only after evaluation
-    (False, "FINISHED", "COMPLETED", "FAILED"),  # ended without DONE: MLflow's atexit says FINISHED
-    (False, "FAILED", "SUBMITTED", "FAILED"),
-    (False, "KILLED", None, "FAILED"),
-    (False, "RUNNING", "SUBMITTED", "RUNNING"),
-    (False, None, "SUBMITTED", "PENDING"),
-    (False, None, None, "MISSING"),
+@pytest.mark.parametrize("done,job,run,age,state", [
+    (True, "FAILED", "RUNNING", None, "DONE"),      # DONE marker wins: written only after evaluation
+    (False, "COMPLETED", "FINISHED", 5, "FAILED"),  # SLURM says COMPLETED for a Python failure
+    (False, "PENDING", None, None, "PENDING"),       # queued, no run yet
+    (False, "PENDING", "SCHEDULED", 900, "PENDING"),  # requeued after a time-out, waiting to resume
+    (False, "RUNNING", None, None, "RUNNING"),       # started, no heartbeat yet
+    (False, "RUNNING", "RUNNING", 30, "RUNNING"),
+    (False, "RUNNING", "RUNNING", 601, "STALE"),     # alive to SLURM, silent to MLflow: hung
+    (False, "FAILED", "RUNNING", 700, "FAILED"),     # SIGKILL: MLflow never heard
+    (False, "TIMEOUT", "RUNNING", 5, "TIMEOUT"),
+    (False, "PREEMPTED", "SCHEDULED", 5, "PREEMPTED"),
+    (False, "CANCELLED", "KILLED", 5, "CANCELLED"),
+    (False, None, "RUNNING", 30, "RUNNING"),         # job unknown (accounting purged): MLflow alone
+    (False, None, "RUNNING", 601, "STALE"),
+    (False, None, "RUNNING", None, "STALE"),
+    (False, None, "KILLED", None, "FAILED"),
+    (False, None, None, None, "MISSING"),
 ])
-def test_reconcile(done, run, ledger, state):
-    assert reconcile(done, run, ledger) == state
+def test_reconcile(done, job, run, age, state):
+    assert reconcile(done, job, run, age, stale_after=600) == state
 
 
-def test_ledger_records_attempts_and_survives_reload(tmp_path):
+def test_resubmitted_states_exclude_done_running_pending():
+    assert set(RESUBMIT) == set(STATES) - {"DONE", "RUNNING", "PENDING"}
+
+
+def test_ledger_records_attempts_and_stages_and_survives_reload(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = Ledger(path)
-    ledger.submitted("abc", "101", {"model": "tiny_s", "paradigm": "dense", "loss": "cl"})
+    axes = {"model": "tiny_s", "paradigm": "dense", "loss": "cl"}
+    ledger.submitted("abc", "101", axes, "local")
     ledger.ended("abc", "FAILED", "boom")
-    ledger.submitted("abc", "102", {"model": "tiny_s", "paradigm": "dense", "loss": "cl"})
-    ledger.ended("abc", "COMPLETED")
-    again = Ledger(path).cells["abc"]
-    assert [a["job_id"] for a in again["attempts"]] == ["101", "102"]
-    assert [a["state"] for a in again["attempts"]] == ["FAILED", "COMPLETED"]
-    assert again["attempts"][0]["error"] == "boom" and again["model"] == "tiny_s"
+    ledger.submitted("abc", "7_3", axes, "slurm")
+    ledger.stage_submitted("scifact-train+tiny_s", "6")
+    again = Ledger(path)
+    attempts = again.cells["abc"]["attempts"]
+    assert [(a["job_id"], a["launcher"]) for a in attempts] == [("101", "local"), ("7_3", "slurm")]
+    assert [a["state"] for a in attempts] == ["FAILED", "SUBMITTED"]
+    assert attempts[0]["error"] == "boom" and again.cells["abc"]["model"] == "tiny_s"
+    assert again.stages["scifact-train+tiny_s"]["job_id"] == "6"
+
+
+def test_ledger_reads_the_first_version_format(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps({"abc": {"model": "m", "attempts": [{"job_id": "1", "state": "COMPLETED"}]}}))
+    assert Ledger(path).cells["abc"]["attempts"][0]["job_id"] == "1" and Ledger(path).stages == {}
+
+
+def test_sacct_array_rows_expand_to_tasks():
+    assert _expand("12_[0-2,5]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert _expand("12_[1-3%2]") == ["12_1", "12_2", "12_3"]
+    assert _expand("12_4") == ["12_4"] and _expand("13") == ["13"]
+
+
+def test_faults_fire_once_and_are_consumed(tmp_path):
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps({"c1": {"raise_at_step": 2}, "c2": {"raise_at_step": 1}}))
+    faults = Faults(path, "c1")
+    faults.at_step(1)
+    with pytest.raises(InjectedFault):
+        faults.at_step(2)
+    assert json.loads(path.read_text()) == {"c2": {"raise_at_step": 1}}
+    Faults(path, "c1").at_step(2)  # a resubmitted cell runs clean
+    Faults(tmp_path / "none.json", "c1").at_step(1)
 
 
 def make_sampler(seed=0):
@@ -68,3 +112,16 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     f = linear_schedule(warmup_steps=2, total_steps=10)
     assert [f(0), f(1)] == [0.5, 1.0]
     assert f(2) == 1.0 and f(6) == pytest.approx(0.5) and f(10) == 0.0
+
+
+def test_shards_split_the_global_batch_in_rank_order():
+    q = make_sampler(0)
+    q.queries_per_step = 4
+    batch = q.batch(1)
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert all(p.query_ids.shape == (2, 4) and p.passage_ids.shape == (8, 5) for p in parts)
+    assert torch.equal(torch.cat([p.query_ids for p in parts]), batch.query_ids)
+    assert torch.equal(torch.cat([p.passage_ids for p in parts]), batch.passage_ids)
+    assert torch.equal(torch.cat([p.teacher for p in parts]), batch.teacher)
+    # the positive of each shard's query i stays at row i·G of that shard's passages
+    assert parts[1].teacher[:, 0].tolist() == [10.0, 10.0]
