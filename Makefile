@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint ui clean-demo
+.PHONY: setup demo test test-fast lint ui clean-demo cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -41,3 +41,10 @@ ui: setup
 
 clean-demo:
 	rm -rf sweeps/tiny sweeps/mlflow.db sweeps/mlartifacts
+
+# The single-node SLURM development cluster (slurm/README.md); then `export SLURM_CONF=...` as printed.
+cluster-up:
+	slurm/dev-cluster/up.sh
+
+cluster-down:
+	slurm/dev-cluster/down.sh

@@ -129,8 +129,11 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     try:
         with Heartbeat(run, float(cfg["log"]["heartbeat_s"])):
             metrics = _run_stages(cfg, cid, out, run, rank)
-    except Terminated:
-        run.finish("KILLED")
+    except Terminated:  # scancel; or SLURM stopping a job we asked it to requeue
+        if REQUEUE.requeued:
+            run.set_status("SCHEDULED")
+        else:
+            run.finish("KILLED")
         raise
     except SystemExit:
         if REQUEUE.requeued:

@@ -4,7 +4,6 @@ A dry run stops after the first phase."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -66,11 +65,15 @@ def plan_sweep(cfgs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_plan(cfgs: Sequence[dict[str, Any]], plans: Sequence[dict[str, Any]]) -> Path:
+    """`plan.json` holds every cell the sweep has planned: a grid run again with a new model size adds
+    its cells and keeps the earlier ones (their results are part of the same study)."""
     out = sweep_dir(cfgs[0])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "plan.json"
+    merged = {p["cell_id"]: p for p in (json.loads(path.read_text()) if path.is_file() else [])}
+    merged.update({p["cell_id"]: p for p in plans})
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(list(plans), indent=2))
+    tmp.write_text(json.dumps(list(merged.values()), indent=2))
     os.replace(tmp, path)
     return path
 
@@ -171,6 +174,17 @@ def run_stages_job(cfg: Mapping[str, Any]) -> None:
     ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]))
 
 
+class StagesJob(submitit.helpers.Checkpointable):
+    """A backbone's shared stages as a requeueable job: a time-out or preemption requeues it, and
+    each stage not built yet starts again (a finished stage is kept)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+
+    def __call__(self) -> None:
+        run_stages_job(self.cfg)
+
+
 class CellJob(submitit.helpers.Checkpointable):
     """A cell as a requeueable submitit job: on SLURM's warning signal the training loop checkpoints
     (see `requeue`) and `checkpoint()` resubmits this same call, which resumes from that checkpoint."""
@@ -247,9 +261,9 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
             continue
         res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
         cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
-        # Stages run on one rank: ask for one task whatever the cells get.
-        (job_id,) = slurm.submit(folder, launcher_cfg, {**res, "nodes": 1, "tasks_per_node": 1},
-                                 f"rs-{sweep}-stages", [functools.partial(run_stages_job, cfg)])
+        # Stages run on one rank, under their own time limit.
+        res = {**res, "nodes": 1, "tasks_per_node": 1, "time_min": launcher_cfg["stage_time_min"] or res["time_min"]}
+        (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [StagesJob(cfg)])
         ledger.stage_submitted(job.stage, job_id)
         live_stage[job.stage] = job_id
         log.info("submitted %s as job %s", job.name, job_id)
