@@ -82,6 +82,7 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 ReturnToService=2
+SlurmdParameters=config_overrides   # trust the advertised CPUs (RS_SLURM_CPUS) over what slurmd detects
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid
