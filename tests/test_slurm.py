@@ -160,13 +160,15 @@ def test_faults_end_in_the_right_state_and_resubmission_resumes_exactly_those(en
     assert by_cell[raising].info.status == "FAILED" and by_cell[cancelled].info.status == "KILLED"
     wait_for(env, sweep, lambda r: r[clean_id]["state"] == "DONE", 600, "the clean cell DONE")
 
-    again = cli(env, "sweep", "-m", "paradigm=dense,sparse", "loss=cl,kd,cl_kd", *CELL, f"sweep.name={sweep}")
-    # (the grid now also holds sparse kd / cl_kd: MISSING, so submitted; sparse cl is DONE, so not)
+    again = cli(env, "sweep", *args, f"sweep.name={sweep}")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "submitted 3 cells to SLURM" in again.stdout
     book = ledger(env, sweep)
-    assert {c: len(e["attempts"]) for c, e in book.items() if c in (raising, cancelled, killed)} == {
-        raising: 2, cancelled: 2, killed: 2}
-    assert len(book[clean_id]["attempts"]) == 1
+    assert {c: len(e["attempts"]) for c, e in book.items()} == {raising: 2, cancelled: 2, killed: 2, clean_id: 1}
+    # Widening the grid right away submits only the new cells (the others are pending or running now).
+    wider = cli(env, "sweep", "-m", "paradigm=dense,sparse", "loss=cl,kd,cl_kd", *CELL, f"sweep.name={sweep}")
+    assert wider.returncode == 0 and "submitted 2 cells to SLURM" in wider.stdout, wider.stdout[-3000:]
+    assert sum(len(e["attempts"]) for e in ledger(env, sweep).values()) == 7 + 2
     rows = wait_for(env, sweep, lambda r: all(x["state"] == "DONE" for x in r.values()), 1200, "all DONE")
     client, runs = mlflow_runs(env, sweep)
     assert len(runs) == len(rows) == 6 and len({r.data.tags["cell_id"] for r in runs}) == 6  # no duplicates
