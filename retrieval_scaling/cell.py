@@ -153,10 +153,17 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
 
 def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[Path | None, Path | None]:
     """The backbone's shared stages, built once: (pretrained tiny model dir or None, MNTP adapter or None)."""
+    from .gguf import ensure_converted
     from .mntp import ensure_mntp
     from .pretrain import ensure_pretrained
 
-    local_dir = ensure_pretrained(model_cfg, corpus, cache) if model_cfg.get("source") == "pretrain" else None
+    source = model_cfg.get("source")
+    if source == "pretrain":
+        local_dir = ensure_pretrained(model_cfg, corpus, cache)
+    elif source == "gguf":
+        local_dir = ensure_converted(model_cfg, cache)
+    else:
+        local_dir = None  # a hub id or local directory in model.name_or_path
     adapter = ensure_mntp(model_cfg, local_dir, corpus, cache) if model_cfg.get("mntp") else None
     return local_dir, adapter
 

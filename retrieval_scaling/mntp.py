@@ -78,6 +78,8 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         raise ValueError(f"MNTP mask token {recipe['mask_token']!r} is not in the tokenizer's vocabulary")
     model = get_peft_model(model, lora_config(model_cfg))
+    if recipe.get("train_embeddings"):
+        model.get_input_embeddings().weight.requires_grad_(True)
     blocks = corpus_blocks(tokenizer, list(corpus.corpus.values()), int(recipe["block_len"]))
     steps, batch = int(recipe["steps"]), int(recipe["batch_size"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(recipe["lr"]))
@@ -100,6 +102,8 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
         if step % 25 == 0 or step == steps - 1:
             curve.append([step, round(loss.item(), 4)])
     model.save_pretrained(out)
+    if recipe.get("train_embeddings"):
+        torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embeddings.pt")
     tokens = steps * batch * int(recipe["block_len"])
     summary = {"model": model_cfg["name"], "steps": steps, "batch_size": batch, "tokens": tokens,
                "flops": mntp_flops(model_cfg, tokens, int(recipe["block_len"])),

@@ -129,6 +129,7 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
 def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
     """The shared stages a cell needs: its training data, and its backbone's tiny pretraining and MNTP."""
     from .backbone import pretrained_dir
+    from .gguf import converted_dir
     from .mntp import mntp_dir
     from .prepare import training_data_dir
 
@@ -136,6 +137,8 @@ def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
     targets = [training_data_dir(cfg["data"], cache)]
     if model.get("source") == "pretrain":
         targets.append(pretrained_dir(cache, model, corpus))
+    elif model.get("source") == "gguf":
+        targets.append(converted_dir(cache, model))
     if model.get("mntp"):
         targets.append(mntp_dir(cache, model, corpus))
     return tuple(targets)
