@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast lint ui clean-demo cluster-up cluster-down
+.PHONY: setup demo smoke-real test test-fast lint ui clean-demo cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	$(PY) -m retrieval_scaling.sweep +grid=tiny
+
+# The real-model path: SmolLM2-135M, a short MNTP stage, a sparse and a dense CL+KD cell (conf/grid/smoke_real.yaml).
+smoke-real: setup
+	$(PY) -m retrieval_scaling.sweep +grid=smoke_real
 
 test: setup
 	$(PY) -m pytest -x -q --timeout=1500

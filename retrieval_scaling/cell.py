@@ -177,7 +177,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from .data import load_collection
     from .distributed import init_distributed
     from .encoders import build_encoder
-    from .evaluate import evaluate
+    from .evaluate import evaluate, load_eval_collections
     from .prepare import ensure_training_data, load_examples
     from .train import BatchSampler, train
 
@@ -208,7 +208,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         backbone.get_input_embeddings().weight.requires_grad_(True)
     encoder = build_encoder(cfg["paradigm"]["name"], backbone)
 
-    collections = [load_collection(eval_cfg["root"], c["name"], c["split"]) for c in eval_cfg["collections"]]
+    collections = load_eval_collections(eval_cfg)
 
     def evaluate_all() -> dict[str, float]:
         metrics: dict[str, float] = {}

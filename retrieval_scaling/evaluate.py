@@ -72,6 +72,40 @@ def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mappin
     return {f"{prefix}/{name}": float(agg[m]) for name, m in measures.items()}
 
 
+def subset_collection(coll: Collection, queries: int, bm25_depth: int, seed: int) -> Collection:
+    """A declared evaluation subset, for models too slow to encode a whole corpus here: `queries` test
+    queries drawn with `seed`, searched over a pool of their judged documents plus each one's BM25 top
+    `bm25_depth`. Its name says so (`scifact:q100-bm25_100`), so its metrics are never taken for the
+    full-corpus numbers. Scores over a pool are optimistic: only the pool's documents compete."""
+    from .prepare import BM25Index
+
+    qids = sorted(coll.queries)
+    picked = sorted(np.random.default_rng(seed).choice(len(qids), size=min(queries, len(qids)), replace=False))
+    chosen = [qids[i] for i in picked]
+    index = BM25Index(coll.corpus)
+    pool = {d for q in chosen for d in coll.qrels[q]}
+    for q in chosen:
+        top = np.argsort(-index.scores(coll.queries[q]), kind="stable")[:bm25_depth]
+        pool.update(index.doc_ids[i] for i in top)
+    return Collection(name=f"{coll.name}:q{len(chosen)}-bm25_{bm25_depth}",
+                      corpus={d: t for d, t in coll.corpus.items() if d in pool},
+                      queries={q: coll.queries[q] for q in chosen}, qrels={q: coll.qrels[q] for q in chosen})
+
+
+def load_eval_collections(eval_cfg: Mapping[str, Any]) -> list[Collection]:
+    """The evaluation collections of a cell, subset when `eval.subset` asks for it."""
+    from .data import load_collection
+
+    out = []
+    for spec in eval_cfg["collections"]:
+        coll = load_collection(eval_cfg["root"], spec["name"], spec["split"])
+        sub = eval_cfg.get("subset")
+        if sub:
+            coll = subset_collection(coll, int(sub["queries"]), int(sub["bm25_depth"]), int(sub["seed"]))
+        out.append(coll)
+    return out
+
+
 def evaluate(encoder: Encoder, tokenizer, coll: Collection, eval_cfg: Mapping[str, Any],
              drop_self_hits: bool) -> dict[str, float]:
     """Metrics of `encoder` on `coll` (full corpus, exact search)."""

@@ -59,3 +59,17 @@ def test_a_corrupted_copy_of_real_scifact_is_caught(data_root, tmp_path):
     (copy / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"corpus\.jsonl:100: broken JSON line"):
         load_collection(tmp_path, "scifact", "test")
+
+
+def test_evaluation_subset_is_declared_seeded_and_keeps_judged_documents(data_root):
+    from retrieval_scaling.data import load_collection
+    from retrieval_scaling.evaluate import subset_collection
+
+    full = load_collection(data_root, "scifact", "test")
+    sub = subset_collection(full, queries=10, bm25_depth=5, seed=0)
+    assert sub.name == "scifact:q10-bm25_5" and len(sub.queries) == 10
+    judged = {d for q in sub.queries for d in full.qrels[q]}
+    assert judged <= set(sub.corpus) and len(sub.corpus) <= len(judged) + 10 * 5
+    assert set(sub.qrels) == set(sub.queries) and all(sub.corpus[d] == full.corpus[d] for d in sub.corpus)
+    assert subset_collection(full, 10, 5, seed=0).queries == sub.queries  # same seed, same subset
+    assert subset_collection(full, 10, 5, seed=1).queries != sub.queries
