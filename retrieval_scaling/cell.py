@@ -192,7 +192,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     train_coll = load_collection(data_cfg["root"], data_cfg["name"], data_cfg["split"])
     local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
-        if directory is not None:
+        if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models
             summary = json.loads((directory / f"{stage}.json").read_text())
             run.log_params({f"{stage}.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds")})
     backbone, tokenizer = load_backbone(model_cfg, local_dir)
