@@ -129,20 +129,11 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     try:
         with Heartbeat(run, float(cfg["log"]["heartbeat_s"])):
             metrics = _run_stages(cfg, cid, out, run, rank)
-    except Terminated:  # scancel; or SLURM stopping a job we asked it to requeue
-        if REQUEUE.requeued:
+    except BaseException as exc:
+        if REQUEUE.requeued:  # submitit's exit after a requeue, or SLURM stopping the requeued job
             run.set_status("SCHEDULED")
-        else:
-            run.finish("KILLED")
-        raise
-    except SystemExit:
-        if REQUEUE.requeued:
-            run.set_status("SCHEDULED")
-        else:
-            run.finish("FAILED")
-        raise
-    except BaseException:
-        run.finish("FAILED")
+        else:  # SIGTERM (scancel) → KILLED; an exception or exit → FAILED
+            run.finish("KILLED" if isinstance(exc, Terminated) else "FAILED")
         raise
     run.log_artifact(out / "config.yaml")
     (out / DONE).write_text(json.dumps({"cell_id": cid, "run_id": run.run_id, "metrics": metrics,

@@ -15,7 +15,7 @@ from typing import Any
 
 import submitit
 
-from .cell import cell_dir
+from .cell import cell_dir, run_cell
 from .data import load_collection, resolve_data_root
 from .errors import ConfigError
 from .plan import check_budget, plan_cell
@@ -177,34 +177,16 @@ def run_stages_job(cfg: Mapping[str, Any]) -> None:
     ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]))
 
 
-class StagesJob(submitit.helpers.Checkpointable):
-    """A backbone's shared stages as a requeueable job: a time-out or preemption requeues it, and
-    each stage not built yet starts again (a finished stage is kept)."""
+class Requeueable(submitit.helpers.Checkpointable):
+    """`fn(*args)` as a job SLURM may requeue: on its warning signal, `checkpoint()` (inherited)
+    resubmits this same call. A cell then resumes from the checkpoint its training loop took at the
+    signal (see `requeue`); a stages job rebuilds only what is not built yet."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self.fn, self.args = fn, args
 
-    def __call__(self) -> None:
-        run_stages_job(self.cfg)
-
-
-class CellJob(submitit.helpers.Checkpointable):
-    """A cell as a requeueable submitit job: on SLURM's warning signal the training loop checkpoints
-    (see `requeue`) and `checkpoint()` resubmits this same call, which resumes from that checkpoint."""
-
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
-
-    def __call__(self) -> dict[str, float]:
-        from .cell import run_cell
-
-        return run_cell(self.cfg)
-
-
-def run_cell_job(cfg: dict[str, Any]) -> dict[str, float]:
-    from .cell import run_cell
-
-    return run_cell(cfg)
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
 
 
 def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger: Ledger,
@@ -266,7 +248,7 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
         cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
         # Stages run on one rank, under their own time limit.
         res = {**res, "nodes": 1, "tasks_per_node": 1, "time_min": launcher_cfg["stage_time_min"] or res["time_min"]}
-        (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [StagesJob(cfg)])
+        (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [Requeueable(run_stages_job, cfg)])
         ledger.stage_submitted(job.stage, job_id)
         live_stage[job.stage] = job_id
         log.info("submitted %s as job %s", job.name, job_id)
@@ -279,8 +261,9 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
         groups.setdefault((json.dumps(res, sort_keys=True), dep), []).append(job)
     arrays = []
     for (res_json, dep), group in groups.items():
-        ids = slurm.submit(folder, launcher_cfg, json.loads(res_json), f"rs-{sweep}",
-                           [CellJob(cfg_of[j.cell]) for j in group], dependency=f"afterok:{dep}" if dep else None)
+        calls = [Requeueable(run_cell, cfg_of[j.cell]) for j in group]
+        ids = slurm.submit(folder, launcher_cfg, json.loads(res_json), f"rs-{sweep}", calls,
+                           dependency=f"afterok:{dep}" if dep else None)
         for job, job_id in zip(group, ids, strict=True):
             ledger.submitted(job.cell, job_id, axes[job.cell], "slurm")
         arrays.append(ids[0].split("_")[0])
@@ -333,7 +316,7 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
             axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
             cfg_of[plan["cell_id"]] = cfg
             jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                            run_cell_job, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
+                            run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
         if launcher["name"] == "slurm":
             arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
             print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
