@@ -54,11 +54,11 @@ def convert(spec: Mapping[str, Any], out: Path) -> None:
     import json
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = gguf_location(spec)
     loaded = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(str(directory), gguf_file=name)
+    config = loaded.config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # A tied LM head is absent from the state dict by design; anything else missing is a real gap.
