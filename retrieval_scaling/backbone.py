@@ -62,7 +62,8 @@ def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype="float32", attn_implementation=model_cfg.get("attn_implementation", "sdpa")
+            where, dtype=model_cfg.get("dtype", "float32"),
+            attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
         )
     except OSError as exc:
         raise ConfigError(
@@ -82,6 +83,16 @@ def lora_config(model_cfg: Mapping[str, Any]):
     lora = model_cfg["lora"]
     return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
                       target_modules=list(lora["targets"]))
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (one more forward per step, much less
+    memory). Non-reentrant, so LoRA's gradients flow although the frozen embeddings need none."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def set_bidirectional(model, on: bool) -> None:

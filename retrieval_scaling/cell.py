@@ -142,6 +142,14 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def deepspeed_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The `deepspeed` group with the model's per-size overlay (`model.deepspeed`) merged over it."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(cfg["deepspeed"], cfg["model"].get("deepspeed") or {})
+    return OmegaConf.to_container(merged, resolve=True)
+
+
 def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[Path | None, Path | None]:
     """The backbone's shared stages, built once: (pretrained tiny model dir or None, MNTP adapter or None)."""
     from .gguf import ensure_converted
@@ -164,9 +172,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
     from peft import PeftModel, get_peft_model
 
-    from .backbone import attention_implementation, load_backbone, lora_config
+    from .backbone import attention_implementation, enable_gradient_checkpointing, load_backbone, lora_config
     from .data import load_collection
-    from .distributed import init_distributed
+    from .distributed import device, init_distributed
     from .encoders import build_encoder
     from .evaluate import evaluate, load_eval_collections
     from .prepare import ensure_training_data, load_examples
@@ -197,7 +205,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     if model_cfg.get("train_embeddings"):
         # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
         backbone.get_input_embeddings().weight.requires_grad_(True)
-    encoder = build_encoder(cfg["paradigm"]["name"], backbone)
+    if cfg["train"].get("gradient_checkpointing"):
+        enable_gradient_checkpointing(backbone)
+    encoder = build_encoder(cfg["paradigm"]["name"], backbone).to(device())
 
     collections = load_eval_collections(eval_cfg)
 
@@ -233,7 +243,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
                            tokenizer.bos_token_id, tokenizer.pad_token_id)
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
     encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], plan["tokens_per_step"],
-                    cfg["train"], cfg["paradigm"], cfg["deepspeed"], out / "checkpoints",
+                    cfg["train"], cfg["paradigm"], deepspeed_config(cfg), out / "checkpoints",
                     int(cfg["log"]["every"]), run.log_metrics,
                     Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
     if rank != 0:

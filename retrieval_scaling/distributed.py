@@ -1,5 +1,5 @@
-"""Process setup for DeepSpeed on CPU: gloo, a few threads per process, no run-time op compilation;
-and the collectives training needs across ranks."""
+"""Process setup for DeepSpeed: NCCL on GPUs; on CPU gloo, a few threads per process and no run-time
+op compilation; and the collectives training needs across ranks."""
 
 from __future__ import annotations
 
@@ -21,22 +21,33 @@ def launched_ranks() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def device() -> torch.device:
+    """This rank's device: its local GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size). A multi-task SLURM job (submitit) or torchrun gives the rendezvous;
-    otherwise a single-rank gloo group over an in-memory store (no port to collide on)."""
+    otherwise a single-rank group over an in-memory store (no port to collide on)."""
     import torch.distributed as dist
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    gpu = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
     if not dist.is_initialized():
         if launched_ranks()[1] > 1 and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             from submitit.helpers import TorchDistributedEnvironment
 
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        backend = "nccl" if gpu else "gloo"
+        if gpu:
+            torch.cuda.set_device(device())
         if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend)
         else:
             os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     import deepspeed.comm.torch  # noqa: F401  (module to patch below)
 
     # DeepSpeed JIT-compiles a shared-memory comm op (30-45 s, needs g++/ninja) at every initialize
@@ -68,6 +79,6 @@ def any_rank(flag: bool) -> bool:
         return flag
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -25,10 +25,11 @@ MEASURES = {"ndcg_10": "nDCG@10", "mrr_10": "RR@10", "recall_100": "R@100", "rec
 def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
                  desc: str) -> torch.Tensor:
     """Reps of `texts` in input order; batches are formed over length-sorted texts so that padding is
-    small, and run under bf16 autocast (AMX on this CPU)."""
+    small, and run under bf16 autocast (AMX on this CPU) on the encoder's device."""
     from tqdm import tqdm
 
     encoder.eval()
+    device = next(encoder.parameters()).device
     ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     chunks: list[torch.Tensor] = []
@@ -36,8 +37,8 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
         rows = order[start:start + batch_size]
         input_ids, mask = encode_inputs([ids[i] for i in rows], tokenizer.bos_token_id,
                                         tokenizer.pad_token_id, max_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            chunks.append(encoder(input_ids, mask).float())
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            chunks.append(encoder(input_ids.to(device), mask.to(device)).float().cpu())
     reps = torch.cat(chunks)
     out = torch.empty_like(reps)
     out[torch.as_tensor(order)] = reps

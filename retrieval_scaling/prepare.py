@@ -1,8 +1,9 @@
 """Training data preparation, a cached stage: BM25 hard negatives and teacher scores per query.
 
-Teacher: BM25 (bm25s, English stop words, Snowball stemming) — a real lexical scorer that runs here
-offline. Its raw scores are the teacher scores for KD (MarginMSE margins; the CL+KD teacher softmax
-at T=1). Cross-encoder teachers are a later stage option (issue: evaluation and data preparation).
+Negatives: the BM25 (bm25s, English stop words, Snowball stemming) top `depth` minus the positives,
+best `keep` kept. Teacher (`teacher=` config group, see teachers.py): BM25 itself — a real lexical
+scorer that runs offline here, the default — or an HF cross-encoder. Its raw scores are what the KD
+losses read (MarginMSE margins; the CL+KD teacher softmax at T=1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .data import Collection, load_collection
 from .errors import ConfigError
 from .identity import content_hash
 from .stages import build_once
+from .teachers import build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,17 @@ class BM25Index:
 
 
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
-    key = content_hash({k: data_cfg[k] for k in ("name", "split", "negatives", "teacher")})
+    # The teacher's batch size does not change its scores, so it does not name the data.
+    teacher = {k: v for k, v in data_cfg["teacher"].items() if k != "batch_size"}
+    key = content_hash({**{k: data_cfg[k] for k in ("name", "split", "negatives")}, "teacher": teacher})
     return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"
 
 
 def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     """`<dir>/examples.jsonl`: one query per line with positives, hard negatives and teacher scores."""
-    if data_cfg["negatives"]["miner"] != "bm25" or data_cfg["teacher"] != "bm25":
-        raise ConfigError(
-            f"data: negatives.miner={data_cfg['negatives']['miner']!r}, teacher={data_cfg['teacher']!r}; "
-            "this version prepares BM25 negatives and BM25 teacher scores only (set both to bm25)."
-        )
+    if data_cfg["negatives"]["miner"] != "bm25":
+        raise ConfigError(f"data.negatives.miner={data_cfg['negatives']['miner']!r}: negatives are mined "
+                          "with bm25 (set data.negatives.miner=bm25).")
     out = training_data_dir(data_cfg, cache_root)
     return build_once(out, lambda tmp: _prepare(data_cfg, tmp), f"prepare {data_cfg['name']}")
 
@@ -67,9 +69,11 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
 
     coll: Collection = load_collection(data_cfg.get("root"), data_cfg["name"], data_cfg["split"])
     index = BM25Index(coll.corpus)
+    teacher = build_teacher(data_cfg["teacher"], coll.corpus)
     depth, keep = int(data_cfg["negatives"]["depth"]), int(data_cfg["negatives"]["keep"])
     lines, short = [], 0
-    for qid, query in tqdm(coll.queries.items(), desc="mine negatives (bm25)", mininterval=10):
+    desc = f"mine negatives (bm25), teacher {data_cfg['teacher']['name']}"
+    for qid, query in tqdm(coll.queries.items(), desc=desc, mininterval=10):
         scores = index.scores(query)
         positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
         if not positives:
@@ -77,15 +81,18 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
         top = np.argsort(-scores)[:depth]
         negatives = [index.doc_ids[i] for i in top if index.doc_ids[i] not in positives][:keep]
         short += len(negatives) < keep
-        pos_scores = {d: float(scores[index.position[d]]) for d in positives}
-        neg_scores = {index.doc_ids[i]: float(scores[i]) for i in top if index.doc_ids[i] in negatives}
+        judged = [*positives, *negatives]
+        if teacher is None:
+            teacher_scores = [float(scores[index.position[d]]) for d in judged]
+        else:
+            teacher_scores = teacher(query, judged)
         lines.append(json.dumps({
             "qid": qid, "query": query, "positives": positives, "negatives": negatives,
-            "teacher": {**pos_scores, **neg_scores},
+            "teacher": dict(zip(judged, teacher_scores, strict=True)),
         }))
     (out / "examples.jsonl").write_text("\n".join(lines) + "\n")
     meta = {"queries": len(lines), "queries_with_fewer_negatives": short, "depth": depth, "keep": keep,
-            "teacher": "bm25", "collection": coll.name, "split": data_cfg["split"]}
+            "teacher": dict(data_cfg["teacher"]), "collection": coll.name, "split": data_cfg["split"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("prepared %d training queries (%d with < %d negatives)", len(lines), short, keep)
 

@@ -289,11 +289,12 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))}
     todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
     if sweep["dry_run"]:
-        rows = [{**p, "state": states[p["cell_id"]]["state"],
+        rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
+                 "lengths": f"{p['query_len']}/{p['passage_len']}", "state": states[p["cell_id"]]["state"],
                  "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
         print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit)",
-                    columns=("cell_id", "model", "paradigm", "loss", "params_total", "params_trainable",
-                             "flops_per_step", "steps", "flops_total", "state", "action"))
+                    columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params_total",
+                             "params_trainable", "flops_per_step", "steps", "flops_total", "state", "action"))
         print(f"plan written to {plan_path} (dry run: nothing submitted)")
         return 0
     check_inputs(cfgs)

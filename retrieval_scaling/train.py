@@ -75,6 +75,11 @@ class BatchSampler:
         return Batch(q_ids, q_mask, p_ids, p_mask, torch.tensor(teacher, dtype=torch.float32))
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(*(t.to(device, non_blocking=True) for t in (batch.query_ids, batch.query_mask, batch.passage_ids,
+                                                             batch.passage_mask, batch.teacher)))
+
+
 def shard(batch: Batch, rank: int, world: int) -> Batch:
     """This rank's contiguous share of a global batch: queries [r·B/W, (r+1)·B/W) and their groups.
     Gathering every rank's reps in rank order restores the global batch's order."""
@@ -160,13 +165,14 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     reg = paradigm_cfg.get("flops")
     reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
     use_bf16 = bool(train_cfg.get("bf16", True))
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     engine.train()
     REQUEUE.training(True)
     tick = time.time()
     for step in range(start, steps):
-        batch = sampler.batch(step)
+        batch = to_device(sampler.batch(step), device)
         local = shard(batch, rank, world)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             q = engine(local.query_ids, local.query_mask).float()
             p = engine(local.passage_ids, local.passage_mask).float()
         q, p = gather_rows(q), gather_rows(p)

@@ -88,3 +88,37 @@ def test_attention_implementation_switch_is_temporary_and_keeps_results():
             sdpa = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     assert model.config._attn_implementation == "eager"
     assert torch.allclose(eager[:, 2:], sdpa[:, 2:], atol=1e-5)
+
+
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_gradient_checkpointing_keeps_the_loss_and_the_lora_gradients(paradigm):
+    """Recomputing activations in backward is a memory trade only: same loss, same LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from retrieval_scaling.backbone import enable_gradient_checkpointing
+    from retrieval_scaling.encoders import build_encoder, encode_inputs
+
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
+
+    def loss_and_grads(checkpointing: bool):
+        model = tiny_llama("eager")
+        set_bidirectional(model, True)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        encoder = build_encoder(paradigm, model).train()
+        reps = encoder(ids, mask)
+        loss = (reps[0] * reps[1]).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}
+        return loss.item(), grads, model.base_model.model.model.layers[0].gradient_checkpointing
+
+    plain, plain_grads, plain_flag = loss_and_grads(False)
+    ckpt, ckpt_grads, ckpt_flag = loss_and_grads(True)
+    assert (plain_flag, ckpt_flag) == (False, True)
+    assert ckpt == pytest.approx(plain, rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name

@@ -82,3 +82,44 @@ def test_full_grid_plans_paper_backbones_without_weights(compose, model, lora_pa
     assert lora_params in (11_272_192, 24_313_856, 41_943_040)
     assert (plan["queries_per_step"], plan["passages_per_query"]) == ((112 if model == "llama3_1b" else 128), 17)
     assert (plan["query_len"], plan["passage_len"]) == (64, 128)
+
+
+@pytest.mark.parametrize("model,kd_batch", [("llama3_1b", 1024), ("llama3_3b", 512), ("llama3_8b", 512)])
+def test_full_grid_is_the_papers_recipe_per_size_and_objective(compose, model, kd_batch):
+    kd = plan_cell(compose(f"model={model}", "+grid=full", "loss=kd", "paradigm=dense"))
+    assert (kd["queries_per_step"], kd["passages_per_query"]) == (kd_batch, 2)
+    cfg = compose(f"model={model}", "+grid=full", "loss=cl_kd", "paradigm=sparse")
+    assert cfg["train"]["gradient_checkpointing"] is True
+    assert (cfg["train"]["lr"], cfg["train"]["warmup_fraction"], cfg["train"]["grad_clip"]) == (1e-4, 0.04, 1.0)
+    assert cfg["paradigm"]["flops"]["lambda_q"] == 0.05 and cfg["paradigm"]["flops"]["lambda_d"] == 0.04
+    assert cfg["loss"]["ce_weight"] == cfg["loss"]["kl_weight"] == 0.5 and cfg["loss"]["teacher_temperature"] == 1.0
+    assert compose(f"model={model}", "+grid=full", "paradigm=dense")["paradigm"]["temperature"] == 0.01
+    assert cfg["model"]["dtype"] == "bfloat16" and cfg["data"]["negatives"]["keep"] >= 16
+
+
+def test_the_kl_only_variant_composes_with_the_cl_kd_batch_and_no_in_batch_term(compose):
+    from retrieval_scaling.losses import KLDistillationLoss
+
+    for model, batch in (("tiny_s", (8, 8)), ("llama3_8b", (128, 17))):
+        cfg = compose(f"model={model}", "loss=kl")
+        plan = plan_cell(cfg)
+        assert (plan["queries_per_step"], plan["passages_per_query"]) == batch
+        assert cfg["loss"]["_target_"].endswith("KLDistillationLoss") and not KLDistillationLoss.in_batch
+    assert cell_id(compose("loss=kl")) != cell_id(compose("loss=cl_kd"))
+
+
+def test_the_models_deepspeed_overlay_is_merged_over_the_group(compose):
+    from retrieval_scaling.cell import deepspeed_config
+
+    tiny = deepspeed_config(compose("model=tiny_s"))
+    big = deepspeed_config(compose("model=llama3_8b", "model.deepspeed.zero_optimization.stage=3"))
+    assert tiny["zero_optimization"]["stage"] == 2
+    assert big["zero_optimization"]["stage"] == 3
+    assert big["zero_optimization"]["contiguous_gradients"] is True  # the group's other settings stay
+
+
+def test_the_teacher_is_a_config_choice_that_names_the_cell(compose):
+    ce = compose("teacher=cross_encoder")
+    assert ce["data"]["teacher"]["name_or_path"] == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    assert compose()["data"]["teacher"] == {"name": "bm25"}
+    assert cell_id(ce) != cell_id(compose())

@@ -1,0 +1,61 @@
+"""Teachers for distillation: who scores a query's positives and mined negatives.
+
+A teacher is a config choice (`teacher=bm25`, `teacher=cross_encoder teacher.name_or_path=...`); its
+scores are computed once per (collection, split, miner, teacher) by the data preparation stage and
+read by the KD losses as they are (MarginMSE margins; the CL+KD softmax at T=1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import ConfigError
+
+# Scores of one query against some of the corpus's documents, in their order.
+TeacherFn = Callable[[str, Sequence[str]], list[float]]
+
+
+def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> TeacherFn:
+    """An HF sequence-classification model with one output: its logit for (query, passage)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    where = cfg["name_or_path"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForSequenceClassification.from_pretrained(where).eval()
+    except OSError as exc:
+        raise ConfigError(f"teacher.name_or_path={where!r} cannot be loaded ({exc}). Offline machines "
+                          "need a local directory.") from None
+    if model.config.num_labels != 1:
+        raise ConfigError(f"teacher {where!r} has {model.config.num_labels} outputs; a cross-encoder teacher "
+                          "gives one relevance logit per pair (num_labels=1).")
+    max_len, batch = int(cfg["max_len"]), int(cfg["batch_size"])
+
+    @torch.no_grad()
+    def score(query: str, doc_ids: Sequence[str]) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(doc_ids), batch):
+            chunk = doc_ids[start:start + batch]
+            enc = tokenizer([query] * len(chunk), [corpus[d] for d in chunk], truncation="only_second",
+                            max_length=max_len, padding=True, return_tensors="pt")
+            out.extend(model(**enc).logits[:, 0].float().tolist())
+        return out
+
+    return score
+
+
+TEACHERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str]], TeacherFn]] = {
+    "cross_encoder": cross_encoder_teacher,
+}
+
+
+def build_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> TeacherFn | None:
+    """The teacher's scoring function, or None for BM25 (whose scores the miner already has)."""
+    name = cfg["name"]
+    if name == "bm25":
+        return None
+    if name not in TEACHERS:
+        raise ConfigError(f"teacher={name!r} is not one of {['bm25', *TEACHERS]}")
+    return TEACHERS[name](cfg, corpus)

@@ -1,0 +1,99 @@
+"""Teachers: the data preparation stage stores each configured teacher's own scores."""
+
+import json
+
+import pytest
+import torch
+
+from retrieval_scaling.errors import ConfigError
+from retrieval_scaling.prepare import ensure_training_data, load_examples, training_data_dir
+from retrieval_scaling.teachers import build_teacher
+
+DOCS = {
+    "d1": "aspirin reduces the risk of heart attack",
+    "d2": "heart disease and blood pressure",
+    "d3": "aspirin and stomach bleeding",
+    "d4": "the weather in spring",
+    "d5": "blood pressure medication and heart rate",
+}
+QUERIES = {"q1": "does aspirin prevent heart attack", "q2": "blood pressure and the heart"}
+QRELS = [("q1", "d1", 1), ("q2", "d5", 1)]
+
+
+@pytest.fixture
+def collection(tmp_path):
+    base = tmp_path / "data" / "mini"
+    (base / "qrels").mkdir(parents=True)
+    (base / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n"
+                                               for d, t in DOCS.items()))
+    (base / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    (base / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                              "".join(f"{q}\t{d}\t{r}\n" for q, d, r in QRELS))
+    return tmp_path / "data"
+
+
+def cross_encoder_dir(tmp_path, num_labels=1):
+    """A small, randomly initialised sequence-classification model saved like a hub cross-encoder."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from retrieval_scaling.backbone import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([*DOCS.values(), *QUERIES.values()] * 5, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, num_labels=num_labels,
+                      pad_token_id=tok.pad_token_id)
+    out = tmp_path / f"ce{num_labels}"
+    LlamaForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def data_cfg(root, teacher):
+    return {"name": "mini", "root": str(root), "split": "train", "query_max_len": 16, "passage_max_len": 32,
+            "negatives": {"miner": "bm25", "depth": 5, "keep": 3}, "teacher": teacher}
+
+
+def test_bm25_teacher_scores_are_the_miner_scores(collection, tmp_path):
+    from retrieval_scaling.prepare import BM25Index
+
+    examples = load_examples(ensure_training_data(data_cfg(collection, {"name": "bm25"}), tmp_path / "cache"))
+    index = BM25Index(DOCS)
+    for ex in examples:
+        scores = index.scores(QUERIES[ex["qid"]])
+        assert set(ex["teacher"]) == {*ex["positives"], *ex["negatives"]}
+        for d, s in ex["teacher"].items():
+            assert s == pytest.approx(float(scores[index.position[d]]))
+
+
+def test_cross_encoder_teacher_scores_each_pair_with_the_models_logit(collection, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    where = cross_encoder_dir(tmp_path)
+    teacher = {"name": "cross_encoder", "name_or_path": str(where), "max_len": 64, "batch_size": 2}
+    examples = load_examples(ensure_training_data(data_cfg(collection, teacher), tmp_path / "cache"))
+    tok, model = AutoTokenizer.from_pretrained(where), AutoModelForSequenceClassification.from_pretrained(where)
+    model.eval()
+    assert len(examples) == 2
+    for ex in examples:
+        assert set(ex["teacher"]) == {*ex["positives"], *ex["negatives"]}
+        for d, s in ex["teacher"].items():  # one pair at a time: no padding involved
+            with torch.no_grad():
+                expected = model(**tok(QUERIES[ex["qid"]], DOCS[d], return_tensors="pt")).logits[0, 0].item()
+            assert s == pytest.approx(expected, abs=1e-4)
+    # The teacher names the cached data (another teacher, another directory); its batch size does not.
+    bm25_dir = training_data_dir(data_cfg(collection, {"name": "bm25"}), tmp_path / "cache")
+    assert training_data_dir(data_cfg(collection, teacher), tmp_path / "cache") != bm25_dir
+    assert training_data_dir(data_cfg(collection, {**teacher, "batch_size": 64}), tmp_path / "cache") == \
+        training_data_dir(data_cfg(collection, teacher), tmp_path / "cache")
+
+
+def test_a_cross_encoder_with_two_outputs_or_no_weights_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="2 outputs"):
+        build_teacher({"name": "cross_encoder", "name_or_path": str(cross_encoder_dir(tmp_path, 2)),
+                       "max_len": 64, "batch_size": 2}, DOCS)
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        build_teacher({"name": "cross_encoder", "name_or_path": str(tmp_path / "nowhere"), "max_len": 64,
+                       "batch_size": 2}, DOCS)
+    with pytest.raises(ConfigError, match="not one of"):
+        build_teacher({"name": "oracle"}, DOCS)
