@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from retrieval_scaling.identity import cell_id
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,19 @@ def test_dry_run_writes_an_18_cell_plan_within_budget(sweeps):
                              "flops_per_step", "steps", "flops_total"}
         assert cell["flops_total"] <= cell["flops_budget"] < cell["flops_total"] + cell["flops_per_step"]
     assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "mlflow.db").exists()  # nothing submitted, no store
+
+
+def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps, compose):
+    """The launcher builds the defaults tree once per set of group choices and applies value overrides
+    to it; every cell must still be exactly what Hydra's compose gives for its overrides."""
+    proc = run_cli("sweep", "+grid=tiny", "model=tiny_s,tiny_m", "loss=kd", "seed=1,2", "train.lr=2e-3",
+                   "sweep.name=vals", "sweep.dry_run=true", env_extra=sweeps)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((Path(sweeps["RS_SWEEPS_DIR"]) / "vals" / "plan.json").read_text())
+    expected = {cell_id(compose("+grid=tiny", f"model={m}", f"paradigm={p}", "loss=kd", f"seed={s}", "train.lr=2e-3"))
+                for m in ("tiny_s", "tiny_m") for p in ("sparse", "dense") for s in (1, 2)}
+    assert len(plan) == 8 and {c["cell_id"] for c in plan} == expected
+    assert cell_id(compose("+grid=tiny", "model=tiny_s", "paradigm=dense", "loss=kd", "seed=1")) not in expected
 
 
 @pytest.mark.parametrize("override,message", [
