@@ -182,8 +182,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     init_distributed()
     plan = plan_cell(cfg)
-    run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "steps", "flops_total",
-                                          "params_total", "params_trainable", "flops_convention")})
+    run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "budget_match", "steps", "flops_total",
+                                          "hardware_flops_per_step", "tokens_per_step", "params_total",
+                                          "params_trainable", "params_non_embedding", "flops_convention")})
     cache = Path(cfg["sweep"]["cache_dir"])
     data_cfg, model_cfg, eval_cfg = cfg["data"], cfg["model"], cfg["eval"]
 

@@ -4,13 +4,18 @@ Convention (written in README "How FLOPs are counted" and logged as `flops_conve
 - A matmul of (m×k)·(k×n) costs 2·m·k·n. Element-wise ops, norms, softmax and pooling are not counted.
 - Frozen weights (base model, embeddings, tied LM head) cost forward 2·T·N plus the activation
   gradient 2·T·N — no weight gradient: ~4N per token, not 6N. The layer-0 q/k/v projections get no
-  activation gradient (their input, the frozen embeddings, needs none).
+  activation gradient when the embeddings are frozen (their input then needs none).
 - LoRA weights cost forward + activation gradient + weight gradient: 6N per token.
 - Attention scores and mixing cost 4·d·S² per layer and sequence forward, 8·d·S² backward.
 - Sparse cells run the LM head over every position (2·T·d·V forward, 2·T·d·V backward), plus
   2·T·d·V for its weight gradient when the (tied) embeddings are trained. A dense cell's embedding
   gradient is a scatter-add of token rows: no matmul, not counted.
-- The loss's similarity matrix costs 2·B_q·B_p·D forward and 4·B_q·B_p·D backward.
+- The loss's similarity matrices cost 2·pairs·D forward and 4·pairs·D backward: every query against
+  every passage for in-batch losses (CL, CL+KD), plus each query against its own G passages for
+  teacher losses (KD, CL+KD, KL).
+- Gradient checkpointing recomputes every decoder layer's forward in backward. Those are hardware
+  FLOPs, not model FLOPs: reported as `recompute` and `hardware_total`, never charged to the budget.
+  (An upper bound by < 0.3 %: non-reentrant recomputation skips each layer's last LoRA matmul.)
 - Tokens are counted padded: training batches are padded to the configured maximum lengths, so the
   FLOPs of a step are a constant of the cell and the budget is exact.
 """
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CONVENTION = "lora-aware-4N+6N_lora+attn(4/8)dS2+sparse-head+similarity;padded-tokens;matmul=2mkn"
+CONVENTION = ("lora-aware-4N+6N_lora+attn(4/8)dS2+sparse-head+similarity;padded-tokens;matmul=2mkn;"
+              "recompute=hardware-only")
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -84,6 +90,7 @@ class StepShape:
     passage_len: int
     sparse: bool
     in_batch: bool  # loss scores every query against every passage of the batch
+    own_group: bool = False  # loss also scores each query against its own G passages (teacher losses)
 
     @property
     def passages(self) -> int:
@@ -99,20 +106,25 @@ class StepShape:
 
 
 def step_flops(arch: Architecture, shape: StepShape, lora_rank: int,
-               lora_targets: tuple[str, ...] = LORA_TARGETS, train_embeddings: bool = False) -> dict[str, int]:
-    """Named FLOP terms of one step (forward + backward); `total` is their sum."""
+               lora_targets: tuple[str, ...] = LORA_TARGETS, train_embeddings: bool = False,
+               gradient_checkpointing: bool = False) -> dict[str, int]:
+    """Named FLOP terms of one step (forward + backward); `total` (model FLOPs, what budgets count) is
+    their sum; `hardware_total` adds the gradient-checkpointing `recompute`."""
     layers, d, vocab = arch.num_hidden_layers, arch.hidden_size, arch.vocab_size
     t, s2 = shape.tokens, shape.sum_sq_len
     shapes = arch.projection_shapes()
     n_lin = layers * arch.linear_params_per_layer()
     n_lora = layers * arch.lora_params_per_layer(lora_rank, lora_targets)
     first_qkv = ("q_proj", "k_proj", "v_proj")
-    n_qkv0 = sum(i * o for name, (i, o) in shapes.items() if name in first_qkv)
-    # LoRA on layer-0 q/k/v: no gradient w.r.t. the layer input, so the A-path skips r·in per token.
-    lora_qkv0_input = sum(lora_rank * shapes[n][0] for n in first_qkv if n in lora_targets)
+    # Frozen embeddings: layer 0's input needs no gradient, so its q/k/v projections (frozen and
+    # LoRA's A-path) compute no activation gradient. Trained embeddings need it.
+    n_qkv0 = 0 if train_embeddings else sum(i * o for name, (i, o) in shapes.items() if name in first_qkv)
+    lora_qkv0_input = 0 if train_embeddings else sum(lora_rank * shapes[n][0] for n in first_qkv
+                                                     if n in lora_targets)
 
     width = vocab if shape.sparse else d
-    pairs = shape.queries * (shape.passages if shape.in_batch else shape.passages_per_query)
+    pairs = shape.queries * ((shape.passages if shape.in_batch else 0)
+                             + (shape.passages_per_query if shape.own_group or not shape.in_batch else 0))
     terms = {
         "frozen_forward": 2 * t * n_lin,
         "frozen_backward": 2 * t * (n_lin - n_qkv0),
@@ -125,4 +137,7 @@ def step_flops(arch: Architecture, shape: StepShape, lora_rank: int,
         "similarity": (2 + 4) * pairs * width,
     }
     terms["total"] = sum(terms.values())
+    layer_forward = terms["frozen_forward"] + terms["lora_forward"] + terms["attention_forward"]
+    terms["recompute"] = layer_forward if gradient_checkpointing else 0
+    terms["hardware_total"] = terms["total"] + terms["recompute"]
     return terms

@@ -16,7 +16,7 @@ from typing import Any
 import submitit
 
 from .cell import cell_dir, run_cell
-from .data import load_collection, resolve_data_root
+from .data import DATA_ROOT_ENV, load_collection, resolve_data_root
 from .errors import ConfigError
 from .plan import check_budget, plan_cell
 
@@ -47,6 +47,8 @@ def normalise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     sweep["cache_dir"] = str(Path(sweep["cache_dir"]).resolve())
     sweep["root"] = str(root)
     cfg["tracking"]["artifacts"] = str(Path(cfg["tracking"]["artifacts"]).resolve())
+    if sweep["dry_run"] and not (cfg["data"].get("root") or os.environ.get(DATA_ROOT_ENV)):
+        return cfg  # a plan reads configs only: it may be made where the data is not
     cfg["data"]["root"] = str(resolve_data_root(cfg["data"].get("root")))
     cfg["eval"]["root"] = str(resolve_data_root(cfg["eval"].get("root") or cfg["data"]["root"]))
     return cfg
@@ -290,11 +292,18 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
     if sweep["dry_run"]:
         rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
-                 "lengths": f"{p['query_len']}/{p['passage_len']}", "state": states[p["cell_id"]]["state"],
+                 "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
+                 "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
+                 "gpus": f"{p['gpus']}/{p['nodes']}n", "gpu_h": f"{p['gpu_hours']:.4g}",
+                 "state": states[p["cell_id"]]["state"],
                  "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
-        print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit)",
-                    columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params_total",
-                             "params_trainable", "flops_per_step", "steps", "flops_total", "state", "action"))
+        total_h = sum(p["gpu_hours"] for p in plans)
+        print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
+                                f"{total_h:.4g} GPU-hours on {first['planner']['accelerator']} at "
+                                f"{first['planner']['utilization']:.0%} of peak)",
+                    columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params",
+                             "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "gpu_h", "state",
+                             "action"))
         print(f"plan written to {plan_path} (dry run: nothing submitted)")
         return 0
     check_inputs(cfgs)

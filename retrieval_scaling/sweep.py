@@ -21,9 +21,16 @@ EXIT: dict[str, int] = {}
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-run mode (no grid): the same scheduler with one cell."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from .budget import resolve_budget
     from .scheduler import run_sweep
 
-    EXIT["code"] = run_sweep([OmegaConf.to_container(cfg, resolve=True)])
+    cell = OmegaConf.to_container(cfg, resolve=True)
+    overrides = list(HydraConfig.get().overrides.task)
+    resolve_budget(cell, overrides, lambda ov: OmegaConf.to_container(compose("config", overrides=ov), resolve=True))
+    EXIT["code"] = run_sweep([cell])
 
 
 def cli() -> int:

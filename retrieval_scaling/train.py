@@ -150,7 +150,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     }
     engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config)
-    start = 0
+    start, real_tokens = 0, 0  # real: without padding (the budget counts padded tokens: `tokens_seen`)
     if latest_checkpoint(ckpt_dir) is not None:
         try:
             _, client = engine.load_checkpoint(str(ckpt_dir))
@@ -158,6 +158,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
             raise DataError(f"checkpoint {ckpt_dir} cannot be loaded ({exc}). Delete it to restart "
                             "the cell from step 0.") from exc
         start = int(client["step"])
+        real_tokens = int(client.get("real_tokens", 0))
         log.info("resumed from checkpoint at step %d", start)
         log_metrics({"resumed_from_step": float(start)}, start)
 
@@ -171,6 +172,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     tick = time.time()
     for step in range(start, steps):
         batch = to_device(sampler.batch(step), device)
+        real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
         local = shard(batch, rank, world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             q = engine(local.query_ids, local.query_mask).float()
@@ -191,7 +193,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
             metrics = {
                 "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()},
                 "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
-                "tokens_seen": float(done * tokens_per_step),
+                "tokens_seen": float(done * tokens_per_step), "tokens_real_seen": float(real_tokens),
                 "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
             }
             if encoder.sparse:
@@ -199,19 +201,20 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
             log_metrics(metrics, done)
             log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])
             tick = time.time()
+        state = {"step": done, "real_tokens": real_tokens}
         if done % int(train_cfg["checkpoint_every"]) == 0 or done == steps:
-            save_checkpoint(engine, ckpt_dir, done)
-        REQUEUE.at_step_end(lambda: save_checkpoint(engine, ckpt_dir, done), any_rank)  # noqa: B023
+            save_checkpoint(engine, ckpt_dir, state)
+        REQUEUE.at_step_end(lambda: save_checkpoint(engine, ckpt_dir, state), any_rank)  # noqa: B023
         if faults is not None:
             faults.at_step(done)
     REQUEUE.training(False)
     return engine.module
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
+def save_checkpoint(engine, ckpt_dir: Path, state: Mapping[str, int]) -> None:
     """Save, then drop older tags; DeepSpeed writes `latest` only after the new tag is complete."""
-    tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    tag = f"step{state['step']}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
     import torch.distributed as dist
 
     if dist.get_rank() != 0:

@@ -28,3 +28,17 @@ def compose():
         return OmegaConf.to_container(cfg, resolve=True) if resolve else cfg
 
     return _compose
+
+
+@pytest.fixture
+def planned(compose):
+    """The plan of the cell these overrides compose, its budget resolved as the sweep resolves it."""
+    from retrieval_scaling.budget import resolve_budget
+    from retrieval_scaling.plan import plan_cell
+
+    def _planned(*overrides: str):
+        cfg = compose(*overrides)
+        resolve_budget(cfg, list(overrides), lambda ov: compose(*ov))
+        return plan_cell(cfg)
+
+    return _planned

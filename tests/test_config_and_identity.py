@@ -75,9 +75,8 @@ def test_unknown_axis_value_is_a_clear_hydra_error(compose, override):
     ("llama3_3b", 28 * 16 * ((3072 + 3072) * 2 + 2 * (3072 + 1024) + 3 * (3072 + 8192))),
     ("llama3_8b", 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))),
 ])
-def test_full_grid_plans_paper_backbones_without_weights(compose, model, lora_params):
-    cfg = compose(f"model={model}", "+grid=full", "loss=cl")
-    plan = plan_cell(cfg)
+def test_full_grid_plans_paper_backbones_without_weights(planned, model, lora_params):
+    plan = planned(f"model={model}", "+grid=full", "loss=cl")
     assert plan["params_trainable"] == lora_params
     assert lora_params in (11_272_192, 24_313_856, 41_943_040)
     assert (plan["queries_per_step"], plan["passages_per_query"]) == ((112 if model == "llama3_1b" else 128), 17)
@@ -85,8 +84,8 @@ def test_full_grid_plans_paper_backbones_without_weights(compose, model, lora_pa
 
 
 @pytest.mark.parametrize("model,kd_batch", [("llama3_1b", 1024), ("llama3_3b", 512), ("llama3_8b", 512)])
-def test_full_grid_is_the_papers_recipe_per_size_and_objective(compose, model, kd_batch):
-    kd = plan_cell(compose(f"model={model}", "+grid=full", "loss=kd", "paradigm=dense"))
+def test_full_grid_is_the_papers_recipe_per_size_and_objective(compose, planned, model, kd_batch):
+    kd = planned(f"model={model}", "+grid=full", "loss=kd", "paradigm=dense")
     assert (kd["queries_per_step"], kd["passages_per_query"]) == (kd_batch, 2)
     cfg = compose(f"model={model}", "+grid=full", "loss=cl_kd", "paradigm=sparse")
     assert cfg["train"]["gradient_checkpointing"] is True

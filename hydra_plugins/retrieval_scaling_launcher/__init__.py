@@ -52,6 +52,13 @@ class Composer:
     def _is_group(self, override) -> bool:
         return self.loader.repository.group_exists(override.key_or_group)
 
+    def cell(self, overrides: Sequence[str]) -> dict:
+        """A cell's resolved config as the scheduler takes it (no Hydra node)."""
+        cfg = self.compose(overrides)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True)
+
 
 class CellLauncher(Launcher):
     def __init__(self, **_: object) -> None:
@@ -62,17 +69,17 @@ class CellLauncher(Launcher):
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from retrieval_scaling.budget import resolve_budget
         from retrieval_scaling.errors import UserError
         from retrieval_scaling.scheduler import run_sweep
 
-        cfgs = []
         composer = Composer(self.hydra_context.config_loader, self.config)
-        for overrides in job_overrides:
-            cfg = composer.compose(overrides)
-            with open_dict(cfg):
-                del cfg["hydra"]
-            cfgs.append(OmegaConf.to_container(cfg, resolve=True))
         try:
+            cfgs = []
+            for overrides in job_overrides:
+                cfg = composer.cell(overrides)
+                resolve_budget(cfg, list(overrides), composer.cell)
+                cfgs.append(cfg)
             OUTCOME["exit_code"] = run_sweep(cfgs)
         except UserError as exc:  # bad input: one clear line, no traceback, nothing submitted
             print(f"error: {exc}", file=sys.stderr)
