@@ -87,11 +87,15 @@ class Heartbeat:
         self.stop_event.set()
 
 
+def slurm_job_id() -> str | None:
+    """This process's SLURM job (`<array>_<task>` for array tasks), None outside SLURM."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+
+
 def write_process_info(out: Path, attempt: int) -> None:
     """`process.json`: where this attempt runs (to find, debug or kill it)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job_id = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": job_id, "attempt": attempt,
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": slurm_job_id(), "attempt": attempt,
             "started_at": time.time()}
     (out / "process.json").write_text(json.dumps(info, indent=2))
 
@@ -124,8 +128,10 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     tags = {axis: cfg[axis]["name"] for axis in AXES}
     tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
     run = CellRun(tracking_uri(cfg["tracking"], sweep["root"]), sweep["name"], cfg["tracking"]["artifacts"],
-                  cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}))
+                  cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}),
+                  attempt_tags={"slurm_job_id": slurm_job_id() or ""})
     write_process_info(out, run.attempt)
+    run.log_artifact(out / "config.yaml")
     try:
         with Heartbeat(run, float(cfg["log"]["heartbeat_s"])):
             metrics = _run_stages(cfg, cid, out, run, rank)
@@ -135,7 +141,6 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
         else:  # SIGTERM (scancel) → KILLED; an exception or exit → FAILED
             run.finish("KILLED" if isinstance(exc, Terminated) else "FAILED")
         raise
-    run.log_artifact(out / "config.yaml")
     (out / DONE).write_text(json.dumps({"cell_id": cid, "run_id": run.run_id, "metrics": metrics,
                                         "finished_at": time.time()}, indent=2))
     run.finish("FINISHED")

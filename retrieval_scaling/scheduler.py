@@ -308,34 +308,44 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
         return 0
     check_inputs(cfgs)
 
-    from .tracking import ensure_experiment, fail_if_running
+    from .tracking import close_run, fail_if_running, open_parent_run
 
-    ensure_experiment(uri, sweep["name"], first["tracking"]["artifacts"])
-    log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
-    ledger = Ledger(sweep_dir(first) / "ledger.json")
-    if todo:
-        from . import slurm
+    axes_values = {axis: sorted({p[axis] for p in plans}) for axis in ("model", "paradigm", "loss")}
+    parent = open_parent_run(uri, sweep["name"], first["tracking"]["artifacts"],
+                             {**{f"grid.{k}": ",".join(v) for k, v in axes_values.items()},
+                              "grid.cells": len(plans), "budget.flops": first["budget"]["flops"],
+                              "budget.match": first["budget"].get("match")},
+                             [plan_path])
+    try:
+        log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
+        ledger = Ledger(sweep_dir(first) / "ledger.json")
+        if todo:
+            from . import slurm
 
-        stale = [states[p["cell_id"]] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"]
-        slurm.cancel([r["job_id"] for r in stale if r["job_state"] and r["job_id"]])
-        for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
-            fail_if_running(uri, sweep["name"], plan["cell_id"])
-        jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
-        axes, cfg_of = {}, {}
-        for cfg, plan in todo:
-            axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
-            cfg_of[plan["cell_id"]] = cfg
-            jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                            run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
-        if launcher["name"] == "slurm":
-            arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
-            print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
-                  f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same command")
+            stale = [states[p["cell_id"]] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"]
+            slurm.cancel([r["job_id"] for r in stale if r["job_state"] and r["job_id"]])
+            for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
+                fail_if_running(uri, sweep["name"], plan["cell_id"])
+            jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
+            axes, cfg_of = {}, {}
+            for cfg, plan in todo:
+                axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
+                cfg_of[plan["cell_id"]] = cfg
+                jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
+                                run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
+            if launcher["name"] == "slurm":
+                arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
+                print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
+                      f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same command")
+            else:
+                dispatch_local(jobs, launcher, ledger, axes,
+                               on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell))
         else:
-            dispatch_local(jobs, launcher, ledger, axes,
-                           on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell))
-    else:
-        print("nothing to submit: every cell is done, running or pending")
+            print("nothing to submit: every cell is done, running or pending")
+    except BaseException:
+        close_run(uri, parent, "FAILED")
+        raise
+    close_run(uri, parent)  # reopened by the next invocation (resubmission, widened grid)
     rows = sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))
     print_table(rows, title=f"sweep '{sweep['name']}'")
     print(f"results: {sweep_dir(first)}  ·  MLflow store: {uri}  ·  UI: make ui "

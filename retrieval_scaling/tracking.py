@@ -1,4 +1,5 @@
-"""MLflow: one experiment per sweep, one run per cell, continued across attempts.
+"""MLflow: one experiment per sweep, holding a parent run for the sweep (grid, plan, curves) and one
+child run per cell (`mlflow.parentRunId`), continued across attempts.
 
 Uses the client API only: the fluent API's atexit hook would mark a crashed run FINISHED.
 """
@@ -14,6 +15,22 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 AXES = ("model", "paradigm", "loss")
+KIND = "run_kind"  # tag: "sweep" (the parent run) or "cell"
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (with "+dirty" for uncommitted changes), or "unknown"."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def tracking_uri(tracking_cfg: Mapping[str, Any], sweep_root: str | os.PathLike) -> str:
@@ -58,6 +75,39 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def find_parent_run(c, experiment_id: str):
+    runs = c.search_runs([experiment_id], filter_string=f"tags.{KIND} = 'sweep'", max_results=1)
+    return runs[0] if runs else None
+
+
+def open_parent_run(uri: str, experiment: str, artifacts: str | os.PathLike, params: Mapping[str, Any],
+                    files: list[Path]) -> str:
+    """The sweep's parent run (created once, reopened by later invocations): grid and plan as params
+    and artifacts. Returns its id."""
+    from mlflow.entities import Param
+
+    c = client(uri)
+    exp_id = ensure_experiment(uri, experiment, artifacts)
+    run = find_parent_run(c, exp_id)
+    if run is None:
+        run = c.create_run(exp_id, run_name=f"sweep {experiment}", tags={KIND: "sweep", "sweep": experiment})
+    else:
+        c.update_run(run.info.run_id, status="RUNNING")
+    run_id = run.info.run_id
+    c.set_tag(run_id, "git_commit", git_commit())
+    have = c.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), 100):
+        c.log_batch(run_id, params=new[i:i + 100])
+    for f in files:
+        c.log_artifact(run_id, str(f))
+    return run_id
+
+
+def close_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status=status)
+
+
 def find_cell_run(c, experiment_id: str, cell: str):
     runs = c.search_runs([experiment_id], filter_string=f"tags.cell_id = '{cell}'", max_results=5)
     return runs[0] if runs else None
@@ -93,14 +143,17 @@ class CellRun:
     """The MLflow run of one cell: created on the first attempt, continued by later ones."""
 
     def __init__(self, uri: str, experiment: str, artifacts: str | os.PathLike, cell: str,
-                 tags: Mapping[str, str], params: Mapping[str, str]):
+                 tags: Mapping[str, str], params: Mapping[str, str], attempt_tags: Mapping[str, str] | None = None):
         from mlflow.entities import Param, RunTag
 
         self.client = client(uri)
         exp_id = ensure_experiment(uri, experiment, artifacts)
         existing = find_cell_run(self.client, exp_id, cell)
         if existing is None:
-            run = self.client.create_run(exp_id, tags={**tags, "cell_id": cell}, run_name=tags.get("run_name"))
+            parent = find_parent_run(self.client, exp_id)
+            tags = {**tags, "cell_id": cell, KIND: "cell",
+                    **({"mlflow.parentRunId": parent.info.run_id} if parent else {})}
+            run = self.client.create_run(exp_id, tags=tags, run_name=tags.get("run_name"))
             self.run_id, self.attempt = run.info.run_id, 1
             items = [Param(k, v[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
@@ -109,7 +162,8 @@ class CellRun:
             self.run_id = existing.info.run_id
             self.attempt = int(existing.data.tags.get("attempt", "1")) + 1
             self.client.update_run(self.run_id, status="RUNNING")
-        self.client.log_batch(self.run_id, tags=[RunTag("attempt", str(self.attempt))])
+        per_attempt = {"attempt": str(self.attempt), "git_commit": git_commit(), **(attempt_tags or {})}
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in per_attempt.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
