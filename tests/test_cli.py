@@ -96,8 +96,14 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.status == "FINISHED"
+    (run,) = client.search_runs([exp.experiment_id], "tags.run_kind = 'cell'")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.run_kind = 'sweep'")
+    assert run.info.status == parent.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.params["grid.model"] == "tiny_s" and parent.data.params["grid.cells"] == "1"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["plan.json"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert run.data.tags["git_commit"] and "slurm_job_id" in run.data.tags
     assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
         "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
     ndcg = client.get_metric_history(run.info.run_id, "scifact/ndcg_10")
@@ -115,4 +121,4 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     again = run_cli("sweep", *args, env_extra=sweeps)
     assert again.returncode == 0
     assert "nothing to submit" in again.stdout and "1 cells: 0 to submit" in again.stdout
-    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep's parent run and the cell's

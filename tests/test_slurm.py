@@ -93,7 +93,7 @@ def mlflow_runs(env, sweep):
 
     client = MlflowClient(f"sqlite:///{Path(env['RS_SWEEPS_DIR']) / 'mlflow.db'}")
     exp = client.get_experiment_by_name(sweep)
-    return client, client.search_runs([exp.experiment_id], max_results=100)
+    return client, client.search_runs([exp.experiment_id], "tags.run_kind = 'cell'", max_results=100)
 
 
 def ledger(env, sweep):
