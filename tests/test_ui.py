@@ -1,0 +1,83 @@
+"""The MLflow UI, served locally and opened in headless Chromium, shows a sweep as a table: the parent
+run with its cells nested under it and the grid axes as columns. Saves a screenshot."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from servers import mlflow_server
+
+from retrieval_scaling.tracking import CellRun, client, close_run, open_parent_run
+
+pytestmark = pytest.mark.slow
+
+CELLS = [(m, p, lo) for m in ("tiny_s", "tiny_m") for p in ("sparse", "dense") for lo in ("cl", "kd")]
+FLAGS = ("--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
+         "--disable-component-update --disable-sync --window-size=2400,1200").split()
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its driver, installed with apt when missing (as root)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.geteuid() != 0:
+            pytest.fail("headless Chromium is needed: apt-get install chromium chromium-driver")
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"], check=True,
+                       capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def test_the_ui_shows_the_sweep_with_grid_axes_as_columns(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = open_parent_run(uri, "ui", tmp_path / "art", {"grid.cells": len(CELLS)}, [])
+    for model, paradigm, loss in CELLS:
+        run = CellRun(uri, "ui", tmp_path / "art", f"{model}-{paradigm}-{loss}",
+                      {"model": model, "paradigm": paradigm, "loss": loss, "run_name": f"{model}-{paradigm}-{loss}"},
+                      {"seed": "45"})
+        run.log_metrics({"scifact/ndcg_10": 0.1}, step=10)
+        run.finish("FINISHED")
+    close_run(uri, parent)
+    experiment = client(uri).get_experiment_by_name("ui").experiment_id
+
+    binary, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    options.binary_location = binary
+    with mlflow_server(uri, tmp_path / "art", tmp_path / "server.log", workers=1) as url:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get(f"{url}/#/experiments/{experiment}/runs")
+            wait = WebDriverWait(driver, 60)
+            wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Columns']"))).click()
+            for tag in ("model", "paradigm", "loss"):  # tag columns are chosen in this menu
+                wait.until(ec.element_to_be_clickable((By.XPATH, f"//*[normalize-space(text())='{tag}']"))).click()
+            driver.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape closes the menu
+            for close in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):  # assistant panel
+                close.click()
+            parent_link = "//a[normalize-space()='sweep ui']"
+            expander = wait.until(ec.element_to_be_clickable(
+                (By.XPATH, f"{parent_link}/preceding::*[self::button or @role='button'][1]")))
+            expander.click()  # the cells are nested under the sweep's parent run
+            wait.until(ec.presence_of_element_located((By.XPATH, "//a[normalize-space()='tiny_m-dense-kd']")))
+            time.sleep(1)
+            shot = tmp_path / "mlflow-ui.png"
+            driver.save_screenshot(str(shot))
+            text = driver.find_element(By.TAG_NAME, "body").text
+        finally:
+            driver.quit()
+    assert shot.stat().st_size > 50_000
+    lines = text.splitlines()
+    assert "sweep ui" in lines and "Tags" in lines
+    assert {"model", "paradigm", "loss"} <= set(lines)  # the grid axes as column headers
+    for model, paradigm, loss in CELLS:
+        assert f"{model}-{paradigm}-{loss}" in lines
+    assert lines.count("tiny_m") == 4 and lines.count("sparse") == 4 and lines.count("kd") == 4  # cell values
+    assert f"{len(CELLS) + 1} matching runs" in text
