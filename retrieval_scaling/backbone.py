@@ -46,6 +46,16 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
 
 
+def llama_config(arch: Architecture, **extra: Any):
+    """A transformers LlamaConfig of these shapes (`extra`: token ids, attention kernel, …)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                       intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+                       num_attention_heads=arch.num_attention_heads, num_key_value_heads=arch.num_key_value_heads,
+                       head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings, **extra)
+
+
 def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
     """Where the tiny backbone for this (architecture, pretraining recipe, corpus) lives."""
     key = content_hash({"arch": model_cfg["arch"], "pretrain": model_cfg["pretrain"], "corpus": corpus})

@@ -21,6 +21,8 @@ from typing import Any
 from .scaling import Fit, fit_scaling_law
 
 DEFAULTS = {"sweep": None, "metric": "scifact/ndcg_10", "root": None, "uri": None, "bootstrap": "1000", "seed": "0"}
+USAGE = ("usage: python -m retrieval_scaling.curves sweep=<name> [metric=scifact/ndcg_10] [root=sweeps] "
+         "[uri=<tracking uri>] [bootstrap=1000] [seed=0]")
 
 
 def gather_points(uri: str, sweep: str, metric: str) -> list[dict[str, Any]]:
@@ -200,22 +202,17 @@ def log_to_parent(uri: str, sweep: str, files: Sequence[Path]) -> str | None:
 def main(argv: Sequence[str]) -> int:
     from .cell import setup_logging
     from .errors import UserError
+    from .status import key_value_args
     from .tracking import tracking_uri
 
     setup_logging()
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in args:
-            print("usage: python -m retrieval_scaling.curves sweep=<name> [metric=scifact/ndcg_10] [root=sweeps] "
-                  "[uri=<tracking uri>] [bootstrap=1000] [seed=0]", file=sys.stderr)
-            return 2
-        args[key] = value
-    if not args["sweep"]:
-        print("error: sweep=<name> is required", file=sys.stderr)
+    try:
+        args = key_value_args(argv, DEFAULTS, USAGE)
+    except SystemExit as exc:  # this verb's usage errors exit 2, as the sweep's do
+        print(exc, file=sys.stderr)
         return 2
     root = Path(args["root"] or os.environ.get("RS_SWEEPS_DIR", "sweeps"))
-    uri = args["uri"] or tracking_uri({"uri": os.environ.get("MLFLOW_TRACKING_URI")}, root)
+    uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, root)
     try:
         result = write_curves(uri, args["sweep"], args["metric"], root / args["sweep"] / "curves",
                               int(args["bootstrap"]), int(args["seed"]))

@@ -20,9 +20,9 @@ def measured_step_flops(cfg: Mapping[str, Any], queries: int | None = None, pass
     from hydra.utils import instantiate
     from peft import get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from .backbone import architecture, enable_gradient_checkpointing, lora_config, set_bidirectional
+    from .backbone import architecture, enable_gradient_checkpointing, llama_config, lora_config, set_bidirectional
     from .encoders import build_encoder
     from .regularizers import flops_regularizer
 
@@ -33,11 +33,7 @@ def measured_step_flops(cfg: Mapping[str, Any], queries: int | None = None, pass
     lq = query_len or int(cfg["data"]["query_max_len"])
     lp = passage_len or int(cfg["data"]["passage_max_len"])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                         intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
-                         num_attention_heads=arch.num_attention_heads, num_key_value_heads=arch.num_key_value_heads,
-                         head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings,
-                         attn_implementation="eager")  # the counter does not see CPU sdpa kernels
+    config = llama_config(arch, attn_implementation="eager")  # the counter does not see CPU sdpa kernels
     backbone = LlamaForCausalLM(config)
     set_bidirectional(backbone, bool(model_cfg.get("bidirectional", False)))
     backbone = get_peft_model(backbone, lora_config(model_cfg))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .backbone import architecture, pretrained_dir, train_bpe_tokenizer
+from .backbone import architecture, llama_config, pretrained_dir, train_bpe_tokenizer
 from .data import Collection
 from .flops import Architecture
 from .stages import build_once
@@ -54,7 +54,7 @@ def ensure_pretrained(model_cfg: Mapping[str, Any], corpus: Collection, cache_ro
 def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> None:
     import torch
     from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     recipe = model_cfg["pretrain"]
     arch = architecture(model_cfg)
@@ -68,11 +68,8 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> No
     n_heldout = max(1, n_blocks // 50)
     heldout, train = blocks[perm[:n_heldout]], blocks[perm[n_heldout:]]
 
-    config = LlamaConfig(
-        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads, tie_word_embeddings=arch.tie_word_embeddings,
-        max_position_embeddings=int(recipe.get("max_position_embeddings", 512)),
+    config = llama_config(
+        arch, max_position_embeddings=int(recipe.get("max_position_embeddings", 512)),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         attn_implementation=model_cfg.get("attn_implementation", "sdpa"),

@@ -150,26 +150,34 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
     Console(width=200).print(table)
 
 
-def parse_args(argv: Sequence[str]) -> dict[str, str]:
-    """`key=value` arguments, as the other verbs take them through Hydra."""
-    args = {"sweep": None, "format": "table", "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None,
-            "stale_after": str(STALE_AFTER_S)}
+USAGE = ("usage: python -m retrieval_scaling.status sweep=<name> [format=table|json] [root=<sweeps dir>] "
+         "[uri=<mlflow uri>] [stale_after=<seconds>]")
+
+
+def key_value_args(argv: Sequence[str], defaults: Mapping[str, str | None], usage: str) -> dict[str, str]:
+    """`key=value` arguments over `defaults` (the verbs take them as Hydra would); `sweep` is required.
+    An unknown key or a missing sweep exits with `usage`."""
+    args = dict(defaults)
     for item in argv:
         key, sep, value = item.partition("=")
         if not sep or key not in args:
-            raise SystemExit(f"usage: python -m retrieval_scaling.status sweep=<name> [format=table|json] "
-                             f"[root=<sweeps dir>] [uri=<mlflow uri>] [stale_after=<seconds>] (got {item!r})")
+            raise SystemExit(f"{usage} (got {item!r})")
         args[key] = value
-    if not args["sweep"]:
-        raise SystemExit("usage: python -m retrieval_scaling.status sweep=<name> [format=table|json]")
+    if not args.get("sweep"):
+        raise SystemExit(f"{usage} (sweep=<name> is required)")
     return args
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    return key_value_args(argv, {"sweep": None, "format": "table", "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"),
+                                 "uri": None, "stale_after": str(STALE_AFTER_S)}, USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .tracking import tracking_uri
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    uri = args["uri"] or tracking_uri({"uri": os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
+    uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
     try:
         rows = sweep_rows(args["sweep"], args["root"], uri, float(args["stale_after"]))
     except FileNotFoundError as exc:

@@ -39,18 +39,15 @@ class Composer:
         self.cache: dict[tuple[str, ...], DictConfig] = {}
 
     def compose(self, overrides: Sequence[str]) -> DictConfig:
-        parsed = self.parser.parse_overrides(list(overrides))
-        groups = [o for o in parsed if self._is_group(o)]
-        values = [o for o in parsed if not self._is_group(o)]
+        groups, values = [], []
+        for override in self.parser.parse_overrides(list(overrides)):
+            (groups if self.loader.repository.group_exists(override.key_or_group) else values).append(override)
         key = tuple(o.input_line for o in groups)
         if key not in self.cache:
             self.cache[key] = self.loader.load_sweep_config(self.master, list(key))
         cfg = copy.deepcopy(self.cache[key])
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
         return cfg
-
-    def _is_group(self, override) -> bool:
-        return self.loader.repository.group_exists(override.key_or_group)
 
     def cell(self, overrides: Sequence[str]) -> dict:
         """A cell's resolved config as the scheduler takes it (no Hydra node)."""
