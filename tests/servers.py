@@ -23,7 +23,12 @@ def free_port() -> int:
 
 
 def _pg_bin() -> Path:
+    """Debian's PostgreSQL binaries, installed with apt when missing (as root, like the SLURM dev cluster)."""
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not versions and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], check=True, capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not versions:
         pytest.fail("PostgreSQL is not installed: apt-get install postgresql (Debian)")
     return versions[-1].parent

@@ -56,13 +56,15 @@ def test_the_ui_shows_the_sweep_with_grid_axes_as_columns(tmp_path):
         try:
             driver.get(f"{url}/#/experiments/{experiment}/runs")
             wait = WebDriverWait(driver, 60)
+            parent_link = "//a[normalize-space()='sweep ui']"
+            # the Columns menu lists tags only once the runs have loaded
+            wait.until(ec.presence_of_element_located((By.XPATH, parent_link)))
             wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Columns']"))).click()
             for tag in ("model", "paradigm", "loss"):  # tag columns are chosen in this menu
                 wait.until(ec.element_to_be_clickable((By.XPATH, f"//*[normalize-space(text())='{tag}']"))).click()
             driver.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Escape closes the menu
             for close in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):  # assistant panel
                 close.click()
-            parent_link = "//a[normalize-space()='sweep ui']"
             expander = wait.until(ec.element_to_be_clickable(
                 (By.XPATH, f"{parent_link}/preceding::*[self::button or @role='button'][1]")))
             expander.click()  # the cells are nested under the sweep's parent run
