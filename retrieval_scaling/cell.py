@@ -59,6 +59,9 @@ class NullRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
 
 class Heartbeat:
     """A `heartbeat` metric (unix time) every few seconds from a background thread, through training
@@ -85,6 +88,29 @@ class Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
+
+
+class SystemMetrics:
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`,
+    disk, network, and per-GPU utilisation and memory where pynvml sees GPUs) sampled every `every_s`
+    seconds into the cell's run; step numbering continues across attempts. `every_s` ≤ 0 turns it off."""
+
+    def __init__(self, run, uri: str, every_s: float):
+        self.monitor = None
+        if every_s > 0 and run.run_id is not None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run.run_id, sampling_interval=every_s, resume_logging=True,
+                                                tracking_uri=uri)
+
+    def __enter__(self) -> SystemMetrics:
+        if self.monitor is not None:
+            self.monitor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # flushes what was sampled; before the run is terminated
 
 
 def slurm_job_id() -> str | None:
@@ -127,13 +153,15 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     sweep = cfg["sweep"]
     tags = {axis: cfg[axis]["name"] for axis in AXES}
     tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
-    run = CellRun(tracking_uri(cfg["tracking"], sweep["root"]), sweep["name"], cfg["tracking"]["artifacts"],
+    uri = tracking_uri(cfg["tracking"], sweep["root"])
+    run = CellRun(uri, sweep["name"], cfg["tracking"]["artifacts"],
                   cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}),
                   attempt_tags={"slurm_job_id": slurm_job_id() or ""})
     write_process_info(out, run.attempt)
     run.log_artifact(out / "config.yaml")
     try:
-        with Heartbeat(run, float(cfg["log"]["heartbeat_s"])):
+        with Heartbeat(run, float(cfg["log"]["heartbeat_s"])), \
+                SystemMetrics(run, uri, float(cfg["log"]["system_metrics_s"])):
             metrics = _run_stages(cfg, cid, out, run, rank)
     except BaseException as exc:
         if REQUEUE.requeued:  # submitit's exit after a requeue, or SLURM stopping the requeued job
@@ -172,16 +200,97 @@ def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[
     return local_dir, adapter
 
 
-def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
-    import torch
-    from hydra.utils import instantiate
+def stage_dirs(model_cfg: Mapping[str, Any], corpus: str, cache: Path) -> tuple[Path | None, Path | None]:
+    """Where `ensure_backbone` put this backbone's stages (None where it has none); built or not."""
+    from .backbone import pretrained_dir
+    from .gguf import converted_dir
+    from .mntp import mntp_dir
+
+    source = model_cfg.get("source")
+    local_dir = (pretrained_dir(cache, model_cfg, corpus) if source == "pretrain"
+                 else converted_dir(cache, model_cfg) if source == "gguf" else None)
+    return local_dir, mntp_dir(cache, model_cfg, corpus) if model_cfg.get("mntp") else None
+
+
+def build_cell_encoder(cfg: Mapping[str, Any], local_dir: Path | None, adapter: Path | None, trainable: bool = True):
+    """(encoder, tokenizer): the backbone with LoRA (a new adapter, or the MNTP one continued), the
+    tiny family's trainable embeddings, and the paradigm's pooling head."""
     from peft import PeftModel, get_peft_model
 
-    from .backbone import attention_implementation, enable_gradient_checkpointing, load_backbone, lora_config
-    from .data import load_collection
-    from .distributed import device, init_distributed
+    from .backbone import enable_gradient_checkpointing, load_backbone, lora_config
+    from .distributed import device
     from .encoders import build_encoder
-    from .evaluate import evaluate, load_eval_collections
+
+    model_cfg = cfg["model"]
+    backbone, tokenizer = load_backbone(model_cfg, local_dir)
+    if adapter is not None:
+        # Retrieval fine-tuning continues the MNTP adapter; it is not a new one.
+        log.info("continuing MNTP adapter %s", adapter)
+        backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=trainable)
+    else:
+        backbone = get_peft_model(backbone, lora_config(model_cfg))
+    if model_cfg.get("train_embeddings"):
+        # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
+        backbone.get_input_embeddings().weight.requires_grad_(True)
+    if trainable and cfg["train"].get("gradient_checkpointing"):
+        enable_gradient_checkpointing(backbone)
+    return build_encoder(cfg["paradigm"]["name"], backbone).to(device()), tokenizer
+
+
+FINAL = "final/trainable.safetensors"  # the trained parameters (LoRA, trained embeddings) of a DONE cell
+
+
+def save_trainable(encoder, path: Path) -> None:
+    """What training changed, alone: the parameters that require grad (the frozen backbone is the
+    stage's). Written to a temporary name first, so a crash leaves no half file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().float().cpu().contiguous() for n, p in encoder.named_parameters() if p.requires_grad}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
+    """(encoder, tokenizer) of a finished cell: its backbone stages from the sweep's cache and its
+    trained parameters from `<cell>/final/`."""
+    from safetensors.torch import load_file
+
+    from .errors import UserError
+
+    weights = out / FINAL
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing: the cell finished before final weights were saved, or the "
+                        "file was removed. Delete the cell's DONE marker and resubmit it to retrain.")
+    cache = Path(cell_cfg["sweep"]["cache_dir"])
+    local_dir, adapter = stage_dirs(cell_cfg["model"], cell_cfg["data"]["name"], cache)
+    for d in (local_dir, adapter):
+        if d is not None and not d.is_dir():
+            raise UserError(f"backbone stage {d} is missing (sweep.cache_dir={cache}); run the evaluation from "
+                            "the directory the sweep ran in, or rerun the sweep to rebuild its stages.")
+    encoder, tokenizer = build_cell_encoder(cell_cfg, local_dir, adapter, trainable=False)
+    state = load_file(str(weights))
+    params = dict(encoder.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise UserError(f"{weights}: parameters {unknown[:3]} do not belong to this cell's model; the file is "
+                        "not this cell's. Delete DONE and the final/ directory and resubmit the cell.")
+    import torch
+
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return encoder.eval(), tokenizer
+
+
+def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
+    from hydra.utils import instantiate
+
+    from .backbone import attention_implementation
+    from .data import load_collection
+    from .distributed import init_distributed
+    from .evaluate import encoder_retriever, evaluate_all, load_eval_collections
     from .prepare import ensure_training_data, load_examples
     from .train import BatchSampler, train
 
@@ -200,29 +309,16 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models
             summary = json.loads((directory / f"{stage}.json").read_text())
             run.log_params({f"{stage}.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds")})
-    backbone, tokenizer = load_backbone(model_cfg, local_dir)
-    torch.manual_seed(int(cfg["seed"]))
-    if adapter is not None:
-        # Retrieval fine-tuning continues the MNTP adapter; it is not a new one.
-        log.info("continuing MNTP adapter %s", adapter)
-        backbone = PeftModel.from_pretrained(backbone, str(adapter), is_trainable=True)
-    else:
-        backbone = get_peft_model(backbone, lora_config(model_cfg))
-    if model_cfg.get("train_embeddings"):
-        # Tied: the LM head trains with them. See conf/model/_tiny_family.yaml for why.
-        backbone.get_input_embeddings().weight.requires_grad_(True)
-    if cfg["train"].get("gradient_checkpointing"):
-        enable_gradient_checkpointing(backbone)
-    encoder = build_encoder(cfg["paradigm"]["name"], backbone).to(device())
+    import torch
 
+    torch.manual_seed(int(cfg["seed"]))  # LoRA's initialisation
+    encoder, tokenizer = build_cell_encoder(cfg, local_dir, adapter)
     collections = load_eval_collections(eval_cfg)
 
-    def evaluate_all() -> dict[str, float]:
-        metrics: dict[str, float] = {}
+    def evaluate_now(runs_dir: Path | None = None) -> dict[str, float]:
+        retriever = encoder_retriever(encoder, tokenizer, int(eval_cfg["batch_size"]), name=f"cell-{cid}")
         with attention_implementation(encoder.backbone, model_cfg.get("eval_attn_implementation")):
-            for spec, coll in zip(eval_cfg["collections"], collections, strict=True):
-                metrics.update(evaluate(encoder, tokenizer, coll, eval_cfg, bool(spec["drop_self_hits"])))
-        return metrics
+            return evaluate_all(retriever, collections, eval_cfg, runs_dir)
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result.
@@ -231,7 +327,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
                             "eval": {k: v for k, v in eval_cfg.items() if k != "root"}})
         step0_dir = build_once(cache / "step0-evals" / key,
-                               lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_all())),
+                               lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_now())),
                                "step-0 evaluation")
         before = json.loads((step0_dir / "metrics.json").read_text())
         run.log_metrics(before, step=0)
@@ -254,7 +350,10 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
                     Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
     if rank != 0:
         return {}
-    after = evaluate_all()
+    save_trainable(encoder, out / FINAL)
+    after = evaluate_now(out / "runs")
     run.log_metrics(after, step=plan["steps"])
+    for run_file in sorted((out / "runs").glob("*.trec.gz")):
+        run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)
     return after

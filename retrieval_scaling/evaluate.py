@@ -1,13 +1,29 @@
-"""Evaluation: encode a collection, search exactly, score the run with ir_measures.
+"""Evaluation: rank each configured collection with a retriever, score the run with ir_measures.
 
-Dense: faiss IndexFlatIP (exact inner product). Sparse: exact dot products over every non-zero
-weight (scipy CSR). Metric names: `<collection>/ndcg_10`, `mrr_10`, `recall_100`, `recall_1000`.
+Per collection (conf/eval/*): its measures (`<collection>/<metric>`), depth, lengths, and the BEIR
+rule that drops a hit whose id equals the query id; collections of a `group` (BEIR-13) are also
+averaged, unweighted, as `<group>/<metric>`. Runs are written as TREC run files.
+
+As a verb, `python -m retrieval_scaling.evaluate` evaluates a finished cell or a baseline on any
+configured collection:
+
+    python -m retrieval_scaling.evaluate cell=<cell_id> [sweep.name=tiny] [eval=scifact]
+    python -m retrieval_scaling.evaluate baseline=bm25 eval=beir_dir eval.path=<dir> eval.name=<name>
+    python -m retrieval_scaling.evaluate baseline=sbert baseline.path=<sentence-transformers dir>
+
+It prints a table, then as its last stdout line a JSON object of the metrics (`ndcg_10`, ... for one
+collection; `<collection>/ndcg_10`, ... for several), and logs metrics and run files to MLflow: into the
+cell's run, or a run of experiment `baselines`.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +31,10 @@ import torch
 
 from .data import Collection
 from .encoders import Encoder, encode_inputs
+from .errors import ConfigError, UserError
+from .retrievers import EncoderRetriever, Retriever, Run
 
 log = logging.getLogger(__name__)
-
-MEASURES = {"ndcg_10": "nDCG@10", "mrr_10": "RR@10", "recall_100": "R@100", "recall_1000": "R@1000"}
 
 
 @torch.no_grad()
@@ -45,32 +61,55 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
     return out
 
 
-def search_dense(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell") -> EncoderRetriever:
+    """A cell's encoder behind the retriever interface."""
+    def encode(texts: list[str], max_len: int, desc: str) -> np.ndarray:
+        return encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc).numpy()
 
-    index = faiss.IndexFlatIP(docs.shape[1])
-    index.add(np.ascontiguousarray(docs, dtype=np.float32))
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return EncoderRetriever(name, encode, encoder.sparse)
 
 
-def search_sparse(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by sparse dot products over all non-zero weights."""
-    from scipy import sparse
-
-    scores = (sparse.csr_matrix(queries) @ sparse.csr_matrix(docs).T).toarray()
-    top = np.argpartition(-scores, kth=min(k, scores.shape[1]) - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    return np.take_along_axis(top_scores, order, axis=1), np.take_along_axis(top, order, axis=1)
+def rank(retriever: Retriever, coll: Collection, spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> Run:
+    """The run of `retriever` on `coll`: `depth` hits per query, best first, self hits dropped when
+    the collection asks for it (one extra hit is fetched so that `depth` remain)."""
+    depth, drop = int(spec["depth"]), bool(spec.get("drop_self_hits", False))
+    doc_ids = list(coll.corpus)
+    qids, scores, idx = retriever.search(
+        coll, min(depth + drop, len(doc_ids)), int(spec.get("query_max_len") or eval_cfg["query_max_len"]),
+        int(spec.get("passage_max_len") or eval_cfg["passage_max_len"]), int(eval_cfg.get("shard_size") or 200000))
+    run: Run = {}
+    for row, qid in enumerate(qids):
+        hits = [(doc_ids[j], float(s)) for s, j in zip(scores[row], idx[row], strict=True) if j >= 0]
+        if drop:
+            hits = [h for h in hits if h[0] != qid]
+        run[qid] = dict(hits[:depth])
+    return run
 
 
 def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-              prefix: str) -> dict[str, float]:
+              measures: Mapping[str, str], prefix: str) -> dict[str, float]:
+    """Mean of each measure over the judged queries (a query without hits scores 0)."""
     import ir_measures
 
-    measures = {name: ir_measures.parse_measure(m) for name, m in MEASURES.items()}
-    agg = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
-    return {f"{prefix}/{name}": float(agg[m]) for name, m in measures.items()}
+    parsed = {}
+    for name, text in measures.items():
+        try:
+            parsed[name] = ir_measures.parse_measure(text)
+        except (ValueError, NameError, SyntaxError) as exc:
+            raise ConfigError(f"measure {name}: {text!r} is not an ir_measures measure ({exc}).") from None
+    full = {q: dict(run.get(q) or {}) for q in qrels}
+    agg = ir_measures.calc_aggregate(list(parsed.values()), qrels, full)
+    return {f"{prefix}/{name}": float(agg[m]) for name, m in parsed.items()}
+
+
+def write_run(run: Run, path: Path, tag: str) -> Path:
+    """A TREC run file (`qid Q0 docid rank score tag`), gzipped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as out:
+        for qid, hits in run.items():
+            for r, (doc, score) in enumerate(sorted(hits.items(), key=lambda kv: -kv[1]), start=1):
+                out.write(f"{qid} Q0 {doc} {r} {score:.6g} {tag}\n")
+    return path
 
 
 def subset_collection(coll: Collection, queries: int, bm25_depth: int, seed: int) -> Collection:
@@ -93,13 +132,20 @@ def subset_collection(coll: Collection, queries: int, bm25_depth: int, seed: int
                       queries={q: coll.queries[q] for q in chosen}, qrels={q: coll.qrels[q] for q in chosen})
 
 
+def collection_specs(eval_cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    specs = list(eval_cfg["collections"].values())
+    if not specs:
+        raise ConfigError("eval.collections is empty: pick an evaluation (eval=scifact, eval=paper, ...).")
+    return specs
+
+
 def load_eval_collections(eval_cfg: Mapping[str, Any]) -> list[Collection]:
-    """The evaluation collections of a cell, subset when `eval.subset` asks for it."""
-    from .data import load_collection
+    """The evaluation collections, in config order, subset when `eval.subset` asks for it."""
+    from .data import load_source
 
     out = []
-    for spec in eval_cfg["collections"]:
-        coll = load_collection(eval_cfg["root"], spec["name"], spec["split"])
+    for spec in collection_specs(eval_cfg):
+        coll = load_source(spec, eval_cfg["root"])
         sub = eval_cfg.get("subset")
         if sub:
             coll = subset_collection(coll, int(sub["queries"]), int(sub["bm25_depth"]), int(sub["seed"]))
@@ -107,26 +153,160 @@ def load_eval_collections(eval_cfg: Mapping[str, Any]) -> list[Collection]:
     return out
 
 
-def evaluate(encoder: Encoder, tokenizer, coll: Collection, eval_cfg: Mapping[str, Any],
-             drop_self_hits: bool) -> dict[str, float]:
-    """Metrics of `encoder` on `coll` (full corpus, exact search)."""
-    doc_ids, qids = list(coll.corpus), list(coll.queries)
-    bs = int(eval_cfg["batch_size"])
-    docs = encode_texts(encoder, tokenizer, list(coll.corpus.values()), int(eval_cfg["passage_max_len"]), bs,
-                        f"encode {coll.name} corpus").numpy()
-    queries = encode_texts(encoder, tokenizer, list(coll.queries.values()), int(eval_cfg["query_max_len"]), bs,
-                           f"encode {coll.name} queries").numpy()
-    depth = min(int(eval_cfg["depth"]) + (1 if drop_self_hits else 0), len(doc_ids))
-    search = search_sparse if encoder.sparse else search_dense
-    scores, idx = search(queries, docs, depth)
-    run: dict[str, dict[str, float]] = {}
-    for row, qid in enumerate(qids):
-        hits = {doc_ids[j]: float(s) for s, j in zip(scores[row], idx[row], strict=True) if j >= 0}
-        if drop_self_hits:
-            hits.pop(qid, None)
-        run[qid] = dict(sorted(hits.items(), key=lambda kv: -kv[1])[: int(eval_cfg["depth"])])
-    metrics = score_run(run, coll.qrels, coll.name)
-    if encoder.sparse:
-        metrics[f"{coll.name}/doc_nnz"] = float((docs > 0).sum(1).mean())
-        metrics[f"{coll.name}/query_nnz"] = float((queries > 0).sum(1).mean())
+def group_means(metrics: Mapping[str, float], specs: Sequence[Mapping[str, Any]],
+                collections: Sequence[Collection]) -> dict[str, float]:
+    """`<group>/<metric>`: the unweighted mean over a group's collections (BEIR-13's average)."""
+    groups: dict[str, list[tuple[Mapping[str, Any], Collection]]] = {}
+    for spec, coll in zip(specs, collections, strict=True):
+        if spec.get("group"):
+            groups.setdefault(spec["group"], []).append((spec, coll))
+    out = {}
+    for group, members in groups.items():
+        shared = set.intersection(*(set(spec["measures"]) for spec, _ in members))
+        for name in sorted(shared):
+            out[f"{group}/{name}"] = float(np.mean([metrics[f"{c.name}/{name}"] for _, c in members]))
+    return out
+
+
+def evaluate_all(retriever: Retriever, collections: Sequence[Collection], eval_cfg: Mapping[str, Any],
+                 runs_dir: Path | None = None) -> dict[str, float]:
+    """Metrics of `retriever` on every collection (+ group means); run files into `runs_dir`."""
+    specs = collection_specs(eval_cfg)
+    metrics: dict[str, float] = {}
+    for spec, coll in zip(specs, collections, strict=True):
+        run = rank(retriever, coll, spec, eval_cfg)
+        metrics.update(score_run(run, coll.qrels, spec["measures"], coll.name))
+        nnz = getattr(retriever, "nnz", None) if retriever.sparse else None
+        if nnz:
+            metrics.update({f"{coll.name}/{k}": float(v) for k, v in nnz.items()})
+        if runs_dir is not None:
+            write_run(run, Path(runs_dir) / f"{coll.name.replace('/', '_')}.trec.gz", retriever.name)
+    metrics.update(group_means(metrics, specs, collections))
     return metrics
+
+
+# ---- the verb -----------------------------------------------------------------------------------------
+
+def compose_config(argv: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        try:
+            return compose("evaluate", overrides=list(argv))
+        except Exception as exc:  # Hydra's own message names the bad override
+            raise ConfigError(str(exc)) from None
+
+
+def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[str, Any]]:
+    """The trained encoder of a finished cell (its config and final weights, from the cell's directory)."""
+    from omegaconf import OmegaConf
+
+    from .cell import DONE, load_trained_encoder
+
+    out = Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "cells" / cell
+    if not (out / DONE).is_file():
+        raise UserError(f"cell {cell} of sweep {cfg['sweep']['name']} is not finished ({out}/{DONE} is missing): "
+                        "run or resubmit the sweep first, or check sweep.name / RS_SWEEPS_DIR.")
+    cell_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
+    encoder, tokenizer = load_trained_encoder(cell_cfg, out)
+    return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), name=f"cell-{cell}"), cell_cfg
+
+
+def print_table(metrics: Mapping[str, float], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    collections: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        coll, name = key.rsplit("/", 1)
+        collections.setdefault(coll, {})[name] = value
+    names = sorted({n for m in collections.values() for n in m})
+    table.add_column("collection")
+    for n in names:
+        table.add_column(n, justify="right")
+    for coll, values in collections.items():
+        table.add_row(coll, *(f"{values[n]:.4f}" if n in values else "" for n in names))
+    Console(file=sys.stdout, width=200).print(table)
+
+
+def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir: Path,
+                  cell: str | None, cell_cfg: Mapping[str, Any] | None) -> str:
+    """Metrics and run files into the cell's own run, or a new run of experiment `baselines`."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    from .tracking import KIND, client, ensure_experiment, find_cell_run, flatten, tracking_uri
+
+    uri = tracking_uri(cfg["tracking"], cfg["sweep"]["root"])
+    c = client(uri)
+    if cell is not None:
+        exp = c.get_experiment_by_name(cfg["sweep"]["name"])
+        run = find_cell_run(c, exp.experiment_id, cell) if exp else None
+        if run is None:
+            raise UserError(f"cell {cell} has no MLflow run in experiment {cfg['sweep']['name']} at {uri}.")
+        run_id = run.info.run_id  # at the cell's last training step, beside its own final metrics
+        step = max((m.step for m in c.get_metric_history(run_id, "flops_spent")), default=0)
+    else:
+        exp_id = ensure_experiment(uri, "baselines", cfg["tracking"]["artifacts"])
+        name = f"{cfg['baseline']['name']}-{'+'.join(s['name'] for s in collection_specs(cfg['eval']))}"
+        run_id = c.create_run(exp_id, run_name=name, tags={KIND: "baseline", "baseline": cfg["baseline"]["name"]}
+                              ).info.run_id
+        params = flatten({"baseline": cfg["baseline"], "eval": {k: v for k, v in cfg["eval"].items() if k != "root"}})
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            c.log_batch(run_id, params=items[i:i + 100])
+        step = 0
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    for f in sorted(runs_dir.glob("*.trec.gz")):
+        c.log_artifact(run_id, str(f), artifact_path="runs")
+    if cell is None:
+        c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from .cell import setup_logging
+
+    setup_logging()
+    cfg = OmegaConf.to_container(compose_config(sys.argv[1:] if argv is None else argv), resolve=True)
+    cell, baseline = cfg.get("cell"), cfg.get("baseline")
+    if (cell is None) == (baseline is None):
+        raise ConfigError("evaluate needs one of cell=<cell_id> or baseline=bm25|sbert.")
+    cell_cfg = None
+    if cell is not None:
+        retriever, cell_cfg = cell_retriever(cfg, str(cell))
+        title = f"cell {cell} ({cell_cfg['model']['name']}, {cell_cfg['paradigm']['name']}, {cell_cfg['loss']['name']})"
+    else:
+        from .retrievers import build_baseline
+
+        retriever = build_baseline(baseline)
+        title = f"baseline {retriever.name}"
+    collections = load_eval_collections(cfg["eval"])
+    runs_dir = Path(cfg["runs_dir"]) if cfg.get("runs_dir") else Path(tempfile.mkdtemp(prefix="rs-runs-"))
+    metrics = evaluate_all(retriever, collections, cfg["eval"], runs_dir)
+    print_table(metrics, title)
+    log.info("run files in %s", runs_dir)
+    if cfg.get("track", True):
+        run_id = log_to_mlflow(cfg, metrics, runs_dir, None if cell is None else str(cell), cell_cfg)
+        log.info("logged to MLflow run %s", run_id)
+    single = len(collections) == 1
+    out = {k.rsplit("/", 1)[1]: v for k, v in metrics.items()} if single else dict(metrics)
+    sys.stdout.flush()
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class BM25Index:
     """bm25s over a collection's documents; scores for every document of the corpus per query."""
 
-    def __init__(self, corpus: Mapping[str, str]):
+    def __init__(self, corpus: Mapping[str, str], k1: float = 1.5, b: float = 0.75):
         import bm25s
         import Stemmer
         from bm25s.tokenization import Tokenizer
@@ -37,7 +37,7 @@ class BM25Index:
         self.position = {d: i for i, d in enumerate(self.doc_ids)}
         self.tokenizer = Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
         tokens = self.tokenizer.tokenize(list(corpus.values()), return_as="tuple", show_progress=False)
-        self.retriever = bm25s.BM25()
+        self.retriever = bm25s.BM25(k1=k1, b=b)
         self.retriever.index(tokens, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
@@ -46,6 +46,18 @@ class BM25Index:
         if not tokens:
             return np.zeros(len(self.doc_ids), dtype=np.float32)
         return self.retriever.get_scores(tokens)
+
+    def top_k(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, corpus positions) of each query's k best documents, best first, ties by lower
+        position (exact: every document is scored)."""
+        from .search import top_k_rows
+
+        k = min(k, len(self.doc_ids))
+        out_s = np.empty((len(queries), k), dtype=np.float32)
+        out_i = np.empty((len(queries), k), dtype=np.int64)
+        for row, query in enumerate(queries):
+            out_s[row], out_i[row] = (x[0] for x in top_k_rows(self.scores(query)[None, :], k))
+        return out_s, out_i
 
 
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:

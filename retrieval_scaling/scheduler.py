@@ -17,7 +17,7 @@ import submitit
 
 from .cell import cell_dir, run_cell
 from .data import DATA_ROOT_ENV, load_collection, resolve_data_root
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .plan import check_budget, plan_cell
 
 log = logging.getLogger(__name__)
@@ -117,15 +117,32 @@ class Ledger:
 
 
 def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
-    """Load every collection the sweep reads once, so bad data fails before any job starts."""
+    """Load every collection the sweep reads from disk once, so bad data fails before any job starts.
+    ir_datasets collections are checked by id only here (ir_datasets verifies its downloads)."""
+    from .data import load_source
+
     seen = set()
     for cfg in cfgs:
-        specs = [(cfg["data"]["root"], cfg["data"]["name"], cfg["data"]["split"])]
-        specs += [(cfg["eval"]["root"], c["name"], c["split"]) for c in cfg["eval"]["collections"]]
-        for spec in specs:
-            if spec not in seen:
-                seen.add(spec)
-                load_collection(*spec)
+        specs = [(cfg["data"]["root"], {"name": cfg["data"]["name"], "source": "beir", "split": cfg["data"]["split"]})]
+        specs += [(cfg["eval"]["root"], dict(c)) for c in cfg["eval"]["collections"].values()]
+        for root, spec in specs:
+            key = json.dumps([root, spec], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            if spec.get("source") == "ir_datasets":
+                check_ir_datasets_id(spec)
+            else:
+                load_source(spec, root)
+
+
+def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
+    import ir_datasets
+
+    try:
+        ir_datasets.load(spec["id"])
+    except KeyError:
+        raise DataError(f"collection {spec['name']}: ir_datasets has no dataset '{spec['id']}'.") from None
 
 
 def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:

@@ -181,8 +181,8 @@ class CellRun:
         if items:
             self.client.log_batch(self.run_id, params=items)
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_status(self, status: str) -> None:
         """A non-terminal status (SCHEDULED: requeued, waiting to resume)."""

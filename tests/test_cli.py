@@ -86,7 +86,7 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     from mlflow.tracking import MlflowClient
 
     args = ["model=tiny_s", "paradigm=sparse", "loss=cl_kd", "sweep.name=e2e", "budget.flops=3e11",
-            "model.pretrain.steps=60", "model.mntp.steps=20", "log.every=5"]
+            "model.pretrain.steps=60", "model.mntp.steps=20", "log.every=5", "log.system_metrics_s=1"]
     proc = run_cli("sweep", *args, env_extra=sweeps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = Path(sweeps["RS_SWEEPS_DIR"])
@@ -102,7 +102,8 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["grid.model"] == "tiny_s" and parent.data.params["grid.cells"] == "1"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["plan.json"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "runs"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == ["runs/scifact.trec.gz"]
     assert run.data.tags["git_commit"] and "slurm_job_id" in run.data.tags
     assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
         "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
@@ -112,6 +113,10 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert max(m.value for m in spent) == plan["flops_total"]
     assert {"scifact/doc_nnz", "scifact/query_nnz", "train/ce", "train/kl", "train/flops_d"} <= set(run.data.metrics)
     assert run.data.params["model.arch.hidden_size"] == "64"
+    assert not any(k.startswith(("tracking.", "hydra.")) for k in run.data.params)  # no URIs (credentials)
+    system = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(system) >= 2 and all(0 <= m.value <= 100 for m in system)  # sampled each second
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
 
     status = run_cli("status", "sweep=e2e", "format=json", env_extra=sweeps)
     (row,) = json.loads(status.stdout)
@@ -122,3 +127,11 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert again.returncode == 0
     assert "nothing to submit" in again.stdout and "1 cells: 0 to submit" in again.stdout
     assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep's parent run and the cell's
+
+    # The evaluate verb rebuilds the cell from its config and final weights: same run, same metrics.
+    ev = run_cli("evaluate", f"cell={plan['cell_id']}", "sweep.name=e2e", env_extra=sweeps)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    scores = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert scores["ndcg_10"] == pytest.approx(done["metrics"]["scifact/ndcg_10"], abs=1e-6)
+    # bf16 encoding: other thread counts move a few weights across zero
+    assert scores["doc_nnz"] == pytest.approx(done["metrics"]["scifact/doc_nnz"], rel=1e-4)

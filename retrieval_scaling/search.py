@@ -1,0 +1,237 @@
+"""Exact top-k search over encoded corpora.
+
+Dense: faiss `IndexFlatIP` per corpus shard, shard results merged, so the corpus is bounded by memory
+(one shard's vectors at a time), not by code. Sparse: an inverted index over every non-zero weight
+(term → documents, weights), scored term-at-a-time into a per-thread accumulator and reduced by a
+top-k heap; queries in parallel (numba). Both are exact: the same hits as brute force, up to ties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from scipy import sparse
+
+try:  # numba compiles the inverted-index kernels; without it the slow reference search is used
+    import numba
+except ImportError:  # pragma: no cover — a declared dependency
+    numba = None
+
+
+class DenseTopK:
+    """Exact inner-product top-k of fixed queries, fed one corpus shard at a time."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        import faiss
+
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)  # inner product: largest
+        self.offset = 0
+
+    def add_shard(self, docs: np.ndarray) -> None:
+        import faiss
+
+        docs = np.ascontiguousarray(docs, dtype=np.float32)
+        if len(docs):
+            index = faiss.IndexFlatIP(docs.shape[1])
+            index.add(docs)
+            scores, idx = index.search(self.queries, min(self.k, len(docs)))
+            self.heap.add_result(scores, np.where(idx >= 0, idx + self.offset, -1))
+        self.offset += len(docs)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global doc indices), each (queries, k), best first; -1 where fewer than k docs."""
+        self.heap.finalize()
+        return self.heap.D, self.heap.I
+
+
+def search_dense(queries: np.ndarray, doc_shards: Iterable[np.ndarray] | np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(doc_shards, np.ndarray):
+        doc_shards = [doc_shards]
+    top = DenseTopK(queries, k)
+    for shard in doc_shards:
+        top.add_shard(shard)
+    return top.result()
+
+
+def to_csr(reps: np.ndarray | sparse.spmatrix) -> sparse.csr_matrix:
+    """Non-zero weights of sparse representations, float32 CSR (explicit zeros dropped)."""
+    m = sparse.csr_matrix(reps, dtype=np.float32)
+    m.eliminate_zeros()
+    return m
+
+
+class InvertedIndex:
+    """Postings of a sparse corpus: for each term, the documents with a non-zero weight and the weights."""
+
+    def __init__(self, docs: sparse.spmatrix | np.ndarray):
+        csc = sparse.csc_matrix(to_csr(docs))
+        csc.sort_indices()
+        self.n_docs, self.n_terms = csc.shape
+        self.indptr = csc.indptr.astype(np.int64)
+        self.doc_ids = csc.indices.astype(np.int32)
+        self.weights = csc.data.astype(np.float32)
+
+    @classmethod
+    def from_shards(cls, shards: Iterable[sparse.spmatrix | np.ndarray]) -> InvertedIndex:
+        return cls(sparse.vstack([to_csr(s) for s in shards], format="csr"))
+
+    def search(self, queries: sparse.spmatrix | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by dot product over all non-zero weights: (scores, doc indices), each
+        (queries, min(k, docs)), best first, ties by lower doc index — what brute force returns.
+        Documents sharing no term with a query score 0 and rank as such (in index order)."""
+        q = to_csr(queries)
+        if q.shape[1] != self.n_terms:
+            raise ValueError(f"queries have {q.shape[1]} terms, the index {self.n_terms}")
+        k = min(k, self.n_docs)
+        if numba is None:  # pragma: no cover
+            return brute_force_sparse(q, sparse.csc_matrix((self.weights, self.doc_ids, self.indptr),
+                                                           shape=(self.n_docs, self.n_terms)), k)
+        return _search(self.indptr, self.doc_ids, self.weights, self.n_docs,
+                       q.indptr.astype(np.int64), q.indices.astype(np.int64), q.data.astype(np.float32), k,
+                       max(1, min(q.shape[0], numba.get_num_threads() * 4)))
+
+
+def brute_force_sparse(queries: sparse.spmatrix | np.ndarray, docs: sparse.spmatrix | np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: every query · document product with scipy (a dense score matrix), then per query
+    the k best (best first, ties by lower doc index)."""
+    scores = (to_csr(queries) @ to_csr(docs).T).toarray()
+    return top_k_rows(scores, k)
+
+
+def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row (best first, ties by lower column): a partition finds each row's k-th
+    score, and only the candidates at or above it are sorted."""
+    k = min(k, scores.shape[1])
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    out_s = np.empty((len(scores), k), dtype=np.float32)
+    out_i = np.empty((len(scores), k), dtype=np.int64)
+    for row, (values, floor) in enumerate(zip(scores, kth, strict=True)):
+        cand = np.flatnonzero(values >= floor)
+        best = cand[np.lexsort((cand, -values[cand]))[:k]]
+        out_s[row], out_i[row] = values[best], best
+    return out_s, out_i
+
+
+if numba is not None:
+    @numba.njit(cache=True, nogil=True)
+    def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
+        """Min-heap on (score, -doc) of the k best: the root is the worst kept hit."""
+        if size < hs.shape[0]:
+            pos = size
+            size += 1
+        else:
+            if score < hs[0] or (score == hs[0] and doc > hi[0]):
+                return size
+            pos = 0
+            # sift the new item down from the root
+            while True:
+                child = 2 * pos + 1
+                if child >= size:
+                    break
+                if child + 1 < size and (hs[child + 1] < hs[child]
+                                         or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
+                    child += 1
+                if hs[child] < score or (hs[child] == score and hi[child] > doc):
+                    hs[pos] = hs[child]
+                    hi[pos] = hi[child]
+                    pos = child
+                else:
+                    break
+            hs[pos] = score
+            hi[pos] = doc
+            return size
+        # sift up (heap was not full)
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if hs[parent] > score or (hs[parent] == score and hi[parent] < doc):
+                hs[pos] = hs[parent]
+                hi[pos] = hi[parent]
+                pos = parent
+            else:
+                break
+        hs[pos] = score
+        hi[pos] = doc
+        return size
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
+    def _search(indptr, doc_ids, weights, n_docs, q_indptr, q_terms, q_weights, k, n_chunks):  # pragma: no cover
+        n_q = q_indptr.shape[0] - 1
+        out_s = np.empty((n_q, k), dtype=np.float32)
+        out_i = np.empty((n_q, k), dtype=np.int64)
+        for c in numba.prange(n_chunks):
+            acc = np.zeros(n_docs, dtype=np.float32)
+            hit = np.zeros(n_docs, dtype=np.bool_)
+            touched = np.empty(n_docs, dtype=np.int64)
+            hs = np.empty(k, dtype=np.float32)
+            hi = np.empty(k, dtype=np.int64)
+            for qi in range(c, n_q, n_chunks):
+                work = 0
+                for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                    work += indptr[q_terms[p] + 1] - indptr[q_terms[p]]
+                size = 0
+                if work >= n_docs // 4:
+                    # Most documents share a term: accumulate without bookkeeping, then scan them all.
+                    for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                        t, w = q_terms[p], q_weights[p]
+                        for j in range(indptr[t], indptr[t + 1]):
+                            acc[doc_ids[j]] += w * weights[j]
+                    for d in range(n_docs):
+                        size = _heap_push(hs, hi, size, acc[d], d)
+                        acc[d] = 0.0
+                else:
+                    n_touched = 0
+                    for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                        t, w = q_terms[p], q_weights[p]
+                        for j in range(indptr[t], indptr[t + 1]):
+                            d = doc_ids[j]
+                            if not hit[d]:
+                                hit[d] = True
+                                touched[n_touched] = d
+                                n_touched += 1
+                            acc[d] += w * weights[j]
+                    for x in range(n_touched):
+                        d = touched[x]
+                        size = _heap_push(hs, hi, size, acc[d], d)
+                    # Documents sharing no term with the query score 0: they fill the k hits, in index
+                    # order, while there are fewer than k or the worst kept hit scores below 0.
+                    d = 0
+                    while d < n_docs and (size < k or hs[0] < 0):
+                        if not hit[d]:
+                            size = _heap_push(hs, hi, size, np.float32(0.0), d)
+                        d += 1
+                    for x in range(n_touched):
+                        acc[touched[x]] = 0.0
+                        hit[touched[x]] = False
+                # pop the heap worst-first into the output, back to front
+                for r in range(size - 1, -1, -1):
+                    out_s[qi, r] = hs[0]
+                    out_i[qi, r] = hi[0]
+                    last_s, last_i = hs[r], hi[r]
+                    _sift_root(hs, hi, r, last_s, last_i)
+        return out_s, out_i
+
+    @numba.njit(cache=True, nogil=True)
+    def _sift_root(hs, hi, size, score, doc):  # pragma: no cover — compiled
+        """Replace the root with (score, doc) in a heap of `size` items (after removing the root)."""
+        pos = 0
+        while True:
+            child = 2 * pos + 1
+            if child >= size:
+                break
+            if child + 1 < size and (hs[child + 1] < hs[child]
+                                     or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
+                child += 1
+            if hs[child] < score or (hs[child] == score and hi[child] > doc):
+                hs[pos] = hs[child]
+                hi[pos] = hi[child]
+                pos = child
+            else:
+                break
+        if size > 0:
+            hs[pos] = score
+            hi[pos] = doc
