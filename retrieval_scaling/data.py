@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,8 @@ def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None) -> Coll
     source, name = spec.get("source", "beir"), spec["name"]
     allow = bool(spec.get("allow_missing_nonrelevant", False))
     if source == "beir":
-        return load_collection(root, spec.get("dir") or name, spec["split"], spec.get("path"), allow)
+        coll = load_collection(root, spec.get("dir") or name, spec["split"], spec.get("path"), allow)
+        return replace(coll, name=name)
     if source == "trec":
         missing = [k for k in ("topics", "qrels", "corpus") if not spec.get(k)]
         if missing:

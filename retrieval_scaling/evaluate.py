@@ -187,15 +187,17 @@ def evaluate_all(retriever: Retriever, collections: Sequence[Collection], eval_c
 
 # ---- the verb -----------------------------------------------------------------------------------------
 
-def compose_config(argv: Sequence[str]):
+def compose_config(argv: Sequence[str]) -> dict[str, Any]:
+    """conf/evaluate.yaml with the command line's overrides, resolved."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         try:
-            return compose("evaluate", overrides=list(argv))
-        except Exception as exc:  # Hydra's own message names the bad override
-            raise ConfigError(str(exc)) from None
+            return OmegaConf.to_container(compose("evaluate", overrides=list(argv)), resolve=True)
+        except Exception as exc:  # Hydra's / omegaconf's own message names the bad override or missing value
+            raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[str, Any]]:
@@ -271,12 +273,10 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
 def main(argv: Sequence[str] | None = None) -> int:
     import tempfile
 
-    from omegaconf import OmegaConf
-
     from .cell import setup_logging
 
     setup_logging()
-    cfg = OmegaConf.to_container(compose_config(sys.argv[1:] if argv is None else argv), resolve=True)
+    cfg = compose_config(sys.argv[1:] if argv is None else argv)
     cell, baseline = cfg.get("cell"), cfg.get("baseline")
     if (cell is None) == (baseline is None):
         raise ConfigError("evaluate needs one of cell=<cell_id> or baseline=bm25|sbert.")

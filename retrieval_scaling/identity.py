@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 # Dotted paths that do not change what a cell computes.
-NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root", "eval.shard_size", "planner",
+NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
+                "eval.shard_size", "planner",
                 # a source of values interpolated where they matter (sparse cells' paradigm.flops)
                 "flops_lambda")
 

