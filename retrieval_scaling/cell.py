@@ -288,7 +288,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
 
     from .backbone import attention_implementation
-    from .data import load_collection
+    from .data import load_training_collection
     from .distributed import init_distributed
     from .evaluate import encoder_retriever, evaluate_all, load_eval_collections
     from .prepare import ensure_training_data, load_examples
@@ -303,7 +303,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     data_cfg, model_cfg, eval_cfg = cfg["data"], cfg["model"], cfg["eval"]
 
     examples = load_examples(ensure_training_data(data_cfg, cache))
-    train_coll = load_collection(data_cfg["root"], data_cfg["name"], data_cfg["split"])
+    train_coll = load_training_collection(data_cfg)
     local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models

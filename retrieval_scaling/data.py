@@ -271,3 +271,36 @@ def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None) -> Coll
             raise DataError(f"collection {name}: source=ir_datasets needs an id (e.g. msmarco-passage/dev/small).")
         return load_ir_datasets(name, spec["id"], allow)
     raise DataError(f"collection {name}: unknown source {source!r}; one of {list(SOURCES)}.")
+
+
+def load_training_collection(data_cfg: Mapping[str, Any]) -> Collection:
+    """The training collection of `data` (conf/data/*): a BEIR directory under the data root, or an
+    ir_datasets id (MS MARCO passage train on a cluster)."""
+    spec = {"name": data_cfg["name"], "source": data_cfg.get("source", "beir"), "split": data_cfg.get("split"),
+            "id": data_cfg.get("id"), "dir": data_cfg.get("dir")}
+    return load_source(spec, data_cfg.get("root"))
+
+
+def read_trec_run(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A TREC run file (`qid Q0 docid rank score tag`, plain or .gz): each query's documents, best
+    first (by score; rank breaks ties)."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Run file {path} does not exist (data.negatives.run).")
+    opener = gzip.open if path.suffix == ".gz" else open
+    hits: dict[str, list[tuple[float, int, str]]] = {}
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 6:
+                raise DataError(f"{path}:{lineno}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}.")
+            try:
+                rank, score = int(parts[3]), float(parts[4])
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: rank '{parts[3]}' or score '{parts[4]}' is not a number.") from None
+            hits.setdefault(parts[0], []).append((-score, rank, parts[2]))
+    return {q: [d for *_, d in sorted(h)] for q, h in hits.items()}

@@ -1,9 +1,12 @@
-"""Training data preparation, a cached stage: BM25 hard negatives and teacher scores per query.
+"""Training data preparation, a cached stage: hard negatives and teacher scores per query.
 
-Negatives: the BM25 (bm25s, English stop words, Snowball stemming) top `depth` minus the positives,
-best `keep` kept. Teacher (`teacher=` config group, see teachers.py): BM25 itself — a real lexical
-scorer that runs offline here, the default — or an HF cross-encoder. Its raw scores are what the KD
-losses read (MarginMSE margins; the CL+KD teacher softmax at T=1).
+Positives: the query's judged documents with relevance > 0. Negatives (`data.negatives.miner`): the
+BM25 (bm25s, English stop words, Snowball stemming) top `depth`, or the top `depth` of a given TREC run
+file (`miner=run data.negatives.run=<file>`; e.g. MS MARCO's distributed BM25 top-1000), minus the
+positives, best `keep` kept. Teacher (`teacher=` config group, see teachers.py): BM25 itself — a real
+lexical scorer that runs offline here, the default — an HF cross-encoder, or a sentence-transformers
+bi-encoder. Its raw scores are what the KD losses read (MarginMSE margins; the CL+KD teacher softmax
+at T=1). Written once per (collection, split, miner, teacher), with progress bars.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Collection, load_collection
+from .data import Collection, load_training_collection, read_trec_run
 from .errors import ConfigError
 from .identity import content_hash
 from .stages import build_once
@@ -63,15 +66,19 @@ class BM25Index:
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     # The teacher's batch size does not change its scores, so it does not name the data.
     teacher = {k: v for k, v in data_cfg["teacher"].items() if k != "batch_size"}
-    key = content_hash({**{k: data_cfg[k] for k in ("name", "split", "negatives")}, "teacher": teacher})
+    key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
+                        "teacher": teacher})
     return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"
 
 
 def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     """`<dir>/examples.jsonl`: one query per line with positives, hard negatives and teacher scores."""
-    if data_cfg["negatives"]["miner"] != "bm25":
-        raise ConfigError(f"data.negatives.miner={data_cfg['negatives']['miner']!r}: negatives are mined "
-                          "with bm25 (set data.negatives.miner=bm25).")
+    miner = data_cfg["negatives"]["miner"]
+    if miner not in ("bm25", "run"):
+        raise ConfigError(f"data.negatives.miner={miner!r}: negatives are mined with bm25 or taken from a run "
+                          "file (data.negatives.miner=run data.negatives.run=<TREC run file>).")
+    if miner == "run" and not data_cfg["negatives"].get("run"):
+        raise ConfigError("data.negatives.miner=run needs data.negatives.run=<TREC run file>.")
     out = training_data_dir(data_cfg, cache_root)
     return build_once(out, lambda tmp: _prepare(data_cfg, tmp), f"prepare {data_cfg['name']}")
 
@@ -79,19 +86,25 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
 def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
     from tqdm import tqdm
 
-    coll: Collection = load_collection(data_cfg.get("root"), data_cfg["name"], data_cfg["split"])
-    index = BM25Index(coll.corpus)
+    coll: Collection = load_training_collection(data_cfg)
+    neg = data_cfg["negatives"]
+    depth, keep = int(neg["depth"]), int(neg["keep"])
+    index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
+    run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
     teacher = build_teacher(data_cfg["teacher"], coll.corpus)
-    depth, keep = int(data_cfg["negatives"]["depth"]), int(data_cfg["negatives"]["keep"])
-    lines, short = [], 0
-    desc = f"mine negatives (bm25), teacher {data_cfg['teacher']['name']}"
-    for qid, query in tqdm(coll.queries.items(), desc=desc, mininterval=10):
-        scores = index.scores(query)
+    lines, short, unranked = [], 0, 0
+    desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
+    for qid, query in tqdm(coll.queries.items(), desc=desc, mininterval=10, total=len(coll.queries)):
         positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
         if not positives:
             continue
-        top = np.argsort(-scores)[:depth]
-        negatives = [index.doc_ids[i] for i in top if index.doc_ids[i] not in positives][:keep]
+        scores = index.scores(query) if index is not None else None
+        if run is not None:
+            unranked += qid not in run
+            ranked = [d for d in run.get(qid, [])[:depth] if d in coll.corpus]
+        else:
+            ranked = [index.doc_ids[i] for i in np.argsort(-scores, kind="stable")[:depth]]
+        negatives = [d for d in ranked if d not in positives][:keep]
         short += len(negatives) < keep
         judged = [*positives, *negatives]
         if teacher is None:
@@ -102,11 +115,15 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
             "qid": qid, "query": query, "positives": positives, "negatives": negatives,
             "teacher": dict(zip(judged, teacher_scores, strict=True)),
         }))
+    if not lines:
+        raise ConfigError(f"no training query of {coll.name} has a positive judgement: check data.split.")
     (out / "examples.jsonl").write_text("\n".join(lines) + "\n")
-    meta = {"queries": len(lines), "queries_with_fewer_negatives": short, "depth": depth, "keep": keep,
-            "teacher": dict(data_cfg["teacher"]), "collection": coll.name, "split": data_cfg["split"]}
+    meta = {"queries": len(lines), "queries_with_fewer_negatives": short, "queries_missing_from_run": unranked,
+            "depth": depth, "keep": keep, "miner": neg["miner"], "teacher": dict(data_cfg["teacher"]),
+            "collection": coll.name, "split": data_cfg["split"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("prepared %d training queries (%d with < %d negatives)", len(lines), short, keep)
+    log.info("prepared %d training queries (%d with < %d negatives, %d not in the run)", len(lines), short, keep,
+             unranked)
 
 
 def load_examples(path: Path) -> list[dict]:

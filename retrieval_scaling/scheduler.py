@@ -16,7 +16,7 @@ from typing import Any
 import submitit
 
 from .cell import cell_dir, run_cell
-from .data import DATA_ROOT_ENV, load_collection, resolve_data_root
+from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root
 from .errors import ConfigError, DataError
 from .plan import check_budget, plan_cell
 
@@ -49,6 +49,10 @@ def normalise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg["tracking"]["artifacts"] = str(Path(cfg["tracking"]["artifacts"]).resolve())
     if sweep["dry_run"] and not (cfg["data"].get("root") or os.environ.get(DATA_ROOT_ENV)):
         return cfg  # a plan reads configs only: it may be made where the data is not
+    reads_root = cfg["data"].get("source", "beir") == "beir" or any(
+        c.get("source", "beir") == "beir" and not c.get("path") for c in cfg["eval"]["collections"].values())
+    if not reads_root:  # ir_datasets ids and explicit paths only
+        return cfg
     cfg["data"]["root"] = str(resolve_data_root(cfg["data"].get("root")))
     cfg["eval"]["root"] = str(resolve_data_root(cfg["eval"].get("root") or cfg["data"]["root"]))
     return cfg
@@ -123,7 +127,8 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
 
     seen = set()
     for cfg in cfgs:
-        specs = [(cfg["data"]["root"], {"name": cfg["data"]["name"], "source": "beir", "split": cfg["data"]["split"]})]
+        data = cfg["data"]
+        specs = [(data["root"], {k: data.get(k) for k in ("name", "source", "split", "id", "dir")})]
         specs += [(cfg["eval"]["root"], dict(c)) for c in cfg["eval"]["collections"].values()]
         for root, spec in specs:
             key = json.dumps([root, spec], sort_keys=True, default=str)
@@ -192,7 +197,7 @@ def run_stages_job(cfg: Mapping[str, Any]) -> None:
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"] or 1))
     ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
-    corpus = load_collection(cfg["data"]["root"], cfg["data"]["name"], cfg["data"]["split"])
+    corpus = load_training_collection(cfg["data"])
     ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]))
 
 

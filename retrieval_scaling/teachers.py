@@ -46,8 +46,23 @@ def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> 
     return score
 
 
+def sbert_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> TeacherFn:
+    """A sentence-transformers bi-encoder: the inner product of its (normalised, for cosine models)
+    query and passage embeddings."""
+    from .retrievers import sbert_encode
+
+    encode = sbert_encode(cfg["path"], int(cfg["batch_size"]), cfg.get("max_len"))
+
+    def score(query: str, doc_ids: Sequence[str]) -> list[float]:
+        q = encode([query], 0, "teacher query")[0]
+        return (encode([corpus[d] for d in doc_ids], 0, "teacher passages") @ q).astype(float).tolist()
+
+    return score
+
+
 TEACHERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str]], TeacherFn]] = {
     "cross_encoder": cross_encoder_teacher,
+    "sbert": sbert_teacher,
 }
 
 

