@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo smoke-real test test-fast lint ui clean-demo cluster-up cluster-down
+.PHONY: setup demo smoke-real test test-fast lint ui bench clean-demo cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ smoke-real: setup
 
 test: setup
 	$(PY) -m pytest -x -q --timeout=1500
+
+# Benchmarks: each prints one JSON object (also under bench/results/), ratios measured in one run.
+bench: setup
+	$(PY) bench/retrieval.py
 
 test-fast: setup
 	$(PY) -m pytest -x -q -m "not slow"
