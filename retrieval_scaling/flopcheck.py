@@ -13,48 +13,66 @@ from typing import Any
 import torch
 
 
+class RandomStep:
+    """One training step of a cell on a randomly initialised backbone of its architecture (FLOPs and
+    time depend on shapes, not weights): encoder with its LoRA, trainable embeddings and head, the
+    loss with the FLOPS term, and a fixed random batch at the given shapes (default: the cell's)."""
+
+    def __init__(self, cfg: Mapping[str, Any], queries: int | None = None, passages_per_query: int | None = None,
+                 query_len: int | None = None, passage_len: int | None = None, attn_implementation: str = "eager"):
+        from hydra.utils import instantiate
+        from peft import get_peft_model
+        from transformers import LlamaForCausalLM
+
+        from .backbone import architecture, enable_gradient_checkpointing, llama_config, lora_config, set_bidirectional
+        from .encoders import build_encoder
+
+        model_cfg, train = cfg["model"], cfg["train"]
+        self.arch = architecture(model_cfg)
+        self.queries = queries or int(train["queries_per_step"])
+        self.group = passages_per_query or int(train["passages_per_query"])
+        self.query_len = query_len or int(cfg["data"]["query_max_len"])
+        self.passage_len = passage_len or int(cfg["data"]["passage_max_len"])
+        torch.manual_seed(0)
+        backbone = LlamaForCausalLM(llama_config(self.arch, attn_implementation=attn_implementation))
+        set_bidirectional(backbone, bool(model_cfg.get("bidirectional", False)))
+        backbone = get_peft_model(backbone, lora_config(model_cfg))
+        if model_cfg.get("train_embeddings"):
+            backbone.get_input_embeddings().weight.requires_grad_(True)
+        if train.get("gradient_checkpointing"):
+            enable_gradient_checkpointing(backbone)
+        self.encoder = build_encoder(cfg["paradigm"]["name"], backbone).train()
+        self.loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
+        self.temperature = float(cfg["paradigm"]["temperature"])
+        self.reg = cfg["paradigm"].get("flops")
+        self.q_ids = torch.randint(2, self.arch.vocab_size, (self.queries, self.query_len))
+        self.p_ids = torch.randint(2, self.arch.vocab_size, (self.queries * self.group, self.passage_len))
+        self.teacher = torch.randn(self.queries, self.group)
+
+    def loss(self, model=None) -> torch.Tensor:
+        """Forward pass and loss through `model` (default: the encoder; e.g. a DeepSpeed engine)."""
+        from .regularizers import flops_regularizer
+
+        model = model or self.encoder
+        q = model(self.q_ids, torch.ones_like(self.q_ids)).float()
+        p = model(self.p_ids, torch.ones_like(self.p_ids)).float()
+        loss = self.loss_fn(q, p, self.teacher, self.group, self.temperature).total
+        if self.reg:
+            loss = (loss + float(self.reg["lambda_q"]) * flops_regularizer(q)
+                    + float(self.reg["lambda_d"]) * flops_regularizer(p))
+        return loss
+
+
 def measured_step_flops(cfg: Mapping[str, Any], queries: int | None = None, passages_per_query: int | None = None,
                         query_len: int | None = None, passage_len: int | None = None) -> tuple[int, dict[str, int]]:
     """(FLOPs counted by torch for one step of this cell, per-op counts). The shapes default to the
     cell's; smaller ones keep a big model's check fast (the FLOP model takes the same shapes)."""
-    from hydra.utils import instantiate
-    from peft import get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import LlamaForCausalLM
 
-    from .backbone import architecture, enable_gradient_checkpointing, llama_config, lora_config, set_bidirectional
-    from .encoders import build_encoder
-    from .regularizers import flops_regularizer
-
-    model_cfg, train = cfg["model"], cfg["train"]
-    arch = architecture(model_cfg)
-    b = queries or int(train["queries_per_step"])
-    g = passages_per_query or int(train["passages_per_query"])
-    lq = query_len or int(cfg["data"]["query_max_len"])
-    lp = passage_len or int(cfg["data"]["passage_max_len"])
-    torch.manual_seed(0)
-    config = llama_config(arch, attn_implementation="eager")  # the counter does not see CPU sdpa kernels
-    backbone = LlamaForCausalLM(config)
-    set_bidirectional(backbone, bool(model_cfg.get("bidirectional", False)))
-    backbone = get_peft_model(backbone, lora_config(model_cfg))
-    if model_cfg.get("train_embeddings"):
-        backbone.get_input_embeddings().weight.requires_grad_(True)
-    if train.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(backbone)
-    encoder = build_encoder(cfg["paradigm"]["name"], backbone).train()
-    loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
-    q_ids = torch.randint(2, arch.vocab_size, (b, lq))
-    p_ids = torch.randint(2, arch.vocab_size, (b * g, lp))
-    teacher = torch.randn(b, g)
-    reg = cfg["paradigm"].get("flops")
+    # eager attention: the counter does not see CPU sdpa kernels
+    step = RandomStep(cfg, queries, passages_per_query, query_len, passage_len, attn_implementation="eager")
     counter = FlopCounterMode(display=False)
     with counter:
-        q = encoder(q_ids, torch.ones_like(q_ids))
-        p = encoder(p_ids, torch.ones_like(p_ids))
-        out = loss_fn(q, p, teacher, g, float(cfg["paradigm"]["temperature"]))
-        loss = out.total
-        if reg:
-            loss = loss + float(reg["lambda_q"]) * flops_regularizer(q) + float(reg["lambda_d"]) * flops_regularizer(p)
-        loss.backward()
+        step.loss().backward()
     per_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
     return int(counter.get_total_flops()), per_op

@@ -1,0 +1,158 @@
+"""Training-step efficiency: achieved model FLOP/s (our FLOP model ÷ step time) over this machine's
+measured peak matmul FLOP/s, and DeepSpeed's overhead over a bare torch + peft loop, side by side.
+
+    python bench/train_step.py [--cases tiny_l/dense/cl,tiny_s/sparse/cl,smollm2_135m/dense/cl]
+                               [--steps 6] [--out bench/results/train_step.json]
+
+Per case, at the cell's shapes (the SmolLM2 cell at the `make smoke-real` shapes): random weights of the
+cell's architecture with its LoRA, trainable embeddings, head, loss and FLOPS term; one fixed batch;
+bf16 autocast as in training. Timed: the median of `--steps` optimizer steps after two warm-up steps,
+(a) through a DeepSpeed ZeRO-2 engine configured as the cell's, (b) as a bare loop (forward, backward,
+clip, AdamW, zero_grad). Peak: the best of fp32 and bf16 square matmuls (n = 2048) at the same thread
+count, measured in the same run; MFU is reported against both. A torch profile of one engine step says
+where the time goes. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = "tiny_l/dense/cl,tiny_s/sparse/cl,smollm2_135m/dense/cl"
+
+
+def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def compose(overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(hydra_compose("config", overrides=overrides), resolve=True)
+
+
+def case_config(case: str) -> dict:
+    model, paradigm, loss = case.split("/")
+    if model == "smollm2_135m":  # the real-model cell at the shapes `make smoke-real` trains
+        return compose([f"paradigm={paradigm}", f"loss={loss}", "+grid=smoke_real", "hydra.mode=RUN",
+                        f"model.recipe.{loss}.queries=4", f"model.recipe.{loss}.passages_per_query=4"])
+    return compose([f"model={model}", f"paradigm={paradigm}", f"loss={loss}"])
+
+
+def timed_steps(step_fn, steps: int) -> list[float]:
+    for _ in range(2):
+        step_fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_case(case: str, steps: int, profile: bool) -> dict:
+    import deepspeed
+    import torch
+
+    from retrieval_scaling.cell import deepspeed_config
+    from retrieval_scaling.flopcheck import RandomStep
+    from retrieval_scaling.plan import plan_cell
+
+    cfg = case_config(case)
+    plan = plan_cell(cfg)
+    step = RandomStep(cfg, attn_implementation="sdpa")
+    params = [p for p in step.encoder.parameters() if p.requires_grad]
+    clip = float(cfg["train"]["grad_clip"])
+
+    # (b) bare torch + peft
+    bare_opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def bare_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+
+    bare = timed_steps(bare_step, steps)
+
+    # (a) the cell's DeepSpeed engine
+    ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,
+              "gradient_accumulation_steps": 1, "gradient_clipping": clip, "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=step.encoder, optimizer=torch.optim.AdamW(params, lr=1e-5),
+                                           config=ds_cfg)
+
+    def engine_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step.loss(engine)
+        engine.backward(loss)
+        engine.step()
+
+    ds = timed_steps(engine_step, steps)
+    top_ops = []
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine_step()
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        top_ops = [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                    "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:12]]
+    return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
+            "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
+            "step_s_bare": statistics.median(bare), "engine_overhead": statistics.median(ds) / statistics.median(bare),
+            "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops}
+
+
+def main() -> None:
+    import torch
+
+    from retrieval_scaling.distributed import init_distributed
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=CASES)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    init_distributed()
+    peak_fp32 = peak_matmul_flops(torch.float32)
+    peak_bf16 = peak_matmul_flops(torch.bfloat16)
+    cases = [run_case(c, args.steps, profile=True) for c in args.cases.split(",")]
+    for c in cases:
+        c["mfu_vs_fp32_peak"] = c["model_flops_per_s"] / peak_fp32
+        c["mfu_vs_best_peak"] = c["model_flops_per_s"] / max(peak_fp32, peak_bf16)
+    result = {"benchmark": "train_step", "threads": args.threads, "peak_fp32_matmul_flops": peak_fp32,
+              "peak_bf16_matmul_flops": peak_bf16, "cases": cases}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
