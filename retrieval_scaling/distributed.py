@@ -10,8 +10,15 @@ import torch
 
 
 def configure_threads(threads: int) -> None:
+    """The job's share of the cores, for torch and for the sparse search's numba kernels alike."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    except ImportError:  # pragma: no cover — a declared dependency
+        pass
 
 
 def launched_ranks() -> tuple[int, int]:

@@ -52,7 +52,7 @@ class EncoderRetriever(Retriever):
             sparse_shards = [to_csr(s) for s in shards]  # each shard kept as its non-zeros only
             index = InvertedIndex.from_shards(sparse_shards)
             q = to_csr(queries)
-            self.nnz = {"doc_nnz": index.weights.size / max(index.n_docs, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
+            self.nnz = {"doc_nnz": index.nnz / max(index.n_docs, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
             scores, idx = index.search(q, depth)
         else:
             top = DenseTopK(queries, depth)

@@ -3,20 +3,19 @@
 Dense: faiss `IndexFlatIP` per corpus shard, shard results merged, so the corpus is bounded by memory
 (one shard's vectors at a time), not by code. Sparse: an inverted index over every non-zero weight
 (term → documents, weights), scored term-at-a-time into a per-thread accumulator and reduced by a
-top-k heap; queries in parallel (numba). Both are exact: the same hits as brute force, up to ties.
+top-k heap; queries in parallel (numba). Terms found in at least `dense_fraction` of the documents keep
+their postings as a dense column (zeros included): adding such a column is a vectorised pass instead
+of a scatter, and learned sparse vectors put most of a query's work in such terms. Both searches are
+exact: the same hits as brute force (ties by lower document index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numba
 import numpy as np
 from scipy import sparse
-
-try:  # numba compiles the inverted-index kernels; without it the slow reference search is used
-    import numba
-except ImportError:  # pragma: no cover — a declared dependency
-    numba = None
 
 
 class DenseTopK:
@@ -65,19 +64,31 @@ def to_csr(reps: np.ndarray | sparse.spmatrix) -> sparse.csr_matrix:
 
 
 class InvertedIndex:
-    """Postings of a sparse corpus: for each term, the documents with a non-zero weight and the weights."""
+    """Postings of a sparse corpus: for each term, the documents with a non-zero weight and the weights;
+    the postings of terms in ≥ `dense_fraction` of the documents as dense columns."""
 
-    def __init__(self, docs: sparse.spmatrix | np.ndarray):
+    def __init__(self, docs: sparse.spmatrix | np.ndarray, dense_fraction: float = 0.25):
         csc = sparse.csc_matrix(to_csr(docs))
         csc.sort_indices()
         self.n_docs, self.n_terms = csc.shape
-        self.indptr = csc.indptr.astype(np.int64)
-        self.doc_ids = csc.indices.astype(np.int32)
-        self.weights = csc.data.astype(np.float32)
+        df = np.diff(csc.indptr)
+        dense_terms = np.flatnonzero(df >= max(1, int(np.ceil(dense_fraction * self.n_docs))))
+        self.dense_slot = np.full(self.n_terms, -1, dtype=np.int64)
+        self.dense_slot[dense_terms] = np.arange(len(dense_terms))
+        self.dense_cols = np.ascontiguousarray(csc[:, dense_terms].T.toarray(), dtype=np.float32)
+        keep = np.ones(self.n_terms, dtype=np.float32)
+        keep[dense_terms] = 0
+        postings = sparse.csc_matrix(csc @ sparse.diags(keep))
+        postings.eliminate_zeros()
+        postings.sort_indices()
+        self.indptr = postings.indptr.astype(np.int64)
+        self.doc_ids = postings.indices.astype(np.int32)
+        self.weights = postings.data.astype(np.float32)
+        self.nnz = int(csc.nnz)
 
     @classmethod
-    def from_shards(cls, shards: Iterable[sparse.spmatrix | np.ndarray]) -> InvertedIndex:
-        return cls(sparse.vstack([to_csr(s) for s in shards], format="csr"))
+    def from_shards(cls, shards: Iterable[sparse.spmatrix | np.ndarray], dense_fraction: float = 0.25) -> InvertedIndex:
+        return cls(sparse.vstack([to_csr(s) for s in shards], format="csr"), dense_fraction)
 
     def search(self, queries: sparse.spmatrix | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k by dot product over all non-zero weights: (scores, doc indices), each
@@ -87,10 +98,7 @@ class InvertedIndex:
         if q.shape[1] != self.n_terms:
             raise ValueError(f"queries have {q.shape[1]} terms, the index {self.n_terms}")
         k = min(k, self.n_docs)
-        if numba is None:  # pragma: no cover
-            return brute_force_sparse(q, sparse.csc_matrix((self.weights, self.doc_ids, self.indptr),
-                                                           shape=(self.n_docs, self.n_terms)), k)
-        return _search(self.indptr, self.doc_ids, self.weights, self.n_docs,
+        return _search(self.indptr, self.doc_ids, self.weights, self.dense_cols, self.dense_slot, self.n_docs,
                        q.indptr.astype(np.int64), q.indices.astype(np.int64), q.data.astype(np.float32), k,
                        max(1, min(q.shape[0], numba.get_num_threads() * 4)))
 
@@ -117,108 +125,19 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out_s, out_i
 
 
-if numba is not None:
-    @numba.njit(cache=True, nogil=True)
-    def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
-        """Min-heap on (score, -doc) of the k best: the root is the worst kept hit."""
-        if size < hs.shape[0]:
-            pos = size
-            size += 1
-        else:
-            if score < hs[0] or (score == hs[0] and doc > hi[0]):
-                return size
-            pos = 0
-            # sift the new item down from the root
-            while True:
-                child = 2 * pos + 1
-                if child >= size:
-                    break
-                if child + 1 < size and (hs[child + 1] < hs[child]
-                                         or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
-                    child += 1
-                if hs[child] < score or (hs[child] == score and hi[child] > doc):
-                    hs[pos] = hs[child]
-                    hi[pos] = hi[child]
-                    pos = child
-                else:
-                    break
-            hs[pos] = score
-            hi[pos] = doc
+# ---- compiled kernels ----
+
+@numba.njit(cache=True, nogil=True)
+def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
+    """Min-heap on (score, -doc) of the k best: the root is the worst kept hit."""
+    if size < hs.shape[0]:
+        pos = size
+        size += 1
+    else:
+        if score < hs[0] or (score == hs[0] and doc > hi[0]):
             return size
-        # sift up (heap was not full)
-        while pos > 0:
-            parent = (pos - 1) // 2
-            if hs[parent] > score or (hs[parent] == score and hi[parent] < doc):
-                hs[pos] = hs[parent]
-                hi[pos] = hi[parent]
-                pos = parent
-            else:
-                break
-        hs[pos] = score
-        hi[pos] = doc
-        return size
-
-    @numba.njit(cache=True, parallel=True, nogil=True)
-    def _search(indptr, doc_ids, weights, n_docs, q_indptr, q_terms, q_weights, k, n_chunks):  # pragma: no cover
-        n_q = q_indptr.shape[0] - 1
-        out_s = np.empty((n_q, k), dtype=np.float32)
-        out_i = np.empty((n_q, k), dtype=np.int64)
-        for c in numba.prange(n_chunks):
-            acc = np.zeros(n_docs, dtype=np.float32)
-            hit = np.zeros(n_docs, dtype=np.bool_)
-            touched = np.empty(n_docs, dtype=np.int64)
-            hs = np.empty(k, dtype=np.float32)
-            hi = np.empty(k, dtype=np.int64)
-            for qi in range(c, n_q, n_chunks):
-                work = 0
-                for p in range(q_indptr[qi], q_indptr[qi + 1]):
-                    work += indptr[q_terms[p] + 1] - indptr[q_terms[p]]
-                size = 0
-                if work >= n_docs // 4:
-                    # Most documents share a term: accumulate without bookkeeping, then scan them all.
-                    for p in range(q_indptr[qi], q_indptr[qi + 1]):
-                        t, w = q_terms[p], q_weights[p]
-                        for j in range(indptr[t], indptr[t + 1]):
-                            acc[doc_ids[j]] += w * weights[j]
-                    for d in range(n_docs):
-                        size = _heap_push(hs, hi, size, acc[d], d)
-                        acc[d] = 0.0
-                else:
-                    n_touched = 0
-                    for p in range(q_indptr[qi], q_indptr[qi + 1]):
-                        t, w = q_terms[p], q_weights[p]
-                        for j in range(indptr[t], indptr[t + 1]):
-                            d = doc_ids[j]
-                            if not hit[d]:
-                                hit[d] = True
-                                touched[n_touched] = d
-                                n_touched += 1
-                            acc[d] += w * weights[j]
-                    for x in range(n_touched):
-                        d = touched[x]
-                        size = _heap_push(hs, hi, size, acc[d], d)
-                    # Documents sharing no term with the query score 0: they fill the k hits, in index
-                    # order, while there are fewer than k or the worst kept hit scores below 0.
-                    d = 0
-                    while d < n_docs and (size < k or hs[0] < 0):
-                        if not hit[d]:
-                            size = _heap_push(hs, hi, size, np.float32(0.0), d)
-                        d += 1
-                    for x in range(n_touched):
-                        acc[touched[x]] = 0.0
-                        hit[touched[x]] = False
-                # pop the heap worst-first into the output, back to front
-                for r in range(size - 1, -1, -1):
-                    out_s[qi, r] = hs[0]
-                    out_i[qi, r] = hi[0]
-                    last_s, last_i = hs[r], hi[r]
-                    _sift_root(hs, hi, r, last_s, last_i)
-        return out_s, out_i
-
-    @numba.njit(cache=True, nogil=True)
-    def _sift_root(hs, hi, size, score, doc):  # pragma: no cover — compiled
-        """Replace the root with (score, doc) in a heap of `size` items (after removing the root)."""
         pos = 0
+        # sift the new item down from the root
         while True:
             child = 2 * pos + 1
             if child >= size:
@@ -232,6 +151,103 @@ if numba is not None:
                 pos = child
             else:
                 break
-        if size > 0:
-            hs[pos] = score
-            hi[pos] = doc
+        hs[pos] = score
+        hi[pos] = doc
+        return size
+    # sift up (heap was not full)
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if hs[parent] > score or (hs[parent] == score and hi[parent] < doc):
+            hs[pos] = hs[parent]
+            hi[pos] = hi[parent]
+            pos = parent
+        else:
+            break
+    hs[pos] = score
+    hi[pos] = doc
+    return size
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, q_terms, q_weights, k,
+            n_chunks):  # pragma: no cover
+    n_q = q_indptr.shape[0] - 1
+    out_s = np.empty((n_q, k), dtype=np.float32)
+    out_i = np.empty((n_q, k), dtype=np.int64)
+    for c in numba.prange(n_chunks):
+        acc = np.zeros(n_docs, dtype=np.float32)
+        hit = np.zeros(n_docs, dtype=np.bool_)
+        touched = np.empty(n_docs, dtype=np.int64)
+        hs = np.empty(k, dtype=np.float32)
+        hi = np.empty(k, dtype=np.int64)
+        for qi in range(c, n_q, n_chunks):
+            work = 0
+            for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                t = q_terms[p]
+                work += n_docs if dense_slot[t] >= 0 else indptr[t + 1] - indptr[t]
+            size = 0
+            if work >= n_docs // 4:
+                # Most documents share a term: accumulate without bookkeeping, then scan them all.
+                for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                    t, w = q_terms[p], q_weights[p]
+                    if dense_slot[t] >= 0:
+                        col = dense_cols[dense_slot[t]]
+                        for d in range(n_docs):
+                            acc[d] += w * col[d]
+                    else:
+                        for j in range(indptr[t], indptr[t + 1]):
+                            acc[doc_ids[j]] += w * weights[j]
+                for d in range(n_docs):
+                    size = _heap_push(hs, hi, size, acc[d], d)
+                    acc[d] = 0.0
+            else:
+                n_touched = 0
+                for p in range(q_indptr[qi], q_indptr[qi + 1]):
+                    t, w = q_terms[p], q_weights[p]
+                    for j in range(indptr[t], indptr[t + 1]):
+                        d = doc_ids[j]
+                        if not hit[d]:
+                            hit[d] = True
+                            touched[n_touched] = d
+                            n_touched += 1
+                        acc[d] += w * weights[j]
+                for x in range(n_touched):
+                    d = touched[x]
+                    size = _heap_push(hs, hi, size, acc[d], d)
+                # Documents sharing no term with the query score 0: they fill the k hits, in index
+                # order, while there are fewer than k or the worst kept hit scores below 0.
+                d = 0
+                while d < n_docs and (size < k or hs[0] < 0):
+                    if not hit[d]:
+                        size = _heap_push(hs, hi, size, np.float32(0.0), d)
+                    d += 1
+                for x in range(n_touched):
+                    acc[touched[x]] = 0.0
+                    hit[touched[x]] = False
+            # pop the heap worst-first into the output, back to front
+            for r in range(size - 1, -1, -1):
+                out_s[qi, r] = hs[0]
+                out_i[qi, r] = hi[0]
+                last_s, last_i = hs[r], hi[r]
+                _sift_root(hs, hi, r, last_s, last_i)
+    return out_s, out_i
+
+@numba.njit(cache=True, nogil=True)
+def _sift_root(hs, hi, size, score, doc):  # pragma: no cover — compiled
+    """Replace the root with (score, doc) in a heap of `size` items (after removing the root)."""
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and (hs[child + 1] < hs[child]
+                                 or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
+            child += 1
+        if hs[child] < score or (hs[child] == score and hi[child] > doc):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
+        else:
+            break
+    if size > 0:
+        hs[pos] = score
+        hi[pos] = doc

@@ -31,8 +31,9 @@ def test_inverted_index_scores_and_orders_a_hand_example():
     assert scores.tolist() == [[3, 2, 1], [2, 0, 0]]
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_inverted_index_equals_brute_force_with_ties_negatives_and_short_corpora(seed):
+@pytest.mark.parametrize("dense_fraction", [0.0, 0.25, 2.0])  # every term / the frequent ones / none as dense columns
+@pytest.mark.parametrize("seed", range(8))
+def test_inverted_index_equals_brute_force_with_ties_negatives_and_short_corpora(seed, dense_fraction):
     rng = np.random.default_rng(seed)
     n_docs, n_terms, n_q = int(rng.integers(1, 200)), int(rng.integers(1, 40)), int(rng.integers(1, 15))
     docs = sparse.random(n_docs, n_terms, density=rng.uniform(0.02, 0.5), random_state=seed, dtype=np.float32)
@@ -41,7 +42,7 @@ def test_inverted_index_equals_brute_force_with_ties_negatives_and_short_corpora
     if seed % 3 == 0:
         docs.data -= 0.5  # negative scores rank below the zero-score documents
     k = int(rng.integers(1, n_docs + 5))
-    got, want = InvertedIndex(docs).search(queries, k), brute_force_sparse(queries, docs, k)
+    got, want = InvertedIndex(docs, dense_fraction).search(queries, k), brute_force_sparse(queries, docs, k)
     assert got[1].tolist() == want[1].tolist()
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
 
