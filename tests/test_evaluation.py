@@ -285,3 +285,19 @@ def test_minilm_baseline_reproduces_the_published_scifact_figure(tmp_path, data_
                         tmp_path=tmp_path, data_root=data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ndcg_10"] == pytest.approx(0.645, abs=0.002)
+
+
+def test_sparse_retriever_reports_mean_non_zeros_of_queries_and_documents():
+    from retrieval_scaling.retrievers import EncoderRetriever
+
+    reps = {"doc a": [1, 0, 2, 0], "doc b": [0, 3, 0, 0], "doc c": [1, 1, 1, 0], "query": [0, 1, 1, 0]}
+
+    def encode(texts, max_len, desc):
+        return np.array([reps[t] for t in texts], dtype=np.float32)
+
+    coll = Collection("c", {"a": "doc a", "b": "doc b", "c": "doc c"}, {"q": "query"}, {"q": {"c": 1}})
+    retriever = EncoderRetriever("fake", encode, sparse=True)
+    qids, scores, idx = retriever.search(coll, 3, 8, 8, shard_size=2)  # two shards
+    assert retriever.nnz == {"doc_nnz": pytest.approx(6 / 3), "query_nnz": 2.0}
+    # scores: a = 0·1 + 1·0 + 1·2 = 2, b = 3, c = 2 → b, then a and c tied at 2 (lower index first)
+    assert idx.tolist() == [[1, 0, 2]] and scores.tolist() == [[3.0, 2.0, 2.0]]
