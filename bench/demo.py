@@ -23,6 +23,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (\S+): (.*)$")
 
@@ -68,8 +70,8 @@ def cell_breakdown(sweep_dir: Path) -> dict:
         if not logs or not (cell / "DONE").is_file():
             continue
         evs = events(logs[-1])
-        cfg = (cell / "config.yaml").read_text()
-        names = [re.search(rf"^{axis}:\n  name: (\S+)", cfg, re.M).group(1) for axis in ("model", "paradigm", "loss")]
+        cfg = yaml.safe_load((cell / "config.yaml").read_text())
+        names = [cfg[axis]["name"] for axis in ("model", "paradigm", "loss")]
         start, step0 = evs[0][0], first(evs, r"^step 0: ")
         train_end, final = last(evs, r"^step \d+/\d+ loss"), last(evs, r"^step \d+: \{")
         steps = next(re.match(r"step \d+/(\d+) loss", m).group(1) for _, _, m in evs if re.match(r"step \d+/", m))
