@@ -39,6 +39,9 @@ test: setup
 # Benchmarks: each prints one JSON object (also under bench/results/), ratios measured in one run.
 bench: setup
 	$(PY) bench/retrieval.py
+	$(PY) bench/train_step.py
+	$(PY) bench/orchestration.py
+	$(PY) bench/demo.py
 
 test-fast: setup
 	$(PY) -m pytest -x -q -m "not slow"
