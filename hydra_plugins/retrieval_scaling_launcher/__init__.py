@@ -71,11 +71,19 @@ class CellLauncher(Launcher):
         from retrieval_scaling.scheduler import run_sweep
 
         composer = Composer(self.hydra_context.config_loader, self.config)
+        matched: dict[tuple[str, ...], dict] = {}  # cells that differ only in their axes match the same cell
+
+        def compose_matched(overrides: Sequence[str]) -> dict:
+            key = tuple(overrides)
+            if key not in matched:
+                matched[key] = composer.cell(list(overrides))
+            return matched[key]
+
         try:
             cfgs = []
             for overrides in job_overrides:
                 cfg = composer.cell(overrides)
-                resolve_budget(cfg, list(overrides), composer.cell)
+                resolve_budget(cfg, list(overrides), compose_matched)
                 cfgs.append(cfg)
             OUTCOME["exit_code"] = run_sweep(cfgs)
         except UserError as exc:  # bad input: one clear line, no traceback, nothing submitted
