@@ -1,5 +1,6 @@
 """Retrieval benchmark: exact sparse search (our inverted index) vs scipy brute force, on SciFact test
-encoded by a trained sparse cell; dense faiss search throughput; corpus encoding throughput.
+encoded by a trained sparse cell; dense faiss search throughput; corpus encoding throughput (the
+trained cell on SciFact, and tiny / SmolLM2-135M encoders at 128 tokens).
 
     python bench/retrieval.py [--sweep tiny] [--cell <cell_id>] [--repeats 3] [--out bench/results/retrieval.json]
 
@@ -55,6 +56,28 @@ def train_one(sweeps: Path) -> Path:
     return find_sparse_cell(sweeps, "bench", None)
 
 
+def encoding_throughput(case: str, docs: int = 256, length: int = 128, batch: int = 32) -> float:
+    """Docs/s of a cell's encoder (random weights of its architecture: speed depends on shapes only)
+    on `docs` passages of `length` tokens, bf16 autocast, no grad — what evaluation runs."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_step import case_config
+
+    from retrieval_scaling.flopcheck import RandomStep
+
+    step = RandomStep(case_config(case), queries=1, passages_per_query=1, attn_implementation="sdpa")
+    encoder = step.encoder.eval()
+    ids = torch.randint(2, step.arch.vocab_size, (docs, length))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(ids[:batch], mask[:batch])
+        start = time.perf_counter()
+        for i in range(0, docs, batch):
+            encoder(ids[i:i + batch], mask[i:i + batch])
+    return docs / (time.perf_counter() - start)
+
+
 def main() -> None:
     import torch
     from omegaconf import OmegaConf
@@ -92,8 +115,9 @@ def main() -> None:
     t_scipy, (s_ref, i_ref) = best_of(args.repeats, lambda: brute_force_sparse(q_csr, d_csr, args.k))
     identical = bool(np.array_equal(i_idx, i_ref))
 
-    dense_docs = np.random.default_rng(0).normal(size=(len(docs_text), 64)).astype(np.float32)
-    dense_q = np.random.default_rng(1).normal(size=(len(queries_text), 64)).astype(np.float32)
+    dim = encoder.backbone.get_input_embeddings().weight.shape[1]  # the dense head's width for this model
+    dense_docs = np.random.default_rng(0).normal(size=(len(docs_text), dim)).astype(np.float32)
+    dense_q = np.random.default_rng(1).normal(size=(len(queries_text), dim)).astype(np.float32)
     t_dense, _ = best_of(args.repeats, lambda: search_dense(dense_q, dense_docs, 1000))
 
     result = {
@@ -104,8 +128,11 @@ def main() -> None:
         "sparse_inverted_index_s": t_index, "sparse_scipy_brute_force_s": t_scipy,
         "sparse_speedup_vs_scipy": t_scipy / t_index, "sparse_index_build_s": t_build,
         "sparse_top_k_identical": identical,
-        "dense_faiss_queries_per_s": len(dense_q) / t_dense, "dense_dim": 64,
+        "dense_faiss_queries_per_s": len(dense_q) / t_dense, "dense_dim": dim,
         "encode_docs_per_s": len(docs_text) / t_docs,
+        "encode_docs_per_s_128_tokens": {c: encoding_throughput(c) for c in
+                                          ("tiny_s/dense/cl", "tiny_l/dense/cl", "smollm2_135m/dense/cl",
+                                           "smollm2_135m/sparse/cl")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
