@@ -70,8 +70,9 @@ def main() -> None:
                         "launcher=dev_cluster", "budget.flops=3e11", "sweep.name=bench"], env, 1)
         result["slurm_submit_4_cells_s"] = t  # returns once the jobs are queued (stages job + cell array)
         ledger = json.loads((scratch / "slurm" / "bench" / "ledger.json").read_text())
-        entries = [*ledger.get("cells", {}).values(), *ledger.get("stages", {}).values()]
-        jobs = sorted({a["job_id"].split("_")[0] for e in entries for a in e.get("attempts", []) if a.get("job_id")})
+        cell_jobs = [a["job_id"] for c in ledger["cells"].values() for a in c["attempts"]]
+        stage_jobs = [s["job_id"] for s in ledger.get("stages", {}).values()]
+        jobs = sorted({j.split("_")[0] for j in [*cell_jobs, *stage_jobs]})
         subprocess.run(["scancel", *jobs], env=env, check=False)  # the benchmark measures submission only
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
