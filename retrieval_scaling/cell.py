@@ -291,7 +291,8 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from .data import load_training_collection
     from .distributed import init_distributed
     from .evaluate import encoder_retriever, evaluate_all, load_eval_collections
-    from .prepare import ensure_training_data, load_examples
+    from .prepare import ensure_training_data, load_examples, load_passages
+    from .stages import is_built
     from .train import BatchSampler, train
 
     init_distributed()
@@ -302,9 +303,14 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     cache = Path(cfg["sweep"]["cache_dir"])
     data_cfg, model_cfg, eval_cfg = cfg["data"], cfg["model"], cfg["eval"]
 
-    examples = load_examples(ensure_training_data(data_cfg, cache))
-    train_coll = load_training_collection(data_cfg)
-    local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
+    data_dir = ensure_training_data(data_cfg, cache)
+    examples, passages = load_examples(data_dir), load_passages(data_dir)
+    local_dir, adapter = stage_dirs(model_cfg, data_cfg["name"], cache)
+    if passages is None or not all(is_built(d) for d in (local_dir, adapter) if d is not None):
+        # Normally the sweep's stages job built these first; a cell run alone builds them itself.
+        train_coll = load_training_collection(data_cfg)
+        passages = passages or train_coll.corpus
+        local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models
             summary = json.loads((directory / f"{stage}.json").read_text())
@@ -313,7 +319,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     torch.manual_seed(int(cfg["seed"]))  # LoRA's initialisation
     encoder, tokenizer = build_cell_encoder(cfg, local_dir, adapter)
-    collections = load_eval_collections(eval_cfg)
+    collections = load_eval_collections(eval_cfg) if rank == 0 else []  # rank 0 alone evaluates
 
     def evaluate_now(runs_dir: Path | None = None) -> dict[str, float]:
         retriever = encoder_retriever(encoder, tokenizer, int(eval_cfg["batch_size"]), name=f"cell-{cid}")
@@ -334,7 +340,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         log.info("step 0: %s", before)
 
     texts = {f"q:{e['qid']}": e["query"] for e in examples}
-    texts.update({f"d:{d}": train_coll.corpus[d] for e in examples for d in (*e["positives"], *e["negatives"])})
+    texts.update({f"d:{d}": passages[d] for e in examples for d in (*e["positives"], *e["negatives"])})
     keys = list(texts)
     max_len = max(int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]))
     ids = tokenizer([texts[k] for k in keys], add_special_tokens=False, truncation=True,

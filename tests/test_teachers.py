@@ -110,6 +110,9 @@ def test_run_file_miner_takes_the_runs_order_minus_positives(collection, tmp_pat
     assert by_q["q1"]["positives"] == ["d1"] and by_q["q1"]["negatives"] == ["d4", "d3"]
     assert by_q["q2"]["negatives"] == ["d2"]  # d9 dropped; fewer than `keep` left
     assert json.loads((out / "meta.json").read_text())["queries_with_fewer_negatives"] == 1
+    from retrieval_scaling.prepare import load_passages
+
+    assert load_passages(out) == {d: DOCS[d] for d in ("d1", "d4", "d3", "d5", "d2")}  # what cells read
 
 
 def test_run_file_miner_refuses_a_broken_run_line(collection, tmp_path):
