@@ -128,44 +128,51 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 # ---- compiled kernels ----
 
 @numba.njit(cache=True, nogil=True)
-def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
-    """Min-heap on (score, -doc) of the k best: the root is the worst kept hit."""
-    if size < hs.shape[0]:
-        pos = size
-        size += 1
-    else:
-        if score < hs[0] or (score == hs[0] and doc > hi[0]):
-            return size
-        pos = 0
-        # sift the new item down from the root
-        while True:
-            child = 2 * pos + 1
-            if child >= size:
-                break
-            if child + 1 < size and (hs[child + 1] < hs[child]
-                                     or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
-                child += 1
-            if hs[child] < score or (hs[child] == score and hi[child] > doc):
-                hs[pos] = hs[child]
-                hi[pos] = hi[child]
-                pos = child
-            else:
-                break
-        hs[pos] = score
-        hi[pos] = doc
-        return size
-    # sift up (heap was not full)
-    while pos > 0:
-        parent = (pos - 1) // 2
-        if hs[parent] > score or (hs[parent] == score and hi[parent] < doc):
-            hs[pos] = hs[parent]
-            hi[pos] = hi[parent]
-            pos = parent
+def _ranks_before(s1, d1, s2, d2):  # pragma: no cover — compiled
+    """Hit (s1, d1) ranks before (s2, d2): a higher score, or the same score and a lower doc index."""
+    return s1 > s2 or (s1 == s2 and d1 < d2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sift_root(hs, hi, size, score, doc):  # pragma: no cover — compiled
+    """Put (score, doc) at the root of a heap of `size` items and sift it down."""
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _ranks_before(hs[child], hi[child], hs[child + 1], hi[child + 1]):
+            child += 1
+        if _ranks_before(score, doc, hs[child], hi[child]):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
         else:
             break
+    if size > 0:
+        hs[pos] = score
+        hi[pos] = doc
+
+
+@numba.njit(cache=True, nogil=True)
+def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
+    """Offer a hit to the heap of the k best (root = the worst kept); returns the new size."""
+    if size == hs.shape[0]:
+        if _ranks_before(score, doc, hs[0], hi[0]):  # better than the worst kept: replaces it
+            _sift_root(hs, hi, size, score, doc)
+        return size
+    pos = size  # not full: sift up from the end
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if _ranks_before(score, doc, hs[parent], hi[parent]):
+            break
+        hs[pos] = hs[parent]
+        hi[pos] = hi[parent]
+        pos = parent
     hs[pos] = score
     hi[pos] = doc
-    return size
+    return size + 1
+
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, q_terms, q_weights, k,
@@ -230,24 +237,3 @@ def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, 
                 last_s, last_i = hs[r], hi[r]
                 _sift_root(hs, hi, r, last_s, last_i)
     return out_s, out_i
-
-@numba.njit(cache=True, nogil=True)
-def _sift_root(hs, hi, size, score, doc):  # pragma: no cover — compiled
-    """Replace the root with (score, doc) in a heap of `size` items (after removing the root)."""
-    pos = 0
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        if child + 1 < size and (hs[child + 1] < hs[child]
-                                 or (hs[child + 1] == hs[child] and hi[child + 1] > hi[child])):
-            child += 1
-        if hs[child] < score or (hs[child] == score and hi[child] > doc):
-            hs[pos] = hs[child]
-            hi[pos] = hi[child]
-            pos = child
-        else:
-            break
-    if size > 0:
-        hs[pos] = score
-        hi[pos] = doc
