@@ -10,7 +10,8 @@ bf16 autocast as in training. Timed: the median of `--steps` optimizer steps aft
 (a) through a DeepSpeed ZeRO-2 engine configured as the cell's, (b) as a bare loop (forward, backward,
 clip, AdamW, zero_grad). Peak: the best of fp32 and bf16 square matmuls (n = 2048) at the same thread
 count, measured in the same run; MFU is reported against both. A torch profile of one engine step says
-where the time goes. Prints one JSON object.
+where the time goes, and for the first case the bare step is re-timed with eager attention and with
+LoRA dropout off (costs, not recipe changes). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -69,6 +70,41 @@ def timed_steps(step_fn, steps: int) -> list[float]:
         step_fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def bare_step_time(cfg: dict, steps: int, attn: str) -> float:
+    """Median step time of the bare loop for a config (used for the ablations below)."""
+    import torch
+
+    from retrieval_scaling.flopcheck import RandomStep
+
+    step = RandomStep(cfg, attn_implementation=attn)
+    params = [p for p in step.encoder.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def one():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step.loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"]["grad_clip"]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return statistics.median(timed_steps(one, steps))
+
+
+def ablations(case: str, steps: int) -> dict:
+    """Where the time beyond matmuls goes, as step times of the bare loop with one thing changed:
+    eager attention instead of SDPA, and LoRA dropout off (the paper uses 0.05: not a recipe change,
+    a measurement of its cost)."""
+    out = {}
+    for name, attn, dropout in (("sdpa", "sdpa", None), ("eager_attention", "eager", None),
+                                ("no_lora_dropout", "sdpa", 0.0), ("eager_no_lora_dropout", "eager", 0.0)):
+        cfg = case_config(case)
+        if dropout is not None:
+            cfg["model"]["lora"]["dropout"] = dropout
+        out[name] = bare_step_time(cfg, steps, attn)
+    return out
 
 
 def run_case(case: str, steps: int, profile: bool) -> dict:
@@ -144,6 +180,7 @@ def main() -> None:
     peak_fp32 = peak_matmul_flops(torch.float32)
     peak_bf16 = peak_matmul_flops(torch.bfloat16)
     cases = [run_case(c, args.steps, profile=True) for c in args.cases.split(",")]
+    cases[0]["ablation_step_s"] = ablations(args.cases.split(",")[0], args.steps)
     for c in cases:
         c["mfu_vs_fp32_peak"] = c["model_flops_per_s"] / peak_fp32
         c["mfu_vs_best_peak"] = c["model_flops_per_s"] / max(peak_fp32, peak_bf16)
