@@ -72,13 +72,11 @@ def timed_steps(step_fn, steps: int) -> list[float]:
     return times
 
 
-def bare_step_time(cfg: dict, steps: int, attn: str) -> float:
-    """Median step time of the bare loop for a config (used for the ablations below)."""
+def bare_loop(step, clip: float):
+    """One optimizer step of a bare torch + peft loop over `step`'s batch: forward, backward, clip,
+    AdamW, zero_grad."""
     import torch
 
-    from retrieval_scaling.flopcheck import RandomStep
-
-    step = RandomStep(cfg, attn_implementation=attn)
     params = [p for p in step.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
 
@@ -86,11 +84,19 @@ def bare_step_time(cfg: dict, steps: int, attn: str) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = step.loss()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, float(cfg["train"]["grad_clip"]))
+        torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return statistics.median(timed_steps(one, steps))
+    return one
+
+
+def bare_step_time(cfg: dict, steps: int, attn: str) -> float:
+    """Median step time of the bare loop for a config (used for the ablations below)."""
+    from retrieval_scaling.flopcheck import RandomStep
+
+    step = RandomStep(cfg, attn_implementation=attn)
+    return statistics.median(timed_steps(bare_loop(step, float(cfg["train"]["grad_clip"])), steps))
 
 
 def ablations(case: str, steps: int) -> dict:
@@ -122,17 +128,7 @@ def run_case(case: str, steps: int, profile: bool) -> dict:
     clip = float(cfg["train"]["grad_clip"])
 
     # (b) bare torch + peft
-    bare_opt = torch.optim.AdamW(params, lr=1e-5)
-
-    def bare_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = step.loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        bare_opt.step()
-        bare_opt.zero_grad(set_to_none=True)
-
-    bare = timed_steps(bare_step, steps)
+    bare = timed_steps(bare_loop(step, clip), steps)
 
     # (a) the cell's DeepSpeed engine
     ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,

@@ -273,12 +273,16 @@ def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None) -> Coll
     raise DataError(f"collection {name}: unknown source {source!r}; one of {list(SOURCES)}.")
 
 
-def load_training_collection(data_cfg: Mapping[str, Any]) -> Collection:
-    """The training collection of `data` (conf/data/*): a BEIR directory under the data root, or an
-    ir_datasets id (MS MARCO passage train on a cluster)."""
-    spec = {"name": data_cfg["name"], "source": data_cfg.get("source", "beir"), "split": data_cfg.get("split"),
+def training_spec(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The training collection of `data` (conf/data/*) as a collection spec for `load_source`."""
+    return {"name": data_cfg["name"], "source": data_cfg.get("source", "beir"), "split": data_cfg.get("split"),
             "id": data_cfg.get("id"), "dir": data_cfg.get("dir")}
-    return load_source(spec, data_cfg.get("root"))
+
+
+def load_training_collection(data_cfg: Mapping[str, Any]) -> Collection:
+    """The training collection: a BEIR directory under the data root, or an ir_datasets id (MS MARCO
+    passage train on a cluster)."""
+    return load_source(training_spec(data_cfg), data_cfg.get("root"))
 
 
 def read_trec_run(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -124,9 +124,8 @@ def subset_collection(coll: Collection, queries: int, bm25_depth: int, seed: int
     chosen = [qids[i] for i in picked]
     index = BM25Index(coll.corpus)
     pool = {d for q in chosen for d in coll.qrels[q]}
-    for q in chosen:
-        top = np.argsort(-index.scores(coll.queries[q]), kind="stable")[:bm25_depth]
-        pool.update(index.doc_ids[i] for i in top)
+    _, top = index.top_k([coll.queries[q] for q in chosen], bm25_depth)
+    pool.update(index.doc_ids[i] for i in top.ravel())
     return Collection(name=f"{coll.name}:q{len(chosen)}-bm25_{bm25_depth}",
                       corpus={d: t for d, t in coll.corpus.items() if d in pool},
                       queries={q: coll.queries[q] for q in chosen}, qrels={q: coll.qrels[q] for q in chosen})
@@ -238,9 +237,9 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
     """Metrics and run files into the cell's own run, or a new run of experiment `baselines`."""
     import time
 
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
-    from .tracking import KIND, client, ensure_experiment, find_cell_run, flatten, tracking_uri
+    from .tracking import KIND, client, ensure_experiment, find_cell_run, flatten, log_param_batches, tracking_uri
 
     uri = tracking_uri(cfg["tracking"], cfg["sweep"]["root"])
     c = client(uri)
@@ -256,10 +255,8 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
         name = f"{cfg['baseline']['name']}-{'+'.join(s['name'] for s in collection_specs(cfg['eval']))}"
         run_id = c.create_run(exp_id, run_name=name, tags={KIND: "baseline", "baseline": cfg["baseline"]["name"]}
                               ).info.run_id
-        params = flatten({"baseline": cfg["baseline"], "eval": {k: v for k, v in cfg["eval"].items() if k != "root"}})
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            c.log_batch(run_id, params=items[i:i + 100])
+        log_param_batches(c, run_id, flatten({"baseline": cfg["baseline"],
+                                              "eval": {k: v for k, v in cfg["eval"].items() if k != "root"}}))
         step = 0
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])

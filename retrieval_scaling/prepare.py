@@ -53,7 +53,7 @@ class BM25Index:
     def top_k(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, corpus positions) of each query's k best documents, best first, ties by lower
         position (exact: every document is scored)."""
-        from .search import top_k_rows
+        from .search import top_k_rows  # numba: imported only where searched
 
         k = min(k, len(self.doc_ids))
         out_s = np.empty((len(queries), k), dtype=np.float32)
@@ -86,6 +86,8 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
 def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
     from tqdm import tqdm
 
+    from .search import top_k_rows
+
     coll: Collection = load_training_collection(data_cfg)
     neg = data_cfg["negatives"]
     depth, keep = int(neg["depth"]), int(neg["keep"])
@@ -103,7 +105,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
             unranked += qid not in run
             ranked = [d for d in run.get(qid, [])[:depth] if d in coll.corpus]
         else:
-            ranked = [index.doc_ids[i] for i in np.argsort(-scores, kind="stable")[:depth]]
+            ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], depth)[1][0]]
         negatives = [d for d in ranked if d not in positives][:keep]
         short += len(negatives) < keep
         judged = [*positives, *negatives]

@@ -49,8 +49,7 @@ class EncoderRetriever(Retriever):
                               f"encode {coll.name} corpus [{i}:{min(i + shard_size, len(doc_texts))}]")
                   for i in range(0, len(doc_texts), shard_size))
         if self.sparse:
-            sparse_shards = [to_csr(s) for s in shards]  # each shard kept as its non-zeros only
-            index = InvertedIndex.from_shards(sparse_shards)
+            index = InvertedIndex.from_shards(shards)  # each shard kept as its non-zeros once encoded
             q = to_csr(queries)
             self.nnz = {"doc_nnz": index.nnz / max(index.n_docs, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
             scores, idx = index.search(q, depth)

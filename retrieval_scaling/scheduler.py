@@ -15,8 +15,8 @@ from typing import Any
 
 import submitit
 
-from .cell import cell_dir, run_cell
-from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root
+from .cell import cell_dir, run_cell, stage_dirs
+from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root, training_spec
 from .errors import ConfigError, DataError
 from .plan import check_budget, plan_cell
 
@@ -127,8 +127,7 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
 
     seen = set()
     for cfg in cfgs:
-        data = cfg["data"]
-        specs = [(data["root"], {k: data.get(k) for k in ("name", "source", "split", "id", "dir")})]
+        specs = [(cfg["data"]["root"], training_spec(cfg["data"]))]
         specs += [(cfg["eval"]["root"], dict(c)) for c in cfg["eval"]["collections"].values()]
         for root, spec in specs:
             key = json.dumps([root, spec], sort_keys=True, default=str)
@@ -151,21 +150,13 @@ def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
 
 
 def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
-    """The shared stages a cell needs: its training data, and its backbone's tiny pretraining and MNTP."""
-    from .backbone import pretrained_dir
-    from .gguf import converted_dir
-    from .mntp import mntp_dir
+    """The shared stages a cell needs: its training data, and its backbone's tiny pretraining or GGUF
+    conversion and MNTP."""
     from .prepare import training_data_dir
 
-    model, cache, corpus = cfg["model"], Path(cfg["sweep"]["cache_dir"]), cfg["data"]["name"]
-    targets = [training_data_dir(cfg["data"], cache)]
-    if model.get("source") == "pretrain":
-        targets.append(pretrained_dir(cache, model, corpus))
-    elif model.get("source") == "gguf":
-        targets.append(converted_dir(cache, model))
-    if model.get("mntp"):
-        targets.append(mntp_dir(cache, model, corpus))
-    return tuple(targets)
+    cache = Path(cfg["sweep"]["cache_dir"])
+    backbone = stage_dirs(cfg["model"], cfg["data"]["name"], cache)
+    return (training_data_dir(cfg["data"], cache), *(d for d in backbone if d is not None))
 
 
 def stage_key(targets: Sequence[Path]) -> str:

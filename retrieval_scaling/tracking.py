@@ -75,6 +75,15 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def log_param_batches(c, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6,000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i:i + 100])
+
+
 def find_parent_run(c, experiment_id: str):
     runs = c.search_runs([experiment_id], filter_string=f"tags.{KIND} = 'sweep'", max_results=1)
     return runs[0] if runs else None
@@ -84,8 +93,6 @@ def open_parent_run(uri: str, experiment: str, artifacts: str | os.PathLike, par
                     files: list[Path]) -> str:
     """The sweep's parent run (created once, reopened by later invocations): grid and plan as params
     and artifacts. Returns its id."""
-    from mlflow.entities import Param
-
     c = client(uri)
     exp_id = ensure_experiment(uri, experiment, artifacts)
     run = find_parent_run(c, exp_id)
@@ -96,9 +103,7 @@ def open_parent_run(uri: str, experiment: str, artifacts: str | os.PathLike, par
     run_id = run.info.run_id
     c.set_tag(run_id, "git_commit", git_commit())
     have = c.get_run(run_id).data.params
-    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
-    for i in range(0, len(new), 100):
-        c.log_batch(run_id, params=new[i:i + 100])
+    log_param_batches(c, run_id, {k: v for k, v in params.items() if k not in have})
     for f in files:
         c.log_artifact(run_id, str(f))
     return run_id
@@ -144,7 +149,7 @@ class CellRun:
 
     def __init__(self, uri: str, experiment: str, artifacts: str | os.PathLike, cell: str,
                  tags: Mapping[str, str], params: Mapping[str, str], attempt_tags: Mapping[str, str] | None = None):
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         self.client = client(uri)
         exp_id = ensure_experiment(uri, experiment, artifacts)
@@ -155,9 +160,7 @@ class CellRun:
                     **({"mlflow.parentRunId": parent.info.run_id} if parent else {})}
             run = self.client.create_run(exp_id, tags=tags, run_name=tags.get("run_name"))
             self.run_id, self.attempt = run.info.run_id, 1
-            items = [Param(k, v[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
+            log_param_batches(self.client, self.run_id, params)
         else:
             self.run_id = existing.info.run_id
             self.attempt = int(existing.data.tags.get("attempt", "1")) + 1
@@ -174,12 +177,8 @@ class CellRun:
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         have = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)) for k, v in params.items() if k not in have]
-        if items:
-            self.client.log_batch(self.run_id, params=items)
+        log_param_batches(self.client, self.run_id, {k: v for k, v in params.items() if k not in have})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
