@@ -6,9 +6,11 @@ Uses the client API only: the fluent API's atexit hook would mark a crashed run 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +53,33 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock on `<db>.lock` (two sweeps started at once on a fresh
+    store would both run the schema migration, and one fails with "table experiments already exists")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_experiment(uri: str, name: str, artifacts: str | os.PathLike) -> str:
     """Create the store and the experiment once, before cells fan out (concurrent first use of a
-    fresh SQLite store races on schema migration)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    Path(artifacts).mkdir(parents=True, exist_ok=True)
-    return c.create_experiment(name, artifact_location=Path(artifacts).resolve().as_uri())
+    fresh SQLite store races on schema migration): under a lock, so that concurrent sweeps may too."""
+    with _store_lock(uri):
+        c = client(uri)
+        exp = c.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        return c.create_experiment(name, artifact_location=Path(artifacts).resolve().as_uri())
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

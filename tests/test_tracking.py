@@ -25,3 +25,22 @@ def test_a_cell_keeps_one_run_across_attempts_and_a_dead_one_is_closed_failed(tm
 
 def test_flatten_joins_nested_keys_with_dots():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2]}) == {"a.b": "1", "a.c.d": "x", "e": "[1, 2]"}
+
+
+def _ensure_after_barrier(uri: str, artifacts: str, barrier) -> str:
+    barrier.wait()
+    return ensure_experiment(uri, "sw", artifacts)
+
+
+def test_sweeps_started_together_on_a_fresh_store_share_one_experiment(tmp_path):
+    """Two `sweep` commands started at once used to race on the schema migration ("table experiments
+    already exists"); the store lock serialises the creation."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(3)
+    with ProcessPoolExecutor(3, mp_context=ctx) as pool:
+        ids = list(pool.map(_ensure_after_barrier, [uri] * 3, [str(tmp_path / "art")] * 3, [barrier] * 3))
+    assert len(set(ids)) == 1
