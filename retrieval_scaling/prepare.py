@@ -94,7 +94,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
     index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
     run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
     teacher = build_teacher(data_cfg["teacher"], coll.corpus)
-    lines, short, unranked = [], 0, 0
+    lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
     for qid, query in tqdm(coll.queries.items(), desc=desc, mininterval=10, total=len(coll.queries)):
         positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
@@ -109,6 +109,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
         negatives = [d for d in ranked if d not in positives][:keep]
         short += len(negatives) < keep
         judged = [*positives, *negatives]
+        used.update(dict.fromkeys(judged))
         if teacher is None:
             teacher_scores = [float(scores[index.position[d]]) for d in judged]
         else:
@@ -121,7 +122,6 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
         raise ConfigError(f"no training query of {coll.name} has a positive judgement: check data.split.")
     (out / "examples.jsonl").write_text("\n".join(lines) + "\n")
     # The passages the examples name, so that cells read these instead of the whole corpus (8.8M for MS MARCO).
-    used = dict.fromkeys(d for line in lines for e in [json.loads(line)] for d in (*e["positives"], *e["negatives"]))
     with (out / PASSAGES).open("w", encoding="utf-8") as handle:
         for d in used:
             handle.write(json.dumps({"_id": d, "text": coll.corpus[d]}) + "\n")
@@ -142,7 +142,7 @@ def load_passages(path: Path) -> dict[str, str] | None:
     if not file.is_file():
         return None
     with file.open(encoding="utf-8") as handle:
-        return {row["_id"]: row["text"] for row in map(json.loads, handle) if row}
+        return {row["_id"]: row["text"] for row in map(json.loads, handle)}
 
 
 def load_examples(path: Path) -> list[dict]:
