@@ -15,8 +15,8 @@ from typing import Any
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "planner",
-                # a source of values interpolated where they matter (sparse cells' paradigm.flops)
-                "flops_lambda")
+                # sources of values interpolated where they matter (sparse cells' paradigm)
+                "flops_lambda", "sparse_temperature")
 
 
 def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,8 +23,11 @@ def test_all_18_tiny_cells_compose_with_distinct_identities(compose):
         # the grid's λ reaches sparse cells only; dense cells have no regulariser at all
         if paradigm == "sparse":
             assert (cfg["paradigm"]["flops"]["lambda_q"], cfg["paradigm"]["flops"]["lambda_d"]) == (0.1, 0.08)
+            # and its KD-only student temperature: sparse KD cells only
+            assert cfg["paradigm"]["temperature"] == (0.1 if loss == "kd" else 1.0)
         else:
             assert "flops" not in cfg["paradigm"]
+            assert cfg["paradigm"]["temperature"] == 0.01
         plan = plan_cell(cfg)
         assert plan["steps"] >= 1
         ids.add(cell_id(cfg))
@@ -54,6 +57,14 @@ def test_the_flops_lambda_changes_sparse_cells_only(compose):
     for paradigm, changes in (("sparse", True), ("dense", False)):
         base = cell_id(compose(f"paradigm={paradigm}"))
         assert (cell_id(compose(f"paradigm={paradigm}", "flops_lambda.d=0.5")) != base) == changes
+
+
+def test_a_sparse_temperature_changes_the_sparse_cells_of_its_loss_only(compose):
+    for paradigm, loss, changes in (("sparse", "kd", True), ("sparse", "cl", False), ("dense", "kd", False)):
+        base = compose(f"paradigm={paradigm}", f"loss={loss}")
+        cfg = compose(f"paradigm={paradigm}", f"loss={loss}", "sparse_temperature.kd=0.5")
+        assert (cell_id(cfg) != cell_id(base)) == changes
+        assert cfg["paradigm"]["temperature"] == (0.5 if changes else base["paradigm"]["temperature"])
 
 
 @pytest.mark.parametrize("override", ["sweep.name=other", "log.every=3", "launcher.max_parallel=5",

@@ -138,3 +138,8 @@ def test_sbert_teacher_scores_are_the_models_cosine_similarities():
     want = [float(model.encode(DOCS[d]) @ q) for d in ("d1", "d4", "d3")]
     assert got == pytest.approx(want, abs=1e-5)
     assert got[0] > got[1]  # the aspirin/heart-attack passage beats the weather
+    # Passages are encoded once and reused: a later query over some of the same ones (and a new one,
+    # listed twice) still gets its own cosine similarities, in the order asked.
+    q2 = model.encode(QUERIES["q2"])
+    again = score(QUERIES["q2"], ["d3", "d2", "d1", "d2"])
+    assert again == pytest.approx([float(model.encode(DOCS[d]) @ q2) for d in ("d3", "d2", "d1", "d2")], abs=1e-5)
