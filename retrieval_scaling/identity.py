@@ -15,6 +15,8 @@ from typing import Any
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "planner",
+                # how a teacher batches and caches (its scores do not change)
+                "teacher.batch_size", "teacher.cache_size", "data.teacher.batch_size", "data.teacher.cache_size",
                 # sources of values interpolated where they matter (sparse cells' paradigm)
                 "flops_lambda", "sparse_temperature")
 

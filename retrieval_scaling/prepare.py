@@ -63,9 +63,12 @@ class BM25Index:
         return out_s, out_i
 
 
+TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size")
+
+
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
-    # The teacher's batch size does not change its scores, so it does not name the data.
-    teacher = {k: v for k, v in data_cfg["teacher"].items() if k != "batch_size"}
+    # How the teacher batches and caches does not change its scores, so it does not name the data.
+    teacher = {k: v for k, v in data_cfg["teacher"].items() if k not in TEACHER_RUNTIME_KEYS}
     key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
                         "teacher": teacher})
     return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"

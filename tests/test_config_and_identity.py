@@ -133,3 +133,9 @@ def test_the_teacher_is_a_config_choice_that_names_the_cell(compose):
     assert ce["data"]["teacher"]["name_or_path"] == "cross-encoder/ms-marco-MiniLM-L-6-v2"
     assert compose()["data"]["teacher"] == {"name": "bm25"}
     assert cell_id(ce) != cell_id(compose())
+    # how it batches and caches does not name the cell
+    sbert = compose("teacher=sbert", "teacher.path=/models/minilm")
+    assert sbert["data"]["teacher"]["cache_size"] == 1_000_000
+    for override in ("teacher.batch_size=8", "teacher.cache_size=10"):
+        assert cell_id(compose("teacher=sbert", "teacher.path=/models/minilm", override)) == cell_id(sbert)
+    assert cell_id(compose("teacher=sbert", "teacher.path=/models/other")) != cell_id(sbert)

@@ -86,6 +86,8 @@ def test_cross_encoder_teacher_scores_each_pair_with_the_models_logit(collection
     assert training_data_dir(data_cfg(collection, teacher), tmp_path / "cache") != bm25_dir
     assert training_data_dir(data_cfg(collection, {**teacher, "batch_size": 64}), tmp_path / "cache") == \
         training_data_dir(data_cfg(collection, teacher), tmp_path / "cache")
+    assert training_data_dir(data_cfg(collection, {**teacher, "cache_size": 5}), tmp_path / "cache") == \
+        training_data_dir(data_cfg(collection, teacher), tmp_path / "cache")
 
 
 def test_a_cross_encoder_with_two_outputs_or_no_weights_is_refused(tmp_path):
@@ -142,4 +144,9 @@ def test_sbert_teacher_scores_are_the_models_cosine_similarities():
     # listed twice) still gets its own cosine similarities, in the order asked.
     q2 = model.encode(QUERIES["q2"])
     again = score(QUERIES["q2"], ["d3", "d2", "d1", "d2"])
-    assert again == pytest.approx([float(model.encode(DOCS[d]) @ q2) for d in ("d3", "d2", "d1", "d2")], abs=1e-5)
+    want2 = [float(model.encode(DOCS[d]) @ q2) for d in ("d3", "d2", "d1", "d2")]
+    assert again == pytest.approx(want2, abs=1e-5)
+    # a cache smaller than one query's passages evicts as it goes and changes no score
+    small = build_teacher({"name": "sbert", "path": path, "batch_size": 2, "cache_size": 1}, DOCS)
+    assert small(QUERIES["q1"], ["d1", "d4", "d3"]) == pytest.approx(want, abs=1e-5)
+    assert small(QUERIES["q2"], ["d3", "d2", "d1", "d2"]) == pytest.approx(want2, abs=1e-5)
