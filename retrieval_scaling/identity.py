@@ -12,11 +12,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
+
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "planner",
-                # how a teacher batches and caches (its scores do not change)
-                "teacher.batch_size", "teacher.cache_size", "data.teacher.batch_size", "data.teacher.cache_size",
+                # how a teacher batches and caches (its scores do not change), wherever the teacher sits
+                *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),
                 # sources of values interpolated where they matter (sparse cells' paradigm)
                 "flops_lambda", "sparse_temperature")
 

@@ -23,6 +23,7 @@ from .data import Collection, load_training_collection, read_trec_run
 from .errors import ConfigError
 from .identity import content_hash
 from .stages import build_once
+from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
 from .teachers import build_teacher
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,7 @@ class BM25Index:
         return out_s, out_i
 
 
-TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size")
-
-
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
-    # How the teacher batches and caches does not change its scores, so it does not name the data.
     teacher = {k: v for k, v in data_cfg["teacher"].items() if k not in TEACHER_RUNTIME_KEYS}
     key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
                         "teacher": teacher})
