@@ -58,16 +58,18 @@ def train_one(sweeps: Path) -> Path:
 
 def encoding_throughput(case: str, docs: int = 256, length: int = 128, batch: int = 32) -> float:
     """Docs/s of a cell's encoder (random weights of its architecture: speed depends on shapes only)
-    on `docs` passages of `length` tokens, bf16 autocast, no grad — what evaluation runs."""
+    on `docs` passages of `length` tokens, as evaluation runs it (`inference_encoder`: LoRA merged,
+    bf16 weights, sdpa), no grad."""
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
     from train_step import case_config
 
+    from retrieval_scaling.evaluate import inference_encoder
     from retrieval_scaling.flopcheck import RandomStep
 
-    step = RandomStep(case_config(case), queries=1, passages_per_query=1, attn_implementation="sdpa")
-    encoder = step.encoder.eval()
+    step = RandomStep(case_config(case), queries=1, passages_per_query=1)
+    encoder = inference_encoder(step.encoder, "bfloat16", "sdpa")
     ids = torch.randint(2, step.arch.vocab_size, (docs, length))
     mask = torch.ones_like(ids)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -84,7 +86,7 @@ def main() -> None:
 
     from retrieval_scaling.cell import load_trained_encoder
     from retrieval_scaling.data import load_collection
-    from retrieval_scaling.evaluate import encode_texts
+    from retrieval_scaling.evaluate import encode_texts, inference_encoder
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense, to_csr
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,6 +103,8 @@ def main() -> None:
         cell_dir = train_one(sweeps)
     cell_cfg = OmegaConf.to_container(OmegaConf.load(cell_dir / "config.yaml"), resolve=True)
     encoder, tokenizer = load_trained_encoder(cell_cfg, cell_dir)
+    encoder = inference_encoder(encoder, cell_cfg["eval"].get("dtype", "bfloat16"),
+                                cell_cfg["model"].get("eval_attn_implementation"))
     coll = load_collection(os.environ.get("RS_DATA_DIR"), "scifact", "test")
     threads = torch.get_num_threads()
 

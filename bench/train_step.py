@@ -8,9 +8,11 @@ Per case, at the cell's shapes (the SmolLM2 cell at the `make smoke-real` shapes
 the cell's architecture with its LoRA, trainable embeddings, head, loss and FLOPS term; one fixed
 batch; bf16 autocast and attention kernel as in training. Timed: the median of `--steps` optimizer
 steps after two warm-up steps, (a) through a DeepSpeed ZeRO-2 engine configured as the cell's, (b) as
-a bare loop (forward, backward, clip, AdamW, zero_grad). Peak: the best of fp32 and bf16 square
-matmuls (n = 2048) at the same thread count, measured in the same run; MFU is reported against both.
-A torch profile of one engine step says where the time goes, and for the first case the bare step is
+a bare loop (forward, backward, clip, AdamW, zero_grad), (c) through the engine with `train.compile`'s
+compiled decoder layers, after a first step that compiles them (inductor's cache cold, then warm).
+Peak: the best of fp32 and bf16 square matmuls (n = 2048) at the same thread count, measured in the
+same run; MFU is reported against both. A torch profile of one engine step, eager and compiled, says
+where the time goes, and for the first case the bare step is
 re-timed with SDPA and eager attention, each with the paper's LoRA dropout (0.05) and without (costs,
 not recipe changes). Prints one JSON object.
 """
@@ -22,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +123,7 @@ def run_case(case: str, steps: int, profile: bool) -> dict:
     from retrieval_scaling.cell import deepspeed_config
     from retrieval_scaling.flopcheck import RandomStep
     from retrieval_scaling.plan import plan_cell
+    from retrieval_scaling.train import compiled_layers
 
     cfg = case_config(case)
     plan = plan_cell(cfg)
@@ -144,21 +148,40 @@ def run_case(case: str, steps: int, profile: bool) -> dict:
         engine.step()
 
     ds = timed_steps(engine_step, steps)
-    top_ops = []
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
+    top_ops = profile_ops(engine_step) if profile else []
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    # (c) the same engine with train.compile's compiled decoder layers: first step (compilation, with
+    # inductor's on-disk cache cold, then warm as a later cell finds it), then timed steps.
+    compiled = {}
+    for cache in ("cold", "warm"):
+        torch._dynamo.reset()
+        with compiled_layers(step.encoder, True):
+            start = time.perf_counter()
             engine_step()
-        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-        total = sum(e.self_cpu_time_total for e in events) or 1
-        top_ops = [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-                    "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:12]]
+            compiled[f"compile_{cache}_s"] = time.perf_counter() - start
+            if cache == "cold":
+                ds_compiled = timed_steps(engine_step, steps)
+                top_ops_compiled = profile_ops(engine_step) if profile else []
     return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
             "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
             "step_s_bare": statistics.median(bare), "engine_overhead": statistics.median(ds) / statistics.median(bare),
-            "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops}
+            "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops,
+            "step_s_deepspeed_compiled": statistics.median(ds_compiled), **compiled,
+            "model_flops_per_s_compiled": plan["flops_per_step"] / statistics.median(ds_compiled),
+            "profile_top_ops_compiled": top_ops_compiled}
+
+
+def profile_ops(step_fn, top: int = 12) -> list[dict]:
+    """Where one step's time goes: the ops with the most self CPU time (torch profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+             "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]]
 
 
 def main() -> None:
@@ -173,6 +196,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_step.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # A fresh inductor cache, so that `compile_cold_s` is what a sweep's first cell pays.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     init_distributed()
     peak_fp32 = peak_matmul_flops(torch.float32)
     peak_bf16 = peak_matmul_flops(torch.bfloat16)
@@ -181,6 +206,7 @@ def main() -> None:
     for c in cases:
         c["mfu_vs_fp32_peak"] = c["model_flops_per_s"] / peak_fp32
         c["mfu_vs_best_peak"] = c["model_flops_per_s"] / max(peak_fp32, peak_bf16)
+        c["mfu_vs_fp32_peak_compiled"] = c["model_flops_per_s_compiled"] / peak_fp32
     result = {"benchmark": "train_step", "threads": args.threads, "peak_fp32_matmul_flops": peak_fp32,
               "peak_bf16_matmul_flops": peak_bf16, "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

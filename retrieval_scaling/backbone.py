@@ -8,8 +8,7 @@ directory given as `name_or_path`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +108,3 @@ def set_bidirectional(model, on: bool) -> None:
     """transformers ≥5 builds a padding-only mask and passes is_causal=False to the kernels when the
     config says so; setting it on attention modules alone is not enough (stays causal under eager)."""
     model.config.is_causal = not on
-
-
-@contextmanager
-def attention_implementation(model, name: str | None) -> Iterator[None]:
-    """Run a block with another attention kernel (e.g. sdpa for inference when eager trains faster)."""
-    before = model.config._attn_implementation
-    if not name or name == before:
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)

@@ -287,10 +287,9 @@ def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
     from hydra.utils import instantiate
 
-    from .backbone import attention_implementation
     from .data import load_training_collection
     from .distributed import init_distributed
-    from .evaluate import encoder_retriever, evaluate_all, load_eval_collections
+    from .evaluate import encoder_retriever, evaluate_all, inference_encoder, load_eval_collections
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import is_built
     from .train import BatchSampler, train
@@ -322,9 +321,9 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     collections = load_eval_collections(eval_cfg) if rank == 0 else []  # rank 0 alone evaluates
 
     def evaluate_now(runs_dir: Path | None = None) -> dict[str, float]:
-        retriever = encoder_retriever(encoder, tokenizer, int(eval_cfg["batch_size"]), name=f"cell-{cid}")
-        with attention_implementation(encoder.backbone, model_cfg.get("eval_attn_implementation")):
-            return evaluate_all(retriever, collections, eval_cfg, runs_dir)
+        inference = inference_encoder(encoder, eval_cfg["dtype"], model_cfg.get("eval_attn_implementation"))
+        retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), name=f"cell-{cid}")
+        return evaluate_all(retriever, collections, eval_cfg, runs_dir)
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result.
@@ -350,6 +349,8 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
                            int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
                            tokenizer.bos_token_id, tokenizer.pad_token_id)
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
+    # Compiled layers (train.compile) are cached with the sweep's other stages unless the user chose a place.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
     encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], plan["tokens_per_step"],
                     cfg["train"], cfg["paradigm"], deepspeed_config(cfg), out / "checkpoints",
                     int(cfg["log"]["every"]), run.log_metrics,

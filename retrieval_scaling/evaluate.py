@@ -18,6 +18,7 @@ cell's run, or a run of experiment `baselines`.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import logging
@@ -37,15 +38,34 @@ from .retrievers import EncoderRetriever, Retriever, Run
 log = logging.getLogger(__name__)
 
 
+def inference_encoder(encoder: Encoder, dtype: str = "bfloat16", attn_implementation: str | None = None) -> Encoder:
+    """The encoder as evaluation runs it, built on a copy so that training state is untouched: LoRA
+    merged into the weights it adapts (no adapter matmuls, scale and add per layer and batch), every
+    weight in `dtype` (bf16: no per-batch casts of weights, a half-width residual stream) and the
+    inference attention kernel. tiny_l's corpus encoding, one thread: 129 → 319 docs/s."""
+    from peft import PeftModel
+
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ConfigError(f"eval.dtype={dtype!r} is not a torch dtype; use bfloat16 or float32.")
+    model = copy.deepcopy(encoder)
+    if isinstance(model.backbone, PeftModel):
+        model.backbone = model.backbone.merge_and_unload()
+    if attn_implementation:
+        model.backbone.set_attn_implementation(attn_implementation)
+    return model.to(getattr(torch, dtype)).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
                  desc: str) -> torch.Tensor:
-    """Reps of `texts` in input order; batches are formed over length-sorted texts so that padding is
-    small, and run under bf16 autocast (AMX on this CPU) on the encoder's device."""
+    """Reps of `texts` in input order (fp32); batches are formed over length-sorted texts so that
+    padding is small, on the encoder's device, under bf16 autocast where its weights are bf16 (AMX on
+    this CPU; see `inference_encoder`)."""
     from tqdm import tqdm
 
     encoder.eval()
-    device = next(encoder.parameters()).device
+    weight = next(encoder.parameters())
+    device, half = weight.device, weight.dtype == torch.bfloat16
     ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     chunks: list[torch.Tensor] = []
@@ -53,7 +73,7 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
         rows = order[start:start + batch_size]
         input_ids, mask = encode_inputs([ids[i] for i in rows], tokenizer.bos_token_id,
                                         tokenizer.pad_token_id, max_len)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
             chunks.append(encoder(input_ids.to(device), mask.to(device)).float().cpu())
     reps = torch.cat(chunks)
     out = torch.empty_like(reps)
@@ -62,7 +82,7 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
 
 
 def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell") -> EncoderRetriever:
-    """A cell's encoder behind the retriever interface."""
+    """An encoder (as `inference_encoder` prepares it) behind the retriever interface."""
     def encode(texts: list[str], max_len: int, desc: str) -> np.ndarray:
         return encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc).numpy()
 
@@ -211,6 +231,7 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
                         "run or resubmit the sweep first, or check sweep.name / RS_SWEEPS_DIR.")
     cell_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
     encoder, tokenizer = load_trained_encoder(cell_cfg, out)
+    encoder = inference_encoder(encoder, cfg["eval"]["dtype"], cell_cfg["model"].get("eval_attn_implementation"))
     return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), name=f"cell-{cell}"), cell_cfg
 
 

@@ -10,7 +10,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,24 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path
 
 
+@contextmanager
+def compiled_layers(encoder: Encoder, on: bool) -> Iterator[None]:
+    """Within the block, each decoder layer runs `torch.compile`d (inductor fuses the norms, rotary,
+    softmax, LoRA's scale-and-add and autocast's casts that dominate a small model's step). Layers
+    share one compiled graph per input shape, so compilation costs one layer's, not the model's; it
+    is cached on disk (TORCHINDUCTOR_CACHE_DIR). In place, so parameter names, checkpoints and saved
+    weights are those of an eager run; the layers are eager again afterwards (evaluation's shapes
+    vary batch to batch and would recompile)."""
+    layers = list(encoder.backbone.get_decoder().layers) if on else []
+    for layer in layers:
+        layer.compile()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; no public way to undo it
+
+
 def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
           flops_per_step: int, tokens_per_step: int, train_cfg: Mapping[str, Any],
           paradigm_cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
@@ -170,43 +189,44 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     engine.train()
     REQUEUE.training(True)
     tick = time.time()
-    for step in range(start, steps):
-        batch = to_device(sampler.batch(step), device)
-        real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
-        local = shard(batch, rank, world)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            q = engine(local.query_ids, local.query_mask).float()
-            p = engine(local.passage_ids, local.passage_mask).float()
-        q, p = gather_rows(q), gather_rows(p)
-        out = loss_fn(q, p, batch.teacher, sampler.group, temperature)
-        loss, parts = out.total, dict(out.parts)
-        if reg:
-            lam_q = quadratic_warmup(float(reg["lambda_q"]), step, reg_warmup)
-            lam_d = quadratic_warmup(float(reg["lambda_d"]), step, reg_warmup)
-            parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
-            loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
-        engine.backward(loss)
-        engine.step()
-        done = step + 1
-        if done % log_every == 0 or done == steps or done == start + 1:
-            elapsed = max(time.time() - tick, 1e-9)
-            metrics = {
-                "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()},
-                "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
-                "tokens_seen": float(done * tokens_per_step), "tokens_real_seen": float(real_tokens),
-                "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
-            }
-            if encoder.sparse:
-                metrics["train/query_nnz"], metrics["train/doc_nnz"] = sparsity(q), sparsity(p)
-            log_metrics(metrics, done)
-            log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])
-            tick = time.time()
-        state = {"step": done, "real_tokens": real_tokens}
-        if done % int(train_cfg["checkpoint_every"]) == 0 or done == steps:
-            save_checkpoint(engine, ckpt_dir, state)
-        REQUEUE.at_step_end(lambda: save_checkpoint(engine, ckpt_dir, state), any_rank)  # noqa: B023
-        if faults is not None:
-            faults.at_step(done)
+    with compiled_layers(encoder, bool(train_cfg.get("compile", False))):
+        for step in range(start, steps):
+            batch = to_device(sampler.batch(step), device)
+            real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
+            local = shard(batch, rank, world)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                q = engine(local.query_ids, local.query_mask).float()
+                p = engine(local.passage_ids, local.passage_mask).float()
+            q, p = gather_rows(q), gather_rows(p)
+            out = loss_fn(q, p, batch.teacher, sampler.group, temperature)
+            loss, parts = out.total, dict(out.parts)
+            if reg:
+                lam_q = quadratic_warmup(float(reg["lambda_q"]), step, reg_warmup)
+                lam_d = quadratic_warmup(float(reg["lambda_d"]), step, reg_warmup)
+                parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
+                loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
+            engine.backward(loss)
+            engine.step()
+            done = step + 1
+            if done % log_every == 0 or done == steps or done == start + 1:
+                elapsed = max(time.time() - tick, 1e-9)
+                metrics = {
+                    "train/loss": loss.item(), **{f"train/{k}": v.item() for k, v in parts.items()},
+                    "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
+                    "tokens_seen": float(done * tokens_per_step), "tokens_real_seen": float(real_tokens),
+                    "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
+                }
+                if encoder.sparse:
+                    metrics["train/query_nnz"], metrics["train/doc_nnz"] = sparsity(q), sparsity(p)
+                log_metrics(metrics, done)
+                log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])
+                tick = time.time()
+            state = {"step": done, "real_tokens": real_tokens}
+            if done % int(train_cfg["checkpoint_every"]) == 0 or done == steps:
+                save_checkpoint(engine, ckpt_dir, state)
+            REQUEUE.at_step_end(lambda: save_checkpoint(engine, ckpt_dir, state), any_rank)  # noqa: B023
+            if faults is not None:
+                faults.at_step(done)
     REQUEUE.training(False)
     return engine.module
 

@@ -73,21 +73,41 @@ def test_causal_lm_loss_shift_makes_position_i_minus_1_predict_token_i():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_attention_implementation_switch_is_temporary_and_keeps_results():
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_inference_encoder_merges_lora_on_a_copy_and_keeps_results(paradigm):
+    """Evaluation's encoder: LoRA merged, sdpa, weights in eval.dtype — on a copy. In float32 it
+    computes what the trained encoder computes (eager, adapters unmerged); in bfloat16 nearly so; the
+    trained encoder is left exactly as it was."""
     from peft import LoraConfig, get_peft_model
 
-    from retrieval_scaling.backbone import attention_implementation
+    from retrieval_scaling.encoders import build_encoder, encode_inputs
+    from retrieval_scaling.errors import ConfigError
+    from retrieval_scaling.evaluate import inference_encoder
 
-    model = get_peft_model(tiny_llama("eager"), LoraConfig(r=2, target_modules=["q_proj"]))
+    model = tiny_llama("eager")
     set_bidirectional(model, True)
-    ids, mask = torch.tensor([[2, 2, 1, 5, 6]]), torch.tensor([[0, 0, 1, 1, 1]])
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # B ≠ 0
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    encoder = build_encoder(paradigm, model)
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)  # left padding
     with torch.no_grad():
-        eager = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        with attention_implementation(model, "sdpa"):
-            assert model.config._attn_implementation == "sdpa"
-            sdpa = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert model.config._attn_implementation == "eager"
-    assert torch.allclose(eager[:, 2:], sdpa[:, 2:], atol=1e-5)
+        reference = encoder.eval()(ids, mask)
+        full = inference_encoder(encoder, "float32", "sdpa")
+        half = inference_encoder(encoder, "bfloat16", "sdpa")
+        assert torch.allclose(full(ids, mask), reference, atol=1e-5)
+        assert torch.allclose(half(ids, mask).float(), reference, rtol=0.05, atol=0.05)
+    for copy, dtype in ((full, torch.float32), (half, torch.bfloat16)):
+        assert not any("lora" in n for n, _ in copy.named_parameters())
+        assert {p.dtype for p in copy.parameters()} == {dtype}
+        assert copy.backbone.config._attn_implementation == "sdpa"
+        assert not any(p.requires_grad for p in copy.parameters())
+    assert encoder.backbone.config._attn_implementation == "eager"
+    assert {n for n, p in encoder.named_parameters() if p.requires_grad} == trainable
+    assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())
+    with pytest.raises(ConfigError, match="eval.dtype='bf16'"):
+        inference_encoder(encoder, "bf16")
 
 
 @pytest.mark.parametrize("paradigm", ["dense", "sparse"])
@@ -122,3 +142,50 @@ def test_gradient_checkpointing_keeps_the_loss_and_the_lora_gradients(paradigm):
     for name, grad in plain_grads.items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_train_as_eager_layers_do_and_are_eager_again_afterwards(checkpointing):
+    """train.compile: inductor runs the decoder layers (the step really goes through compiled graphs),
+    the loss and LoRA gradients are the eager ones, parameter names do not change (checkpoints, saved
+    weights), and the layers are eager again after the block."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+
+    from retrieval_scaling.backbone import enable_gradient_checkpointing
+    from retrieval_scaling.encoders import build_encoder, encode_inputs
+    from retrieval_scaling.train import compiled_layers
+
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
+    model = tiny_llama("eager")
+    set_bidirectional(model, True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    encoder = build_encoder("dense", model).train()
+    names = [n for n, _ in encoder.named_parameters()]
+
+    def loss_and_grads():
+        encoder.zero_grad(set_to_none=True)
+        reps = encoder(ids, mask)
+        loss = (reps[0] * reps[1]).sum()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}
+
+    eager, eager_grads = loss_and_grads()
+    counters.clear()
+    with compiled_layers(encoder, True):
+        compiled, compiled_grads = loss_and_grads()
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the layer
+    layers = encoder.backbone.get_decoder().layers
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert [n for n, _ in encoder.named_parameters()] == names
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == 2 * 3 * 2
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grad, compiled_grads[name], atol=1e-5, rtol=1e-4), name
+    counters.clear()
+    loss_and_grads()
+    assert not counters["stats"]["unique_graphs"]  # eager again: nothing captured
