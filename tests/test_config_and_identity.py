@@ -68,9 +68,14 @@ def test_a_sparse_temperature_changes_the_sparse_cells_of_its_loss_only(compose)
 
 
 @pytest.mark.parametrize("override", ["sweep.name=other", "log.every=3", "launcher.max_parallel=5",
-                                      "data.root=/elsewhere", "sweep.root=/tmp/x", "tracking.uri=sqlite:///x.db"])
+                                      "data.root=/elsewhere", "sweep.root=/tmp/x", "tracking.uri=sqlite:///x.db",
+                                      "train.compile=true", "eval.batch_size=7"])
 def test_identity_ignores_where_and_how_a_cell_is_run_or_logged(compose, override):
     assert cell_id(compose(override)) == cell_id(compose())
+
+
+def test_the_precision_evaluation_runs_in_is_part_of_identity(compose):
+    assert cell_id(compose("eval.dtype=float32")) != cell_id(compose())
 
 
 @pytest.mark.parametrize("override", ["model=tiny_xl", "loss=foo", "paradigm=hybrid"])
