@@ -30,6 +30,29 @@ def test_sparse_pool_scales_masks_max_and_log1p_relu():
     assert torch.allclose(sparse_pool(logits, mask, hidden_size=16), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_inference_pools_each_sequence_alone_as_training_pools_the_batch(dtype):
+    """Without grad, the sparse head pools one sequence's real tokens at a time; the reps are those of
+    the batched, masked pooling that training differentiates (left padding included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrieval_scaling.encoders import SparseEncoder
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).to(dtype)
+    encoder = SparseEncoder(model).eval()
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9], [10, 11]], bos_id=1, pad_id=2, max_len=8)
+    batched = encoder(ids, mask)  # grad enabled: the (N, L, V) logits, masked, max over L
+    with torch.no_grad():
+        alone = encoder(ids, mask)
+    assert alone.dtype == batched.dtype == torch.float32
+    assert (batched > 0).sum() > 0
+    # the same products, summed in another blocking: equal up to rounding (bf16 logits: one ulp)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(alone, batched.detach(), rtol=tol, atol=tol)
+
+
 def test_inputs_get_bos_and_left_padding_with_positions_from_first_token():
     ids, mask = encode_inputs([[5, 6, 7, 8], [9]], bos_id=1, pad_id=2, max_len=4)
     assert ids.tolist() == [[1, 5, 6, 7], [2, 2, 1, 9]]  # truncated to max_len with BOS; pad on the left
