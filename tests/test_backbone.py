@@ -14,6 +14,23 @@ def tiny_llama(attn: str) -> LlamaForCausalLM:
                                         num_attention_heads=2, num_key_value_heads=2, attn_implementation=attn)).eval()
 
 
+def lora_encoder(paradigm: str, checkpointing: bool = False):
+    """`tiny_llama`, bidirectional, with LoRA on q, v and down (B ≠ 0: the adapters change the output)
+    and the paradigm's head."""
+    from peft import LoraConfig, get_peft_model
+
+    from retrieval_scaling.backbone import enable_gradient_checkpointing
+    from retrieval_scaling.encoders import build_encoder
+
+    model = tiny_llama("eager")
+    set_bidirectional(model, True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    return build_encoder(paradigm, model)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_a_later_token_reaches_earlier_positions_only_when_bidirectional(attn):
     model = tiny_llama(attn)
@@ -78,17 +95,11 @@ def test_inference_encoder_merges_lora_on_a_copy_and_keeps_results(paradigm):
     """Evaluation's encoder: LoRA merged, sdpa, weights in eval.dtype — on a copy. In float32 it
     computes what the trained encoder computes (eager, adapters unmerged); in bfloat16 nearly so; the
     trained encoder is left exactly as it was."""
-    from peft import LoraConfig, get_peft_model
-
-    from retrieval_scaling.encoders import build_encoder, encode_inputs
+    from retrieval_scaling.encoders import encode_inputs
     from retrieval_scaling.errors import ConfigError
     from retrieval_scaling.evaluate import inference_encoder
 
-    model = tiny_llama("eager")
-    set_bidirectional(model, True)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # B ≠ 0
-                                             target_modules=["q_proj", "v_proj", "down_proj"]))
-    encoder = build_encoder(paradigm, model)
+    encoder = lora_encoder(paradigm)
     before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)  # left padding
@@ -113,26 +124,17 @@ def test_inference_encoder_merges_lora_on_a_copy_and_keeps_results(paradigm):
 @pytest.mark.parametrize("paradigm", ["dense", "sparse"])
 def test_gradient_checkpointing_keeps_the_loss_and_the_lora_gradients(paradigm):
     """Recomputing activations in backward is a memory trade only: same loss, same LoRA gradients."""
-    from peft import LoraConfig, get_peft_model
-
-    from retrieval_scaling.backbone import enable_gradient_checkpointing
-    from retrieval_scaling.encoders import build_encoder, encode_inputs
+    from retrieval_scaling.encoders import encode_inputs
 
     ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
 
     def loss_and_grads(checkpointing: bool):
-        model = tiny_llama("eager")
-        set_bidirectional(model, True)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
-        if checkpointing:
-            enable_gradient_checkpointing(model)
-        encoder = build_encoder(paradigm, model).train()
+        encoder = lora_encoder(paradigm, checkpointing).train()
         reps = encoder(ids, mask)
         loss = (reps[0] * reps[1]).sum()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}
-        return loss.item(), grads, model.base_model.model.model.layers[0].gradient_checkpointing
+        return loss.item(), grads, encoder.backbone.base_model.model.model.layers[0].gradient_checkpointing
 
     plain, plain_grads, plain_flag = loss_and_grads(False)
     ckpt, ckpt_grads, ckpt_flag = loss_and_grads(True)
@@ -150,21 +152,13 @@ def test_compiled_layers_train_as_eager_layers_do_and_are_eager_again_afterwards
     """train.compile: inductor runs the decoder layers (the step really goes through compiled graphs),
     the loss and LoRA gradients are the eager ones, parameter names do not change (checkpoints, saved
     weights), and the layers are eager again after the block."""
-    from peft import LoraConfig, get_peft_model
     from torch._dynamo.utils import counters
 
-    from retrieval_scaling.backbone import enable_gradient_checkpointing
-    from retrieval_scaling.encoders import build_encoder, encode_inputs
+    from retrieval_scaling.encoders import encode_inputs
     from retrieval_scaling.train import compiled_layers
 
     ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
-    model = tiny_llama("eager")
-    set_bidirectional(model, True)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                             target_modules=["q_proj", "v_proj", "down_proj"]))
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    encoder = build_encoder("dense", model).train()
+    encoder = lora_encoder("dense", checkpointing).train()
     names = [n for n, _ in encoder.named_parameters()]
 
     def loss_and_grads():
