@@ -117,8 +117,9 @@ def test_inference_encoder_merges_lora_on_a_copy_and_keeps_results(paradigm):
     assert encoder.backbone.config._attn_implementation == "eager"
     assert {n for n, p in encoder.named_parameters() if p.requires_grad} == trainable
     assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())
-    with pytest.raises(ConfigError, match="eval.dtype='bf16'"):
-        inference_encoder(encoder, "bf16")
+    for bad in ("bf16", "int8"):
+        with pytest.raises(ConfigError, match=f"eval.dtype='{bad}'"):
+            inference_encoder(encoder, bad)
 
 
 @pytest.mark.parametrize("paradigm", ["dense", "sparse"])
