@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from retrieval_scaling.encoders import dense_pool, encode_inputs, position_ids_for, sparse_pool
+from retrieval_scaling.encoders import MaxPooledLogits, dense_pool, encode_inputs, position_ids_for, sparse_pool
 from retrieval_scaling.losses import (
     ContrastiveDistillationLoss,
     ContrastiveLoss,
@@ -51,6 +51,73 @@ def test_sparse_inference_pools_each_sequence_alone_as_training_pools_the_batch(
     # the same products, summed in another blocking: equal up to rounding (bf16 logits: one ulp)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(alone, batched.detach(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("mask", "pooled", "grad_hidden", "grad_weight"), [
+    # logits per position [2, -2] and [3, -3]: term 0 peaks at position 1, term 1 at position 0
+    ([[1, 1]], [[3.0, -2.0]], [[[-10.0], [1.0]]], [[3.0], [20.0]]),
+    # position 0 is padding: both terms take position 1, which gets both gradients
+    ([[0, 1]], [[3.0, -3.0]], [[[0.0], [-9.0]]], [[3.0], [30.0]]),
+])
+def test_max_pooled_logits_routes_each_terms_gradient_to_its_argmax(mask, pooled, grad_hidden, grad_weight):
+    hidden = torch.tensor([[[2.0], [3.0]]], requires_grad=True)
+    weight = torch.tensor([[1.0], [-1.0]], requires_grad=True)
+    out = MaxPooledLogits.apply(hidden, weight, torch.tensor(mask))
+    assert out.tolist() == pooled
+    (out * torch.tensor([[1.0, 10.0]])).sum().backward()  # d/d pooled = [1, 10]
+    assert hidden.grad.tolist() == grad_hidden
+    assert weight.grad.tolist() == grad_weight
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_max_pooled_logits_equals_autograd_through_the_masked_logits(autocast):
+    """The sparse head's training path: the values and gradients autograd gets through the (N, L, V)
+    logits, masked fill and amax (fp32: to rounding; bf16 autocast: the same logits, close gradients)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 6, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, :2] = mask[2, :5] = 0
+    grad = torch.randn(4, 50)
+    outs = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                pooled = MaxPooledLogits.apply(hidden, weight, mask)
+            else:
+                logits = torch.nn.functional.linear(hidden, weight)
+                pooled = logits.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min).amax(dim=1)
+        (pooled.float() * grad).sum().backward()
+        outs.append((pooled.detach().float(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    (fused_out, fused_gh, fused_gw), (ref_out, ref_gh, ref_gw) = outs
+    assert torch.equal(fused_out, ref_out)
+    assert (fused_gh[0, :2] == 0).all() and (fused_gh[2, :5] == 0).all()  # padding gets no gradient
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(fused_gh, ref_gh, rtol=tol, atol=tol)
+    torch.testing.assert_close(fused_gw, ref_gw, rtol=tol, atol=tol)
+
+
+def test_sparse_encoder_keeps_no_logits_for_the_backward():
+    """Training through the sparse head saves no (N, L, V) tensor for autograd (the point of
+    `MaxPooledLogits`): peak memory of the head is one logits tensor at a time, not several."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrieval_scaling.encoders import SparseEncoder
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    encoder = SparseEncoder(model).train()
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9]], bos_id=1, pad_id=2, max_len=8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        reps = encoder(ids, mask)
+    assert reps.shape == (2, 40) and saved
+    assert (2, 5, 40) not in saved
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        sparse_pool(model.get_output_embeddings()(encoder.hidden_states(ids, mask)), mask, 16)
+    assert (2, 5, 40) in saved  # the hook sees them where autograd does keep them
 
 
 def test_inputs_get_bos_and_left_padding_with_positions_from_first_token():
