@@ -226,7 +226,7 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
             if job.cell:
                 ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell], "local")
             running.append(job)
-        time.sleep(1.0)
+        time.sleep(0.25)  # a finished job frees its worker within a quarter second
         for job in [j for j in running if j.handle.done()]:
             running.remove(job)
             error = job.handle.exception()
