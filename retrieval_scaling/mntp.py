@@ -43,16 +43,29 @@ def mntp_mask(input_ids: torch.Tensor, maskable: torch.Tensor, mask_id: int, voc
     return inputs, labels
 
 
-def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int) -> int:
-    """Same convention as cells (flops.py): frozen weights 4N per token, LoRA 6N, the LM head 4·d·V,
-    attention 12·L·d·S² with S² summed over blocks = tokens·block_len."""
+def masked_lm_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM's shifted loss (`model(input_ids=inputs, labels=labels).loss`: position i−1 predicts
+    label i, mean over the labelled positions), with the LM head applied only at the positions that
+    predict a label — a fifth of them at MNTP's mask rate, where the head and its fp32 cross-entropy
+    over the vocabulary are most of a tiny model's step."""
+    hidden = model.get_decoder()(input_ids=inputs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predicted: int) -> int:
+    """Same convention as cells (flops.py): frozen weights 4N per token, LoRA 6N, attention 12·L·d·S²
+    with S² summed over blocks = tokens·block_len; the LM head 4·d·V per `predicted` token only (the
+    positions `masked_lm_loss` applies it to)."""
     arch = architecture(model_cfg)
     n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
     n_lora = arch.num_hidden_layers * arch.lora_params_per_layer(int(model_cfg["lora"]["r"]),
                                                                 tuple(model_cfg["lora"]["targets"]))
     head = 4 * arch.hidden_size * arch.vocab_size
     attention = 12 * arch.num_hidden_layers * arch.hidden_size * block_len
-    return tokens * (4 * n_lin + 6 * n_lora + head + attention)
+    return tokens * (4 * n_lin + 6 * n_lora + attention) + predicted * head
 
 
 def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
@@ -86,15 +99,16 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))  # linear, no warm-up
     gen = torch.Generator().manual_seed(int(recipe["seed"]))
     vocab = model.get_input_embeddings().weight.shape[0]
-    start, curve = time.time(), []
+    start, curve, predicted = time.time(), [], 0
     model.train()
     for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):
         x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)]
         maskable = torch.ones_like(x, dtype=torch.bool)
         maskable[:, 0] = False  # BOS is never a target
         inputs, labels = mntp_mask(x, maskable, mask_id, vocab, float(recipe["mask_rate"]), gen)
+        predicted += int((labels[:, 1:] != IGNORE).sum())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(recipe.get("bf16", True))):
-            loss = model(input_ids=inputs, labels=labels).loss
+            loss = masked_lm_loss(model, inputs, labels)
         loss.backward()
         opt.step()
         sched.step()
@@ -106,7 +120,8 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
         torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embeddings.pt")
     tokens = steps * batch * int(recipe["block_len"])
     summary = {"model": model_cfg["name"], "steps": steps, "batch_size": batch, "tokens": tokens,
-               "flops": mntp_flops(model_cfg, tokens, int(recipe["block_len"])),
+               "predicted_tokens": predicted,
+               "flops": mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted),
                "seconds": round(time.time() - start, 1), "loss_curve": curve,
                "mask_token": recipe["mask_token"], "mask_rate": recipe["mask_rate"]}
     (out / "mntp.json").write_text(json.dumps(summary, indent=2))

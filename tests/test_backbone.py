@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from retrieval_scaling.backbone import set_bidirectional
-from retrieval_scaling.mntp import IGNORE, mntp_mask
+from retrieval_scaling.mntp import IGNORE, masked_lm_loss, mntp_mask
 
 
 def tiny_llama(attn: str) -> LlamaForCausalLM:
@@ -184,3 +184,32 @@ def test_compiled_layers_train_as_eager_layers_do_and_are_eager_again_afterwards
     counters.clear()
     loss_and_grads()
     assert not counters["stats"]["unique_graphs"]  # eager again: nothing captured
+
+
+def test_mntp_loss_applies_the_head_only_where_a_label_is_and_equals_the_causal_lm_loss():
+    """`masked_lm_loss` is the model's own shifted loss (value and gradients: LoRA and the tied
+    embeddings), computing logits only at the positions that predict a label."""
+    model = lora_encoder("dense").backbone.train()
+    model.get_input_embeddings().weight.requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 50, (3, 12), generator=gen)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = False
+    inputs, labels = mntp_mask(ids, maskable, mask_id=3, vocab_size=50, rate=0.3, generator=gen)
+    assert 0 < (labels != IGNORE).sum() < labels.numel() - 3
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for loss_fn in (lambda: model(input_ids=inputs, labels=labels).loss, lambda: masked_lm_loss(model, inputs, labels)):
+        loss = loss_fn()
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (ref_loss, ref_grads), (loss, got) = grads
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for g, r in zip(got, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    # one target: token 6 at position 2, predicted from position 1 (the shift, by hand)
+    one = torch.tensor([[IGNORE, IGNORE, 6, IGNORE]])
+    x = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+        assert masked_lm_loss(model, x, one).item() == pytest.approx(
+            torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([6])).item(), rel=1e-6)

@@ -176,3 +176,14 @@ def test_the_full_grid_spends_one_budget_and_sparse_steps_cost_more(planned):
         assert plan["flops_total"] <= budget < plan["flops_total"] + plan["flops_per_step"]
         if p == "sparse":
             assert plan["flops_per_step"] > plans[m, "dense", lo]["flops_per_step"]
+
+
+def test_mntp_flops_charge_the_head_only_at_predicted_tokens():
+    from retrieval_scaling.mntp import mntp_flops
+
+    model_cfg = {"arch": {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
+                          "intermediate_size": 8, "vocab_size": 10},
+                 "lora": {"r": 1, "targets": ["q_proj"]}}
+    # linears 4·16 + 3·32 = 160 (frozen: 4N per token); LoRA on q: 1·(4 + 4) = 8 (6N); attention
+    # 12·1·4·block 10 = 480 per token; the head 4·4·10 = 160 per predicted token
+    assert mntp_flops(model_cfg, tokens=100, block_len=10, predicted=20) == 100 * (640 + 48 + 480) + 20 * 160
