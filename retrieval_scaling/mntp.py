@@ -20,7 +20,7 @@ import torch
 from .backbone import architecture, load_backbone, lora_config
 from .data import Collection
 from .identity import content_hash
-from .pretrain import corpus_blocks
+from .pretrain import corpus_blocks, lm_head_loss
 from .stages import build_once
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def masked_lm_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
     hidden = model.get_decoder()(input_ids=inputs).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    return lm_head_loss(model, hidden[:, :-1][keep], targets[keep])
 
 
 def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predicted: int) -> int:

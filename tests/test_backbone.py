@@ -1,5 +1,7 @@
 """Bidirectional attention switch and MNTP masking on real transformers models."""
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -213,3 +215,55 @@ def test_mntp_loss_applies_the_head_only_where_a_label_is_and_equals_the_causal_
         logits = model(input_ids=x).logits
         assert masked_lm_loss(model, x, one).item() == pytest.approx(
             torch.nn.functional.cross_entropy(logits[0, 1:2], torch.tensor([6])).item(), rel=1e-6)
+
+
+def test_chunked_head_cross_entropy_by_hand():
+    from retrieval_scaling.pretrain import ChunkedHeadCrossEntropy
+
+    # hidden 0 → logits [0, 0]: loss ln 2; d/dh = (softmax − one-hot) · W = −0.5·1 + 0.5·3 = 1; d/dW = 0
+    hidden = torch.tensor([[0.0]], requires_grad=True)
+    weight = torch.tensor([[1.0], [3.0]], requires_grad=True)
+    loss = ChunkedHeadCrossEntropy.apply(hidden, weight, torch.tensor([0]), 4)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2))
+    assert hidden.grad.tolist() == [[1.0]] and weight.grad.tolist() == [[0.0], [0.0]]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_cross_entropy_equals_the_whole_logits_loss(autocast):
+    """Chunks of 4 over 10 rows (a partial last chunk): the loss and gradients of cross-entropy over
+    the whole (T, V) logits (fp32: to rounding; bf16 autocast: the same matmuls, close), and no
+    gradient computed for a frozen head."""
+    from retrieval_scaling.pretrain import ChunkedHeadCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (10,))
+    results = []
+    for chunked in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if chunked:
+                loss = ChunkedHeadCrossEntropy.apply(hidden, weight, targets, 4)
+            else:
+                loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    tol = 2e-2 if autocast else 1e-5
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    frozen = weight.detach()
+    loss = ChunkedHeadCrossEntropy.apply(hidden, frozen, targets, 4)
+    (grad_hidden,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(grad_hidden, results[1][1], rtol=tol, atol=tol)
+
+
+def test_pretraining_loss_is_the_causal_lm_loss():
+    from retrieval_scaling.pretrain import causal_lm_loss
+
+    model = tiny_llama("eager").train()
+    x = torch.randint(0, 50, (3, 300), generator=torch.Generator().manual_seed(2))  # 897 targets: 4 chunks
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours, reference = causal_lm_loss(model, x), model(input_ids=x, labels=x).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    for g, r in zip(torch.autograd.grad(ours, params), torch.autograd.grad(reference, params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
