@@ -66,17 +66,21 @@ class SparseEncoder(Encoder):
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         head = self.backbone.get_output_embeddings()
         if torch.is_grad_enabled():
-            if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
+            if weight_usable_directly(head):
                 pooled = MaxPooledLogits.apply(hidden, head.weight, mask)
                 return sparse_activation(pooled if head.bias is None else pooled + head.bias, hidden.shape[-1])
-            # A wrapped head, or a weight ZeRO-3 partitions (gathered only inside the module's own
-            # forward): through the module, at the cost of keeping the logits for autograd.
-            return sparse_pool(head(hidden), mask, hidden.shape[-1])
+            return sparse_pool(head(hidden), mask, hidden.shape[-1])  # keeps the logits for autograd
         # Inference: one sequence's real tokens at a time, so the (N, L, V) logits are never built
         # (8.6 GB in bf16 for 256 × 128 tokens over Llama-3's vocabulary) and each (L, V) block stays
         # in cache (tiny_s's head + pooling 2.9× faster on one core). Every sequence has its BOS.
         pooled = torch.stack([head(h[m.bool()]).amax(dim=0) for h, m in zip(hidden, mask, strict=True)])
         return sparse_activation(pooled, hidden.shape[-1])
+
+
+def weight_usable_directly(head: nn.Module) -> bool:
+    """Whether a head's `weight` may be used outside the module's own forward: a plain linear, not one
+    ZeRO-3 partitions (its weight is gathered only inside that forward) nor a wrapped one."""
+    return type(head) is nn.Linear and not hasattr(head.weight, "ds_id")
 
 
 class MaxPooledLogits(torch.autograd.Function):

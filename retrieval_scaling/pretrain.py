@@ -19,6 +19,7 @@ import torch
 
 from .backbone import architecture, llama_config, pretrained_dir, train_bpe_tokenizer
 from .data import Collection
+from .encoders import weight_usable_directly
 from .flops import Architecture
 from .stages import build_once
 
@@ -81,7 +82,7 @@ def lm_head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int 
     `ChunkedHeadCrossEntropy` when the head is a bias-free linear (Llama's), else through the module."""
     head = model.get_output_embeddings()
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id"):
+    if weight_usable_directly(head) and head.bias is None:
         return ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, chunk)
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets)
 
