@@ -1,12 +1,16 @@
 """Cell state reconciliation, the ledger, and the resumable batch sampler."""
 
+import atexit
+import functools
 import json
+from pathlib import Path
 
 import pytest
+import submitit
 import torch
 
 from retrieval_scaling.faults import Faults, InjectedFault
-from retrieval_scaling.scheduler import Ledger
+from retrieval_scaling.scheduler import JobCall, Ledger
 from retrieval_scaling.slurm import _expand
 from retrieval_scaling.status import RESUBMIT, STATES, reconcile
 from retrieval_scaling.train import BatchSampler, linear_schedule, shard
@@ -125,3 +129,32 @@ def test_shards_split_the_global_batch_in_rank_order():
     assert torch.equal(torch.cat([p.teacher for p in parts]), batch.teacher)
     # the positive of each shard's query i stays at row i·G of that shard's passages
     assert parts[1].teacher[:, 0].tolist() == [10.0, 10.0]
+
+
+class RegistersExitHook:
+    """Unpickled in the job process before the job runs, it registers an exit hook that touches
+    `marker`: a stand-in for the exit work (module teardown, early hooks) a job process does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return atexit.register, (functools.partial(Path.touch, self.marker),)
+
+
+def test_job_process_ends_at_its_saved_result_and_a_failed_one_exits_as_usual(tmp_path):
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=2)
+    markers = {name: tmp_path / name for name in ("plain", "ended", "failed")}
+    plain = executor.submit(print, "plain", RegistersExitHook(markers["plain"]))
+    ended = executor.submit(JobCall(print, "unflushed output", RegistersExitHook(markers["ended"])))
+    failed = executor.submit(JobCall(divmod, RegistersExitHook(markers["failed"]), 0))
+    for job in (plain, ended, failed):
+        job.wait()  # until the job's process has exited
+    # Without JobCall the process runs its exit work; with it, a success skips it, and what the job
+    # printed (block-buffered into the log file) is flushed first.
+    assert markers["plain"].is_file() and plain.result() is None
+    assert not markers["ended"].exists()
+    assert ended.result() is None and "unflushed output" in ended.stdout()
+    # A failure is reported as before and exits through the normal path.
+    assert markers["failed"].is_file() and "TypeError" in str(failed.exception())
