@@ -97,10 +97,12 @@ def bare_loop(step, clip: float):
 
 def bare_step_time(cfg: dict, steps: int, attn: str) -> float:
     """Median step time of the bare loop for a config (used for the ablations below)."""
+    from retrieval_scaling.backbone import lora_inputs_uncast
     from retrieval_scaling.flopcheck import RandomStep
 
     step = RandomStep(cfg, attn_implementation=attn)
-    return statistics.median(timed_steps(bare_loop(step, float(cfg["train"]["grad_clip"])), steps))
+    with lora_inputs_uncast(step.encoder, True):  # as the cell trains (bf16 autocast)
+        return statistics.median(timed_steps(bare_loop(step, float(cfg["train"]["grad_clip"])), steps))
 
 
 def ablations(case: str, steps: int) -> dict:
@@ -117,18 +119,25 @@ def ablations(case: str, steps: int) -> dict:
 
 
 def run_case(case: str, steps: int, profile: bool) -> dict:
+    from retrieval_scaling.backbone import lora_inputs_uncast
+    from retrieval_scaling.flopcheck import RandomStep
+
+    cfg = case_config(case)
+    # The kernel the cell trains with (the tiny family: eager; see conf/model/_tiny_family.yaml).
+    step = RandomStep(cfg, attn_implementation=cfg["model"].get("attn_implementation", "sdpa"))
+    with lora_inputs_uncast(step.encoder, True):  # as the cell trains (bf16 autocast)
+        return time_case(case, cfg, step, steps, profile)
+
+
+def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
     import deepspeed
     import torch
 
     from retrieval_scaling.cell import deepspeed_config
-    from retrieval_scaling.flopcheck import RandomStep
     from retrieval_scaling.plan import plan_cell
     from retrieval_scaling.train import compiled_layers
 
-    cfg = case_config(case)
     plan = plan_cell(cfg)
-    # The kernel the cell trains with (the tiny family: eager; see conf/model/_tiny_family.yaml).
-    step = RandomStep(cfg, attn_implementation=cfg["model"].get("attn_implementation", "sdpa"))
     params = [p for p in step.encoder.parameters() if p.requires_grad]
     clip = float(cfg["train"]["grad_clip"])
 

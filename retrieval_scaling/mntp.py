@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .backbone import architecture, load_backbone, lora_config
+from .backbone import architecture, load_backbone, lora_config, lora_inputs_uncast
 from .data import Collection
 from .identity import content_hash
 from .pretrain import corpus_blocks, lm_head_loss
@@ -99,21 +99,23 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     gen = torch.Generator().manual_seed(int(recipe["seed"]))
     vocab = model.get_input_embeddings().weight.shape[0]
     start, curve, predicted = time.time(), [], 0
+    bf16 = bool(recipe.get("bf16", True))
     model.train()
-    for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):
-        x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)]
-        maskable = torch.ones_like(x, dtype=torch.bool)
-        maskable[:, 0] = False  # BOS is never a target
-        inputs, labels = mntp_mask(x, maskable, mask_id, vocab, float(recipe["mask_rate"]), gen)
-        predicted += int((labels[:, 1:] != IGNORE).sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(recipe.get("bf16", True))):
-            loss = masked_lm_loss(model, inputs, labels)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == steps - 1:
-            curve.append([step, round(loss.item(), 4)])
+    with lora_inputs_uncast(model, bf16):
+        for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):
+            x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)]
+            maskable = torch.ones_like(x, dtype=torch.bool)
+            maskable[:, 0] = False  # BOS is never a target
+            inputs, labels = mntp_mask(x, maskable, mask_id, vocab, float(recipe["mask_rate"]), gen)
+            predicted += int((labels[:, 1:] != IGNORE).sum())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = masked_lm_loss(model, inputs, labels)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 25 == 0 or step == steps - 1:
+                curve.append([step, round(loss.item(), 4)])
     model.save_pretrained(out)
     if recipe.get("train_embeddings"):
         torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embeddings.pt")

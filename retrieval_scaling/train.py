@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbone import lora_inputs_uncast
 from .distributed import any_rank, gather_rows, world_size
 from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, DataError
@@ -189,7 +190,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     engine.train()
     REQUEUE.training(True)
     tick = time.time()
-    with compiled_layers(encoder, bool(train_cfg.get("compile", False))):
+    with compiled_layers(encoder, bool(train_cfg.get("compile", False))), lora_inputs_uncast(encoder, use_bf16):
         for step in range(start, steps):
             batch = to_device(sampler.batch(step), device)
             real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())

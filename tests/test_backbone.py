@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from retrieval_scaling.backbone import set_bidirectional
@@ -147,6 +148,57 @@ def test_gradient_checkpointing_keeps_the_loss_and_the_lora_gradients(paradigm):
     for name, grad in plain_grads.items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
+
+
+class CountUpcasts(TorchDispatchMode):
+    """Counts the bf16 → fp32 copies the ops below it make."""
+
+    def __init__(self):
+        super().__init__()
+        self.upcasts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 \
+                and kwargs.get("dtype") == torch.float32:
+            self.upcasts += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_lora_inputs_uncast_drops_one_upcast_per_adapter_and_changes_no_value_or_gradient(paradigm):
+    """Under bf16 autocast, peft's cast of a bf16 LoRA input to fp32 is a lossless round trip: without
+    it the loss and every gradient are bitwise the same, and each forward makes one bf16 → fp32 copy
+    fewer per LoRA layer whose input is bf16: down_proj's (the MLP's bf16 product), in each of the 2
+    layers; q_proj's and v_proj's input, the RMS norm's output, is fp32 already. Afterwards peft casts
+    again."""
+    from retrieval_scaling.backbone import lora_inputs_uncast
+    from retrieval_scaling.encoders import encode_inputs
+
+    encoder = lora_encoder(paradigm).train()
+    encoder.backbone.get_input_embeddings().weight.requires_grad_(True)
+    ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
+
+    def step():
+        encoder.zero_grad(set_to_none=True)
+        counter = CountUpcasts()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            reps = encoder(ids, mask).float()
+        loss = (reps[0] * reps[1]).sum()
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in encoder.named_parameters() if p.requires_grad}, counter.upcasts
+
+    loss, grads, upcasts = step()
+    with lora_inputs_uncast(encoder, autocast=True):
+        uncast_loss, uncast_grads, uncast_upcasts = step()
+    with lora_inputs_uncast(encoder, autocast=False):  # without autocast: peft's casts stay
+        assert step()[2] == upcasts
+    assert step()[2] == upcasts  # restored after the block
+    assert upcasts - uncast_upcasts == 2
+    assert torch.equal(uncast_loss, loss)
+    assert uncast_grads.keys() == grads.keys() and len(grads) == 2 * 3 * 2 + 1  # A, B; the embeddings
+    for name, grad in grads.items():
+        assert torch.equal(uncast_grads[name], grad), name
 
 
 @pytest.mark.slow
