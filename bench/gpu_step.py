@@ -1,0 +1,165 @@
+"""GPU training-step efficiency: model FLOP/s of the paper's 1B cell over the GPU's bf16 matmul peak,
+with the cell's bf16 autocast and DeepSpeed ZeRO-2 engine, on random weights of its architecture.
+
+    python bench/gpu_step.py [--case llama3_1b/dense/cl] [--queries 8] [--passages-per-query 17]
+                             [--passage-len 256] [--steps 10] [--checkpointing] [--out ...]
+
+Per step as the cell trains it: frozen weights in bf16 (the model config's `dtype`), LoRA and optimizer
+state fp32, autocast bf16, SDPA, the paradigm's head and loss with the FLOPS term, one fixed batch
+(`--queries` × `--passages-per-query` passages: a micro-batch; the recipe's effective batch is reached
+by accumulation, which does not change the per-step efficiency). MFU = our FLOP model's FLOPs per step
+(`plan_cell`, the budget's count: no recomputation) ÷ median step time ÷ peak, against the bf16 matmul
+peak measured in the same run and against the datasheet's dense bf16 peak where the GPU is known.
+Also a CUDA profile of one step. Needs a GPU (`--device cpu` runs the same code path, for a check of
+the script). Prints one JSON object. Target: MFU ≥ 0.45 on an H100 (issue 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+# Dense bf16 tensor-core peaks (no sparsity) from the vendors' datasheets, by device-name fragment.
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def datasheet_peak(name: str) -> float | None:
+    return next((peak for key, peak in DATASHEET_BF16.items() if key in name), None)
+
+
+def peak_bf16_matmul(device, n: int = 8192, repeats: int = 20) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_step(cfg: dict, device, attn: str):
+    """`RandomStep` at the cell's dtypes on `device`: frozen weights in the model config's dtype
+    (LoRA and any trained embeddings stay fp32, as peft and the cell keep them)."""
+    import torch
+
+    from retrieval_scaling.flopcheck import RandomStep
+
+    step = RandomStep(cfg, attn_implementation=attn)
+    frozen = getattr(torch, str(cfg["model"].get("dtype") or "float32"))
+    for p in step.encoder.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(frozen)
+    step.encoder.to(device)
+    step.q_ids, step.p_ids, step.teacher = (t.to(device) for t in (step.q_ids, step.p_ids, step.teacher))
+    return step
+
+
+def profile_ops(step_fn, device, top: int = 12) -> list[dict]:
+    """The ops with the most self device time (self CPU time on a CPU) in one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step_fn()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [{"op": e.key, "self_ms": round(getattr(e, attr) / 1e3, 2), "share": round(getattr(e, attr) / total, 4),
+             "calls": e.count} for e in events[:top]]
+
+
+def main() -> None:
+    import deepspeed
+    import torch
+    from train_step import compose, timed_steps
+
+    from retrieval_scaling.backbone import lora_inputs_uncast
+    from retrieval_scaling.cell import deepspeed_config
+    from retrieval_scaling.distributed import init_distributed
+    from retrieval_scaling.plan import plan_cell
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="llama3_1b/dense/cl", help="<model>/<paradigm>/<loss>")
+    parser.add_argument("--queries", type=int, default=8, help="queries in the micro-batch")
+    parser.add_argument("--passages-per-query", type=int, default=17, help="positive + hard negatives (the paper: 17)")
+    parser.add_argument("--query-len", type=int, default=32)
+    parser.add_argument("--passage-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (the paper's setting)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_step.json"))
+    args = parser.parse_args()
+
+    model, paradigm, loss = args.case.split("/")
+    cfg = compose([f"model={model}", f"paradigm={paradigm}", f"loss={loss}",
+                   f"model.recipe.{loss}.queries={args.queries}",
+                   f"model.recipe.{loss}.passages_per_query={args.passages_per_query}",
+                   f"data.query_max_len={args.query_len}", f"data.passage_max_len={args.passage_len}",
+                   f"train.gradient_checkpointing={str(args.checkpointing).lower()}"])
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here; this benchmark needs a GPU (or --device cpu to check the script).")
+    init_distributed()
+    plan = plan_cell(cfg)
+    peak = peak_bf16_matmul(device)
+    step = build_step(cfg, device, attn=cfg["model"].get("attn_implementation") or "sdpa")
+    params = [p for p in step.encoder.parameters() if p.requires_grad]
+    ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,
+              "gradient_accumulation_steps": 1, "gradient_clipping": float(cfg["train"]["grad_clip"]),
+              "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=step.encoder, optimizer=torch.optim.AdamW(params, lr=1e-5),
+                                           config=ds_cfg)
+
+    def engine_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss_value = step.loss(engine)
+        engine.backward(loss_value)
+        engine.step()
+        sync(device)
+
+    with lora_inputs_uncast(step.encoder, True):
+        times = timed_steps(engine_step, args.steps)
+        top_ops = profile_ops(engine_step, device)
+    step_s = statistics.median(times)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    sheet = datasheet_peak(name) if device.type == "cuda" else None
+    achieved = plan["flops_per_step"] / step_s
+    result = {"benchmark": "gpu_step", "device": name, "case": args.case,
+              "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
+              "gradient_checkpointing": args.checkpointing, "zero_stage": ds_cfg["zero_optimization"]["stage"],
+              "flops_per_step": plan["flops_per_step"], "step_s": step_s, "model_flops_per_s": achieved,
+              "peak_bf16_matmul_flops_measured": peak, "peak_bf16_datasheet": sheet,
+              "mfu_vs_measured_peak": achieved / peak, "mfu_vs_datasheet": achieved / sheet if sheet else None,
+              # with checkpointing the GPU also recomputes each layer's forward: hardware FLOPs utilisation
+              "hardware_flops_per_step": plan["hardware_flops_per_step"],
+              "hfu_vs_measured_peak": plan["hardware_flops_per_step"] / step_s / peak,
+              "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+              "profile_top_ops": top_ops}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
