@@ -81,6 +81,26 @@ def cell_breakdown(sweep_dir: Path) -> dict:
     return out
 
 
+def machine_speed() -> float:
+    """One core's fp32 matmul FLOP/s now (best of 10, n = 2048): this shared machine runs at different
+    speeds from hour to hour (126-205 GFLOP/s measured within a day), and every figure of a demo with it,
+    so a demo's wall time is comparable with another's only alongside this."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return 2 * 2048**3 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="tiny")
@@ -88,8 +108,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo.json"))
     args = parser.parse_args()
     sweeps = Path(os.environ.get("RS_SWEEPS_DIR", ROOT / "sweeps"))
-    wall = None
+    wall, speed_before = None, None
     if args.run:
+        speed_before = machine_speed()
         sweeps = Path(tempfile.mkdtemp(prefix="rs-bench-demo-"))
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "retrieval_scaling.sweep", f"+grid={args.sweep}"], cwd=ROOT, check=True,
@@ -104,6 +125,8 @@ def main() -> None:
     result = {
         "benchmark": "demo", "sweep": args.sweep, "cells_done": len(cells),
         "wall_s": wall, "first_job_to_last_done_s": done - min([submitted, *starts]),
+        # the machine's speed before the run (--run) and now (read after `make demo`, this is its end)
+        "fp32_matmul_flops_one_core_before": speed_before, "fp32_matmul_flops_one_core_now": machine_speed(),
         "stages": stages, "stages_total_s": sum(s["total_s"] for s in stages.values()),
         "cells": cells,
         "cells_sum": {k: sum(c[k] for c in cells.values())
