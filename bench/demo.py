@@ -82,23 +82,18 @@ def cell_breakdown(sweep_dir: Path) -> dict:
 
 
 def machine_speed() -> float:
-    """One core's fp32 matmul FLOP/s now (best of 10, n = 2048): this shared machine runs at different
-    speeds from hour to hour (126-205 GFLOP/s measured within a day), and every figure of a demo with it,
-    so a demo's wall time is comparable with another's only alongside this."""
+    """One core's fp32 matmul FLOP/s now (`peak_matmul_flops`, one thread): this shared machine runs at
+    different speeds from hour to hour (126-205 GFLOP/s measured within a day), and every figure of a
+    demo with it, so a demo's wall time is comparable with another's only alongside this."""
     import torch
+    from train_step import peak_matmul_flops
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    torch.set_num_threads(threads)
-    return 2 * 2048**3 / best
+    try:
+        return peak_matmul_flops(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:

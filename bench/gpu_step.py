@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +32,6 @@ DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 3
 
 def datasheet_peak(name: str) -> float | None:
     return next((peak for key, peak in DATASHEET_BF16.items() if key in name), None)
-
-
-def peak_bf16_matmul(device, n: int = 8192, repeats: int = 20) -> float:
-    import torch
-
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    for _ in range(3):
-        torch.mm(a, b)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def sync(device) -> None:
@@ -92,7 +76,7 @@ def profile_ops(step_fn, device, top: int = 12) -> list[dict]:
 def main() -> None:
     import deepspeed
     import torch
-    from train_step import compose, timed_steps
+    from train_step import compose, peak_matmul_flops, timed_steps
 
     from retrieval_scaling.backbone import lora_inputs_uncast
     from retrieval_scaling.cell import deepspeed_config
@@ -122,7 +106,7 @@ def main() -> None:
         sys.exit("error: no CUDA device here; this benchmark needs a GPU (or --device cpu to check the script).")
     init_distributed()
     plan = plan_cell(cfg)
-    peak = peak_bf16_matmul(device)
+    peak = peak_matmul_flops(torch.bfloat16, n=8192, repeats=20, device=device)
     step = build_step(cfg, device, attn=cfg["model"].get("attn_implementation") or "sdpa")
     params = [p for p in step.encoder.parameters() if p.requires_grad]
     ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,

@@ -34,16 +34,22 @@ sys.path.insert(0, str(ROOT))
 CASES = "tiny_l/dense/cl,tiny_s/sparse/cl,smollm2_135m/dense/cl"
 
 
-def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10) -> float:
+def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """FLOP/s of the best of `repeats` square matmuls (n × n, `dtype`) on `device`, at the current
+    thread count (CUDA: each timed to its completion)."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     for _ in range(3):
         torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
