@@ -69,10 +69,11 @@ def encoding_throughput(case: str, docs: int = 256, length: int = 128, batch: in
     from retrieval_scaling.flopcheck import RandomStep
 
     step = RandomStep(case_config(case), queries=1, passages_per_query=1)
-    encoder = inference_encoder(step.encoder, "bfloat16", "sdpa")
+    encoder = inference_encoder(step.encoder, "auto", "sdpa")
     ids = torch.randint(2, step.arch.vocab_size, (docs, length))
     mask = torch.ones_like(ids)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    half = next(encoder.parameters()).dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         encoder(ids[:batch], mask[:batch])
         start = time.perf_counter()
         for i in range(0, docs, batch):
@@ -103,7 +104,7 @@ def main() -> None:
         cell_dir = train_one(sweeps)
     cell_cfg = OmegaConf.to_container(OmegaConf.load(cell_dir / "config.yaml"), resolve=True)
     encoder, tokenizer = load_trained_encoder(cell_cfg, cell_dir)
-    encoder = inference_encoder(encoder, cell_cfg["eval"].get("dtype", "bfloat16"),
+    encoder = inference_encoder(encoder, cell_cfg["eval"].get("dtype", "auto"),
                                 cell_cfg["model"].get("eval_attn_implementation"))
     coll = load_collection(os.environ.get("RS_DATA_DIR"), "scifact", "test")
     threads = torch.get_num_threads()

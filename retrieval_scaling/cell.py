@@ -288,14 +288,16 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
 
     from .data import load_training_collection
-    from .distributed import init_distributed
+    from .distributed import device, init_distributed
     from .evaluate import encoder_retriever, evaluate_all, inference_encoder, load_eval_collections
+    from .precision import resolved as resolved_precision
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import is_built
     from .train import BatchSampler, train
 
     init_distributed()
     plan = plan_cell(cfg)
+    run.log_params(resolved_precision(cfg, device()))
     run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "budget_match", "steps", "flops_total",
                                           "hardware_flops_per_step", "tokens_per_step", "params_total",
                                           "params_trainable", "params_non_embedding", "flops_convention")})

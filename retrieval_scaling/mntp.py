@@ -20,6 +20,7 @@ import torch
 from .backbone import architecture, load_backbone, lora_config, lora_inputs_uncast
 from .data import Collection
 from .identity import content_hash
+from .precision import AUTO, use_bf16
 from .pretrain import corpus_blocks, lm_head_loss
 from .stages import build_once
 
@@ -99,7 +100,7 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     gen = torch.Generator().manual_seed(int(recipe["seed"]))
     vocab = model.get_input_embeddings().weight.shape[0]
     start, curve, predicted = time.time(), [], 0
-    bf16 = bool(recipe.get("bf16", True))
+    bf16 = use_bf16(recipe.get("bf16", AUTO), "cpu", "model.mntp.bf16")
     model.train()
     with lora_inputs_uncast(model, bf16):
         for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):

@@ -10,6 +10,7 @@ from .backbone import architecture
 from .errors import ConfigError
 from .flops import CONVENTION, StepShape, step_flops
 from .identity import cell_id
+from .precision import check_settings
 
 
 def loss_class(loss_cfg: Mapping[str, Any]) -> type:
@@ -56,6 +57,7 @@ def accelerators(cfg: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def plan_cell(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    check_settings(cfg)  # precision: resolved where the cell runs, but a typo fails here
     model = cfg["model"]
     arch = architecture(model)
     lora = model["lora"]

@@ -21,6 +21,7 @@ from .backbone import architecture, llama_config, pretrained_dir, train_bpe_toke
 from .data import Collection
 from .encoders import weight_usable_directly
 from .flops import Architecture
+from .precision import AUTO, use_bf16
 from .stages import build_once
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ def lm_head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int 
     head = model.get_output_embeddings()
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if weight_usable_directly(head) and head.bias is None:
-        return ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, chunk)
+        # Under no_grad the function still sees a weight that requires grad: detach it, or each chunk
+        # would compute the weight's gradient too.
+        weight = head.weight if torch.is_grad_enabled() else head.weight.detach()
+        return ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk)
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets)
 
 
@@ -141,10 +145,13 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> No
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
 
+    bf16 = use_bf16(recipe.get("bf16", AUTO), "cpu", "model.pretrain.bf16")
+
     def heldout_loss() -> float:
+        # Through the chunked head: the held-out blocks' whole-vocabulary logits would be ~0.5 GB.
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=heldout, labels=heldout).loss.item()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = causal_lm_loss(model, heldout).item()
         model.train()
         return loss
 
@@ -155,7 +162,7 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> No
     for step in bar:
         idx = torch.randint(0, len(train), (batch,))
         x = train[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = causal_lm_loss(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,7 +179,7 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path) -> No
         "block_len": block, "tokens": tokens, "flops": pretrain_flops(arch, tokens, block),
         "seconds": round(time.time() - start, 1), "heldout_loss_before": round(initial, 4),
         "heldout_loss_after": round(final, 4), "train_curve": curve,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters()), "bf16": bf16,
     }
     log.info("pretrain %s: held-out loss %.3f -> %.3f in %.0fs", model_cfg["name"], initial, final,
              summary["seconds"])

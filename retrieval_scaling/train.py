@@ -25,6 +25,7 @@ from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, DataError
 from .faults import Faults
 from .losses import LossOutput
+from .precision import AUTO, use_bf16
 from .regularizers import flops_regularizer, quadratic_warmup
 from .requeue import REQUEUE
 
@@ -185,17 +186,17 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     temperature = float(paradigm_cfg["temperature"])
     reg = paradigm_cfg.get("flops")
     reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
-    use_bf16 = bool(train_cfg.get("bf16", True))
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    bf16 = use_bf16(train_cfg.get("bf16", AUTO), device, "train.bf16")
     engine.train()
     REQUEUE.training(True)
     tick = time.time()
-    with compiled_layers(encoder, bool(train_cfg.get("compile", False))), lora_inputs_uncast(encoder, use_bf16):
+    with compiled_layers(encoder, bool(train_cfg.get("compile", False))), lora_inputs_uncast(encoder, bf16):
         for step in range(start, steps):
             batch = to_device(sampler.batch(step), device)
             real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
             local = shard(batch, rank, world)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 q = engine(local.query_ids, local.query_mask).float()
                 p = engine(local.passage_ids, local.passage_mask).float()
             q, p = gather_rows(q), gather_rows(p)

@@ -319,3 +319,32 @@ def test_pretraining_loss_is_the_causal_lm_loss():
     assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
     for g, r in zip(torch.autograd.grad(ours, params), torch.autograd.grad(reference, params), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products the ops below it make."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_pretraining_loss_without_grad_is_the_same_loss_with_one_head_matmul_per_chunk():
+    """The held-out loss runs under no_grad: same value as the module's, and the head costs one product
+    per chunk of 256 targets (897 targets: 4), none for gradients."""
+    from retrieval_scaling.pretrain import lm_head_loss
+
+    model = tiny_llama("eager").eval()
+    x = torch.randint(0, 50, (3, 300), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=x).last_hidden_state
+        counter = CountMatmuls()
+        with counter:
+            ours = lm_head_loss(model, hidden[:, :-1], x[:, 1:])
+        reference = model(input_ids=x, labels=x).loss
+    assert counter.matmuls == 4
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -57,6 +57,8 @@ def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps,
     ("model=tiny_xl", "model/tiny_xl"),
     ("loss=foo", "loss/foo"),
     ("budget.flops=1e6", "smaller than one optimizer step"),
+    ("train.bf16=maybe", "train.bf16='maybe': use auto"),
+    ("eval.dtype=float8", "eval.dtype='float8': use auto, bfloat16 or float32"),
 ])
 def test_bad_input_stops_before_anything_runs(sweeps, override, message):
     proc = run_cli("sweep", "+grid=tiny", override, env_extra=sweeps)
@@ -81,18 +83,25 @@ def test_broken_corpus_line_stops_the_sweep_naming_file_and_line(sweeps, data_ro
     assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "tiny" / "cells").exists()
 
 
+# Evaluated on a declared subset of SciFact test (30 queries over ~330 documents): the full corpus is the
+# demo's and the baselines' tests'; here it would be most of the test's time.
+SUBSET, EVALUATED = "eval.subset={queries:30,bm25_depth:10,seed:0}", "scifact:q30-bm25_10"
+
+
 @pytest.mark.slow
 def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     from mlflow.tracking import MlflowClient
 
+    from retrieval_scaling.precision import bf16_native
+
     args = ["model=tiny_s", "paradigm=sparse", "loss=cl_kd", "sweep.name=e2e", "budget.flops=3e11",
-            "model.pretrain.steps=60", "model.mntp.steps=20", "log.every=5", "log.system_metrics_s=1"]
+            "model.pretrain.steps=30", "model.mntp.steps=20", "log.every=5", "log.system_metrics_s=1", SUBSET]
     proc = run_cli("sweep", *args, env_extra=sweeps)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = Path(sweeps["RS_SWEEPS_DIR"])
     plan = json.loads((root / "e2e" / "plan.json").read_text())[0]
     done = json.loads((root / "e2e" / "cells" / plan["cell_id"] / "DONE").read_text())
-    assert done["metrics"]["scifact/ndcg_10"] >= 0
+    assert done["metrics"][f"{EVALUATED}/ndcg_10"] >= 0
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("e2e")
@@ -103,15 +112,19 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert parent.data.params["grid.model"] == "tiny_s" and parent.data.params["grid.cells"] == "1"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["plan.json"]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "runs"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == ["runs/scifact.trec.gz"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == [f"runs/{EVALUATED}.trec.gz"]
     assert run.data.tags["git_commit"] and "slurm_job_id" in run.data.tags
     assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
         "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
-    ndcg = client.get_metric_history(run.info.run_id, "scifact/ndcg_10")
+    ndcg = client.get_metric_history(run.info.run_id, f"{EVALUATED}/ndcg_10")
     assert sorted(m.step for m in ndcg) == [0, plan["steps"]]
     spent = client.get_metric_history(run.info.run_id, "flops_spent")
     assert max(m.value for m in spent) == plan["flops_total"]
-    assert {"scifact/doc_nnz", "scifact/query_nnz", "train/ce", "train/kl", "train/flops_d"} <= set(run.data.metrics)
+    assert {f"{EVALUATED}/doc_nnz", f"{EVALUATED}/query_nnz", "train/ce", "train/kl", "train/flops_d"} <= set(
+        run.data.metrics)
+    # the precision this machine computes in, resolved from the configs' `auto`
+    assert run.data.params["precision.train"] == ("bf16" if bf16_native("cpu") else "fp32")
+    assert run.data.params["precision.eval"] == ("bfloat16" if bf16_native("cpu") else "float32")
     assert run.data.params["model.arch.hidden_size"] == "64"
     assert not any(k.startswith(("tracking.", "hydra.")) for k in run.data.params)  # no URIs (credentials)
     system = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
@@ -121,7 +134,8 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     status = run_cli("status", "sweep=e2e", "format=json", env_extra=sweeps)
     (row,) = json.loads(status.stdout)
     assert row["state"] == "DONE" and row["flops_spent"] == row["flops_total"] == plan["flops_total"]
-    assert row["flops_budget"] == 3e11 and row["metrics"]["scifact/ndcg_10"] == done["metrics"]["scifact/ndcg_10"]
+    assert row["flops_budget"] == 3e11
+    assert row["metrics"][f"{EVALUATED}/ndcg_10"] == done["metrics"][f"{EVALUATED}/ndcg_10"]
 
     again = run_cli("sweep", *args, env_extra=sweeps)
     assert again.returncode == 0
@@ -129,9 +143,9 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep's parent run and the cell's
 
     # The evaluate verb rebuilds the cell from its config and final weights: same run, same metrics.
-    ev = run_cli("evaluate", f"cell={plan['cell_id']}", "sweep.name=e2e", env_extra=sweeps)
+    ev = run_cli("evaluate", f"cell={plan['cell_id']}", "sweep.name=e2e", SUBSET, env_extra=sweeps)
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert scores["ndcg_10"] == pytest.approx(done["metrics"]["scifact/ndcg_10"], abs=1e-6)
+    assert scores["ndcg_10"] == pytest.approx(done["metrics"][f"{EVALUATED}/ndcg_10"], abs=1e-6)
     # bf16 encoding: other thread counts move a few weights across zero
-    assert scores["doc_nnz"] == pytest.approx(done["metrics"]["scifact/doc_nnz"], rel=1e-4)
+    assert scores["doc_nnz"] == pytest.approx(done["metrics"][f"{EVALUATED}/doc_nnz"], rel=1e-4)

@@ -144,3 +144,22 @@ def test_the_teacher_is_a_config_choice_that_names_the_cell(compose):
     for override in ("teacher.batch_size=8", "teacher.cache_size=10"):
         assert cell_id(compose("teacher=sbert", "teacher.path=/models/minilm", override)) == cell_id(sbert)
     assert cell_id(compose("teacher=sbert", "teacher.path=/models/other")) != cell_id(sbert)
+
+
+def test_precision_auto_is_bf16_only_where_the_device_has_it_and_true_false_force_it():
+    """`auto` resolves on the machine that runs the stage: bf16 on a CPU with oneDNN's bf16 kernels
+    (AVX-512/AMX), fp32 on one without and on any other device; `true`/`false` and named dtypes are
+    taken as given."""
+    import torch
+
+    from retrieval_scaling.errors import ConfigError
+    from retrieval_scaling.precision import use_bf16, weight_dtype
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert use_bf16("auto", "cpu") is native
+    assert weight_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert use_bf16("auto", "meta") is False and weight_dtype("auto", "meta") == torch.float32
+    assert use_bf16(True, "meta") is True and use_bf16(False, "cpu") is False
+    assert weight_dtype("bfloat16", "meta") == torch.bfloat16 and weight_dtype("float32", "cpu") == torch.float32
+    with pytest.raises(ConfigError, match="model.mntp.bf16='yes'"):
+        use_bf16("yes", "cpu", "model.mntp.bf16")
