@@ -52,7 +52,7 @@ smoke-real: setup
 	$(PY) -m retrieval_scaling.sweep +grid=smoke_real
 
 test: setup
-	$(PY) -m pytest -x -q --timeout=1500
+	$(PY) -m pytest -x -q --timeout=1500 --durations=15
 
 # Benchmarks: each prints one JSON object (also under bench/results/), ratios measured in one run.
 bench: setup

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from retrieval_scaling.precision import bf16_native
+
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO (\S+): (.*)$")
 
@@ -122,6 +124,8 @@ def main() -> None:
         "wall_s": wall, "first_job_to_last_done_s": done - min([submitted, *starts]),
         # the machine's speed before the run (--run) and now (read after `make demo`, this is its end)
         "fp32_matmul_flops_one_core_before": speed_before, "fp32_matmul_flops_one_core_now": machine_speed(),
+        # whether this CPU has bf16 kernels, i.e. whether the demo's `auto` precision ran bf16 or fp32
+        "bf16_native": bf16_native("cpu"),
         "stages": stages, "stages_total_s": sum(s["total_s"] for s in stages.values()),
         "cells": cells,
         "cells_sum": {k: sum(c[k] for c in cells.values())

@@ -30,12 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from retrieval_scaling.precision import use_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CASES = "tiny_l/dense/cl,tiny_s/sparse/cl,smollm2_135m/dense/cl"
 # As the cells train on this machine (train.bf16: auto).
-BF16 = __import__("retrieval_scaling.precision", fromlist=["use_bf16"]).use_bf16("auto", "cpu")
+BF16 = use_bf16("auto", "cpu")
 
 
 def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
