@@ -130,7 +130,8 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     """Run (or finish) one cell; returns its final metrics (rank 0; other ranks return {}).
     The MLflow run ends FINISHED after DONE, FAILED on an exception, KILLED on SIGTERM, and
     SCHEDULED while a requeued job waits to resume."""
-    from .distributed import configure_threads, launched_ranks
+    from .distributed import configure_threads, device, launched_ranks
+    from .precision import resolved as resolved_precision
     from .requeue import REQUEUE
     from .tracking import AXES, CellRun, flatten, tracking_uri
 
@@ -156,7 +157,8 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     uri = tracking_uri(cfg["tracking"], sweep["root"])
     run = CellRun(uri, sweep["name"], cfg["tracking"]["artifacts"],
                   cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}),
-                  attempt_tags={"slurm_job_id": slurm_job_id() or ""})
+                  # per attempt: a resubmitted cell may run on another kind of node
+                  attempt_tags={"slurm_job_id": slurm_job_id() or "", **resolved_precision(cfg, device())})
     write_process_info(out, run.attempt)
     run.log_artifact(out / "config.yaml")
     try:
@@ -288,16 +290,14 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
 
     from .data import load_training_collection
-    from .distributed import device, init_distributed
+    from .distributed import init_distributed
     from .evaluate import encoder_retriever, evaluate_all, inference_encoder, load_eval_collections
-    from .precision import resolved as resolved_precision
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import is_built
     from .train import BatchSampler, train
 
     init_distributed()
     plan = plan_cell(cfg)
-    run.log_params(resolved_precision(cfg, device()))
     run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "budget_match", "steps", "flops_total",
                                           "hardware_flops_per_step", "tokens_per_step", "params_total",
                                           "params_trainable", "params_non_embedding", "flops_convention")})

@@ -125,6 +125,6 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
                "predicted_tokens": predicted,
                "flops": mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted),
                "seconds": round(time.time() - start, 1), "loss_curve": curve,
-               "mask_token": recipe["mask_token"], "mask_rate": recipe["mask_rate"]}
+               "mask_token": recipe["mask_token"], "mask_rate": recipe["mask_rate"], "bf16": bf16}
     (out / "mntp.json").write_text(json.dumps(summary, indent=2))
     log.info("MNTP %s: loss %s -> %s in %.0fs", model_cfg["name"], curve[0][1], curve[-1][1], summary["seconds"])

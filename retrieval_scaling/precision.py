@@ -6,7 +6,8 @@ machines (AMD EPYC, AVX2), bf16 matmuls ran at 1.2 GFLOP/s against fp32's 82, an
 20x slower than in fp32. So each bf16 switch (`train.bf16`, `model.pretrain.bf16`, `model.mntp.bf16`)
 takes `auto`, resolved on the machine that runs the stage, not where the sweep is planned; `true` and
 `false` force it. `eval.dtype: auto` is bfloat16 or float32 by the same rule. The choice changes
-numerics, not what a cell is: a cell's identity keeps the setting (`auto`), its run records the choice.
+numerics, not what a cell is: a cell's identity keeps the setting (`auto`), its run records the choice
+(tags `precision.*`, per attempt), as do the stages' summaries (`pretrain.json`, `mntp.json`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
 
 
 def resolved(cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, str]:
-    """What this machine computes a cell in, for its run's parameters."""
+    """What this machine computes a cell in, for its run's tags."""
     return {"precision.train": "bf16" if use_bf16(cfg["train"].get("bf16", AUTO), device) else "fp32",
             "precision.eval": str(weight_dtype(cfg["eval"].get("dtype", AUTO), device)).removeprefix("torch."),
             "precision.device": torch.device(device).type}

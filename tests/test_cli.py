@@ -123,8 +123,8 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert {f"{EVALUATED}/doc_nnz", f"{EVALUATED}/query_nnz", "train/ce", "train/kl", "train/flops_d"} <= set(
         run.data.metrics)
     # the precision this machine computes in, resolved from the configs' `auto`
-    assert run.data.params["precision.train"] == ("bf16" if bf16_native("cpu") else "fp32")
-    assert run.data.params["precision.eval"] == ("bfloat16" if bf16_native("cpu") else "float32")
+    assert run.data.tags["precision.train"] == ("bf16" if bf16_native("cpu") else "fp32")
+    assert run.data.tags["precision.eval"] == ("bfloat16" if bf16_native("cpu") else "float32")
     assert run.data.params["model.arch.hidden_size"] == "64"
     assert not any(k.startswith(("tracking.", "hydra.")) for k in run.data.params)  # no URIs (credentials)
     system = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
