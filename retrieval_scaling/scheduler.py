@@ -35,7 +35,8 @@ class Job:
     args: tuple
     folder: Path
     cell: str | None = None
-    stage: str | None = None
+    stage: str | None = None  # the stage key this job builds
+    needs: str | None = None  # the stage key of the stages job this job waits for, if one was submitted
     handle: Any = field(default=None, repr=False)
 
 
@@ -183,6 +184,23 @@ def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
     return jobs
 
 
+def local_order(jobs: Sequence[Job], params: Mapping[str, float]) -> list[Job]:
+    """The order local workers take jobs in (a cell also waits for its stages job, see `dispatch_local`):
+    the biggest backbones first, stages before cells, because the biggest backbone's stages and then its
+    cells are the sweep's longest chain — begun last, they would end the sweep alone on one worker.
+    Within a backbone, cells alternate over paradigms (sparse/cl, dense/cl, sparse/kd, …): the cells of
+    one (backbone, paradigm) share one step-0 evaluation, and the second of two started together would
+    only wait for the first to build it. `params`: backbone (model name) → its parameter count."""
+    turn: dict[int, int] = {}  # id(job) → its place among its (backbone, paradigm)'s cells
+    counts: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        if job.cell:
+            group = (job.args[0]["model"]["name"], job.args[0]["paradigm"]["name"])
+            turn[id(job)] = counts.get(group, 0)
+            counts[group] = turn[id(job)] + 1
+    return sorted(jobs, key=lambda j: (j.cell is not None, -params[j.args[0]["model"]["name"]], turn.get(id(j), 0)))
+
+
 def run_stages_job(cfg: Mapping[str, Any]) -> None:
     from .cell import ensure_backbone, setup_logging
     from .distributed import configure_threads
@@ -241,18 +259,23 @@ def _exit_if_succeeded(result_pickle: Path) -> None:
 def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger: Ledger,
                    axes: Mapping[str, Mapping[str, str]],
                    on_cell_failed: Callable[[str], Any] = lambda cell: None) -> dict[str, str]:
-    """Run jobs as local submitit processes, in order, at most `max_parallel` at once.
-    Returns job name → COMPLETED / FAILED."""
+    """Run jobs as local submitit processes, at most `max_parallel` at once, each free worker taking the
+    first job in `jobs`' order whose stages job (`needs`) has ended, as SLURM's afterok would let it.
+    A cell whose stages job failed still runs: it tries to build them itself and fails with the cause in
+    its own log and run. Returns job name → COMPLETED / FAILED."""
     import submitit
 
     threads = str(launcher_cfg["threads_per_job"] or 1)
     cap = launcher_cfg.get("max_parallel") or (os.cpu_count() or 1) // int(threads)
     cap = max(1, int(cap))
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
-    queue, running, outcome = list(jobs), [], {}
+    queue, running, outcome, ended_stages = list(jobs), [], {}, set()
     while queue or running:
-        while queue and len(running) < cap:
-            job = queue.pop(0)
+        while len(running) < cap:
+            job = next((j for j in queue if j.needs is None or j.needs in ended_stages), None)
+            if job is None:
+                break
+            queue.remove(job)
             executor = submitit.LocalExecutor(folder=job.folder)
             executor.update_parameters(timeout_min=int(launcher_cfg["timeout_min"]))
             job.handle = executor.submit(JobCall(job.fn, *job.args))
@@ -266,6 +289,8 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
             error = job.handle.exception()
             state = "FAILED" if error else "COMPLETED"
             outcome[job.name] = state
+            if job.stage:
+                ended_stages.add(job.stage)
             if job.cell:
                 ledger.ended(job.cell, state, str(error) if error else None)
                 if error:
@@ -374,17 +399,21 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
             for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
                 fail_if_running(uri, sweep["name"], plan["cell_id"])
             jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
+            pending_stages = {j.stage for j in jobs}
             axes, cfg_of = {}, {}
             for cfg, plan in todo:
                 axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
                 cfg_of[plan["cell_id"]] = cfg
+                needs = stage_key(stage_targets(cfg))
                 jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                                run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"]))
+                                run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"],
+                                needs=needs if needs in pending_stages else None))
             if launcher["name"] == "slurm":
                 arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
                 print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
                       f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same command")
             else:
+                jobs = local_order(jobs, {p["model"]: p["params_total"] for p in plans})
                 dispatch_local(jobs, launcher, ledger, axes,
                                on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell))
         else:

@@ -1,16 +1,18 @@
-"""Cell state reconciliation, the ledger, and the resumable batch sampler."""
+"""Cell state reconciliation, the ledger, local dispatch, and the resumable batch sampler."""
 
 import atexit
 import functools
 import json
+import sys
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import submitit
 import torch
 
 from retrieval_scaling.faults import Faults, InjectedFault
-from retrieval_scaling.scheduler import JobCall, Ledger
+from retrieval_scaling.scheduler import Job, JobCall, Ledger, dispatch_local, local_order
 from retrieval_scaling.slurm import _expand
 from retrieval_scaling.status import RESUBMIT, STATES, reconcile
 from retrieval_scaling.train import BatchSampler, linear_schedule, shard
@@ -158,3 +160,67 @@ def test_job_process_ends_at_its_saved_result_and_a_failed_one_exits_as_usual(tm
     assert ended.result() is None and "unflushed output" in ended.stdout()
     # A failure is reported as before and exits through the normal path.
     assert markers["failed"].is_file() and "TypeError" in str(failed.exception())
+
+
+
+def _job_step(cfg, log: Path, name: str, needs: str | None, until: tuple[str, ...], fail: bool) -> None:
+    """A stand-in job: logs 'start <name> ready|NOT-READY' (whether the stage it needs has ended), waits
+    until the jobs named in `until` have ended (60 s at most), logs 'end <name>'; a stage also leaves a
+    file named after it when it ends, failed or not."""
+    import time
+
+    with log.open("a") as f:
+        f.write(f"start {name} {'ready' if needs is None or (log.parent / needs).exists() else 'NOT-READY'}\n")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(f"end {u}" in log.read_text().splitlines() for u in until):
+            time.sleep(0.1)
+        if fail:
+            raise RuntimeError(f"{name} broke")
+    finally:
+        with log.open("a") as f:
+            f.write(f"end {name}\n")
+        if cfg["paradigm"]["name"] is None:
+            (log.parent / name).touch()
+
+
+def _job(folder: Path, model: str, paradigm: str | None = None, loss: str | None = None,
+         until: tuple[str, ...] = (), fail: bool = False) -> Job:
+    """A stages job (no paradigm) or a cell job of `model`, as the sweep builds them."""
+    cfg = {"model": {"name": model}, "paradigm": {"name": paradigm}}
+    if paradigm is None:
+        name = f"stage-{model}"
+        return Job(f"stages {model}", _job_step, (cfg, folder / "order.log", name, None, until, fail),
+                   folder / "jobs", stage=name)
+    name = f"{model}/{paradigm}/{loss}"
+    return Job(f"cell {name}", _job_step, (cfg, folder / "order.log", name, f"stage-{model}", until, fail),
+               folder / "jobs", cell=name, needs=f"stage-{model}")
+
+
+def test_local_order_puts_the_biggest_backbone_first_and_alternates_paradigms(tmp_path):
+    grid = [_job(tmp_path, m, p, loss) for m in ("s", "l") for p in ("sparse", "dense") for loss in ("cl", "kd")]
+    jobs = [_job(tmp_path, "s"), _job(tmp_path, "l"), *grid]
+    order = [j.name for j in local_order(jobs, {"s": 4e5, "l": 2.8e6})]
+    assert order == ["stages l", "stages s",
+                     "cell l/sparse/cl", "cell l/dense/cl", "cell l/sparse/kd", "cell l/dense/kd",
+                     "cell s/sparse/cl", "cell s/dense/cl", "cell s/sparse/kd", "cell s/dense/kd"]
+
+
+def test_local_workers_start_a_cell_only_after_its_stages_job_ended_even_a_failed_one(tmp_path):
+    # Two workers. l's stages hold one until s's two cells have ended (or 60 s); s's stages end at once,
+    # failed. s's cells run on the other worker meanwhile, as they need only s's stages; l's cells after.
+    jobs = [_job(tmp_path, "l", until=("s/dense/cl", "s/dense/kd")), _job(tmp_path, "s", fail=True),
+            *(_job(tmp_path, m, "dense", loss) for m in ("l", "s") for loss in ("cl", "kd"))]
+    cells = [j.cell for j in jobs if j.cell]
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job processes cannot import tests/
+    ledger = Ledger(tmp_path / "ledger.json")
+    outcome = dispatch_local(jobs, {"threads_per_job": 1, "max_parallel": 2, "timeout_min": 2}, ledger,
+                             {c: dict(zip(("model", "paradigm", "loss"), c.split("/"), strict=True)) for c in cells})
+    assert outcome == {"stages l": "COMPLETED", "stages s": "FAILED",
+                       **{f"cell {c}": "COMPLETED" for c in cells}}
+    events = (tmp_path / "order.log").read_text().splitlines()
+    assert not [e for e in events if "NOT-READY" in e], events
+    starts = [e.split()[1] for e in events if e.startswith("start")]
+    assert events.index("end s/dense/kd") < events.index("end stage-l"), events
+    assert events.index("start l/dense/cl ready") > events.index("end stage-l"), events
+    assert len(starts) == 6 and {ledger.cells[c]["attempts"][-1]["state"] for c in cells} == {"COMPLETED"}
