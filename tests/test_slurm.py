@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Evaluated on a declared subset of SciFact test (30 queries over ~330 documents): these tests are about
 # the cluster, and the whole corpus would be most of their time.
-CELL = ["model=tiny_s", "launcher=dev_cluster", "budget.flops=3e11", "model.pretrain.steps=30",
+CELL = ["model=tiny_s", "launcher=dev_cluster", "budget.flops=1.5e11", "model.pretrain.steps=30",
         "model.mntp.steps=20", "log.every=5", "log.heartbeat_s=5", "train.checkpoint_every=10",
         "eval.subset={queries:30,bm25_depth:10,seed:0}"]
 EVALUATED = "scifact:q30-bm25_10"

@@ -18,8 +18,8 @@ from retrieval_scaling.tracking import client, ensure_experiment, fail_if_runnin
 
 pytestmark = pytest.mark.slow
 
-# 300 points a cell, one call each: three times what the tiny grid's busiest cell logs (1,060 steps, every
-# 10th logged, plus heartbeats); at 1,000 the two tests took 10 of the suite's minutes on 2 cores.
+# 300 calls a cell, one point each: more than the tiny grid's busiest cell makes (1,060 steps, every 10th logged,
+# a heartbeat every 30 s); at 1,000 the two tests took 10 of the suite's 41 minutes on a 2-core CPU.
 CELLS, POINTS = 18, 300
 WORKER = """
 import os, sys, time
