@@ -104,14 +104,14 @@ def ledger(env, sweep):
     return json.loads((Path(env["RS_SWEEPS_DIR"]) / sweep / "ledger.json").read_text())["cells"]
 
 
-def test_four_cells_submit_fast_reach_done_and_a_second_sweep_submits_nothing(env):
+def test_four_cells_are_submitted_without_waiting_reach_done_and_a_second_sweep_submits_nothing(env):
     args = ["-m", "paradigm=sparse,dense", "loss=cl,kd", *CELL, "sweep.name=four"]
-    start = time.time()
     proc = cli(env, "sweep", *args)
-    took = time.time() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert took <= 15, f"sweep took {took:.1f} s to submit"
     assert "submitted 4 cells to SLURM" in proc.stdout
+    # Fire and forget: it returned before any cell finished (how fast it submits is a benchmark,
+    # bench/orchestration.py --slurm: 5.1 s on one machine, 15.2 s once on a slower one under load).
+    assert not list((Path(env["RS_SWEEPS_DIR"]) / "four" / "cells").glob("*/DONE"))
 
     again = cli(env, "sweep", *args)  # pending or running: nothing new
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout[-2000:]
