@@ -162,7 +162,6 @@ def test_job_process_ends_at_its_saved_result_and_a_failed_one_exits_as_usual(tm
     assert markers["failed"].is_file() and "TypeError" in str(failed.exception())
 
 
-
 def _job_step(cfg, log: Path, name: str, needs: str | None, until: tuple[str, ...], fail: bool) -> None:
     """A stand-in job: logs 'start <name> ready|NOT-READY' (whether the stage it needs has ended), waits
     until the jobs named in `until` have ended (60 s at most), logs 'end <name>'; a stage also leaves a
