@@ -13,17 +13,20 @@ numerics, not what a cell is: a cell's identity keeps the setting (`auto`), its 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 AUTO = "auto"
 
 
 def bf16_native(device: torch.device | str) -> bool:
     """Whether `device` has bf16 kernels: CUDA's own check; on a CPU, oneDNN's (AVX-512 or AMX)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -44,13 +47,19 @@ def use_bf16(setting: Any, device: torch.device | str, where: str = "bf16") -> b
 
 
 def check_dtype(setting: Any, where: str) -> None:
+    if setting == AUTO:
+        return
+    import torch  # here, not at the top: planning and `status` import this module and need no torch
+
     dtype = getattr(torch, str(setting), None)
-    if setting != AUTO and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"{where}={setting!r}: use auto, bfloat16 or float32.")
 
 
 def weight_dtype(setting: Any, device: torch.device | str, where: str = "dtype") -> torch.dtype:
     """A dtype setting resolved for `device`: `auto` → bfloat16 where native, else float32."""
+    import torch
+
     check_dtype(setting, where)
     if setting == AUTO:
         return torch.bfloat16 if bf16_native(device) else torch.float32
@@ -69,6 +78,8 @@ def check_settings(cfg: Mapping[str, Any]) -> None:
 
 def resolved(cfg: Mapping[str, Any], device: torch.device | str) -> dict[str, str]:
     """What this machine computes a cell in, for its run's tags."""
+    import torch
+
     return {"precision.train": "bf16" if use_bf16(cfg["train"].get("bf16", AUTO), device) else "fp32",
             "precision.eval": str(weight_dtype(cfg["eval"].get("dtype", AUTO), device)).removeprefix("torch."),
             "precision.device": torch.device(device).type}

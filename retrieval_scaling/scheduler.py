@@ -36,7 +36,7 @@ class Job:
     folder: Path
     cell: str | None = None
     stage: str | None = None  # the stage key this job builds
-    needs: str | None = None  # the stage key of the stages job this job waits for, if one was submitted
+    needs: str | None = None  # the stage key of this sweep's stages job this cell waits for (SLURM: afterok)
     handle: Any = field(default=None, repr=False)
 
 
@@ -331,7 +331,7 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
         cfg = cfg_of[job.cell]
         res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
         cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
-        dep = live_stage.get(stage_key(stage_targets(cfg)))
+        dep = live_stage[job.needs] if job.needs else None
         groups.setdefault((json.dumps(res, sort_keys=True), dep), []).append(job)
     arrays = []
     for (res_json, dep), group in groups.items():
