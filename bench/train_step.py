@@ -13,7 +13,7 @@ zero_grad), (c) through the engine with `train.compile`'s compiled decoder layer
 that compiles them (inductor's cache cold, then warm).
 Peak: the best of fp32 and bf16 square matmuls (n = 2048) at the same thread count, measured in the
 same run (bf16 only where the CPU has it natively: elsewhere a 2048² bf16 matmul takes seconds); MFU is
-reported against both. A torch profile of one engine step, eager and compiled, says
+reported against both. A torch profile of one engine step, eager and compiled (eager also by input shape), says
 where the time goes, and for the first case the bare step is
 re-timed with SDPA and eager attention, each with the paper's LoRA dropout (0.05) and without (costs,
 not recipe changes). Prints one JSON object.
@@ -169,7 +169,7 @@ def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
         engine.step()
 
     ds = timed_steps(engine_step, steps)
-    top_ops = profile_ops(engine_step) if profile else []
+    top_ops, top_shapes = profile_ops(engine_step) if profile else ([], [])
 
     # (c) the same engine with train.compile's compiled decoder layers: first step (compilation, with
     # inductor's on-disk cache cold, then warm as a later cell finds it), then timed steps.
@@ -182,27 +182,34 @@ def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
             compiled[f"compile_{cache}_s"] = time.perf_counter() - start
             if cache == "cold":
                 ds_compiled = timed_steps(engine_step, steps)
-                top_ops_compiled = profile_ops(engine_step) if profile else []
+                top_ops_compiled, _ = profile_ops(engine_step) if profile else ([], [])
     return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
             "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
             "step_s_bare": statistics.median(bare), "engine_overhead": statistics.median(ds) / statistics.median(bare),
             "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops,
+            "profile_top_ops_by_shape": top_shapes,
             "step_s_deepspeed_compiled": statistics.median(ds_compiled), **compiled,
             "model_flops_per_s_compiled": plan["flops_per_step"] / statistics.median(ds_compiled),
             "profile_top_ops_compiled": top_ops_compiled}
 
 
-def profile_ops(step_fn, top: int = 12) -> list[dict]:
-    """Where one step's time goes: the ops with the most self CPU time (torch profiler)."""
+def profile_ops(step_fn, top: int = 12) -> tuple[list[dict], list[dict]]:
+    """Where one step's time goes (torch profiler): the ops with the most self CPU time, and the same
+    split by input shapes (which matmul or element-wise pass: e.g. LoRA's rank-r products)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step_fn()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-             "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]]
+
+    def rows(events, shapes: bool) -> list[dict]:
+        events = sorted(events, key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        return [{"op": e.key, **({"shapes": str(e.input_shapes)} if shapes else {}),
+                 "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+                 "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in events[:top]]
+
+    return rows(prof.key_averages(), False), rows(prof.key_averages(group_by_input_shape=True), True)
 
 
 def main() -> None:
