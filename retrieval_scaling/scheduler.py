@@ -21,6 +21,7 @@ import submitit
 from .cell import cell_dir, run_cell, stage_dirs
 from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root, training_spec
 from .errors import ConfigError, DataError
+from .ledger import Ledger
 from .plan import check_budget, plan_cell
 
 log = logging.getLogger(__name__)
@@ -86,42 +87,6 @@ def write_plan(cfgs: Sequence[dict[str, Any]], plans: Sequence[dict[str, Any]]) 
     tmp.write_text(json.dumps(list(merged.values()), indent=2))
     os.replace(tmp, path)
     return path
-
-
-class Ledger:
-    """`sweeps/<name>/ledger.json`: cell → attempts (job id, launcher, when, how it ended), and shared
-    stage → its last job. Written only by `sweep` processes, atomically."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        if data and "cells" not in data:  # the first version held cells only
-            data = {"cells": data}
-        self.cells: dict[str, dict] = data.get("cells", {})
-        self.stages: dict[str, dict] = data.get("stages", {})
-
-    def submitted(self, cell: str, job_id: str, axes: Mapping[str, str], launcher: str) -> None:
-        entry = self.cells.setdefault(cell, {**axes, "attempts": []})
-        entry["attempts"].append({"job_id": job_id, "launcher": launcher, "submitted_at": time.time(),
-                                  "state": "SUBMITTED"})
-        self.save()
-
-    def stage_submitted(self, stage: str, job_id: str) -> None:
-        self.stages[stage] = {"job_id": job_id, "submitted_at": time.time()}
-        self.save()
-
-    def ended(self, cell: str, state: str, error: str | None = None) -> None:
-        attempt = self.cells[cell]["attempts"][-1]
-        attempt.update(state=state, ended_at=time.time())
-        if error:
-            attempt["error"] = error[-2000:]
-        self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"cells": self.cells, "stages": self.stages}, indent=2))
-        os.replace(tmp, self.path)
 
 
 def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:

@@ -77,7 +77,7 @@ def job_states(ledger: Mapping[str, Any]) -> dict[str, str | None]:
 
 def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
                stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
-    from .scheduler import Ledger
+    from .ledger import Ledger
     from .tracking import cell_runs, store_exists
 
     base = Path(root) / sweep

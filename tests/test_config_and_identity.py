@@ -166,20 +166,23 @@ def test_precision_auto_is_bf16_only_where_the_device_has_it_and_true_false_forc
 
 def test_planning_and_status_import_no_torch():
     """`status` and the planner import the precision checks but not torch (1.4-1.8 s of a `status`
-    call's 4.9 s here): torch comes in only where a stage computes, or a config names a dtype."""
+    call's 4.9 s here), and `status` reads the ledger without the scheduler (submitit, the planners):
+    torch comes in only where a stage computes, or a config names a dtype."""
     import subprocess
     import sys
 
     from retrieval_scaling.errors import ConfigError
     from retrieval_scaling.precision import check_dtype
 
-    code = ("import sys, retrieval_scaling.status, retrieval_scaling.scheduler, retrieval_scaling.plan\n"
+    code = ("import sys, retrieval_scaling.status, retrieval_scaling.ledger\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('submitit', 'torch')))\n"
+            "import retrieval_scaling.scheduler, retrieval_scaling.plan\n"
             "from retrieval_scaling.precision import check_settings\n"
             "check_settings({'model': {'pretrain': {'bf16': 'auto'}}, 'train': {'bf16': 'auto'},\n"
             "                'eval': {'dtype': 'auto'}})\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.split() == ["[]", "[]"]
     check_dtype("bfloat16", "eval.dtype")  # a named dtype is still checked against torch's
     with pytest.raises(ConfigError, match="eval.dtype='int8'"):
         check_dtype("int8", "eval.dtype")
