@@ -164,6 +164,7 @@ def test_precision_auto_is_bf16_only_where_the_device_has_it_and_true_false_forc
     with pytest.raises(ConfigError, match="model.mntp.bf16='yes'"):
         use_bf16("yes", "cpu", "model.mntp.bf16")
 
+
 def test_planning_and_status_import_no_torch():
     """`status` and the planner import the precision checks but not torch (1.4-1.8 s of a `status`
     call's 4.9 s here), and `status` reads the ledger without the scheduler (submitit, the planners):
@@ -186,4 +187,3 @@ def test_planning_and_status_import_no_torch():
     check_dtype("bfloat16", "eval.dtype")  # a named dtype is still checked against torch's
     with pytest.raises(ConfigError, match="eval.dtype='int8'"):
         check_dtype("int8", "eval.dtype")
-
