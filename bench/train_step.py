@@ -9,14 +9,19 @@ the cell's architecture with its LoRA, trainable embeddings, head, loss and FLOP
 batch; autocast (bf16 where this CPU has it natively, `train.bf16: auto`) and attention kernel as in
 training. Timed: the median of `--steps` optimizer steps after two warm-up steps, (a) through a
 DeepSpeed ZeRO-2 engine configured as the cell's, (b) as a bare loop (forward, backward, clip, AdamW,
-zero_grad), (c) through the engine with `train.compile`'s compiled decoder layers, after a first step
-that compiles them (inductor's cache cold, then warm).
+zero_grad) on an identical copy of the model, its steps alternating with (a)'s so that the overhead
+ratio (the median of per-pair ratios) is not the host's drift between two blocks of steps, (c) through
+the engine with `train.compile`'s compiled decoder layers, after a first step that compiles them
+(inductor's cache cold, then warm).
 Peak: the best of fp32 and bf16 square matmuls (n = 2048) at the same thread count, measured in the
 same run (bf16 only where the CPU has it natively: elsewhere a 2048² bf16 matmul takes seconds); MFU is
-reported against both. A torch profile of one engine step, eager and compiled (eager also by input shape), says
-where the time goes, and for the first case the bare step is
-re-timed with SDPA and eager attention, each with the paper's LoRA dropout (0.05) and without (costs,
-not recipe changes). Prints one JSON object.
+reported against both. `mfu_paired` (and `_compiled`) divide each timed engine step's model FLOP/s by a
+peak matmul (best of two, the faster dtype) timed right after that step, and take the median over
+steps: this shared host's speed drifts by a third within an hour, so a peak taken minutes earlier
+misstates a step's share of it. A torch profile of one engine step, eager and compiled (eager also by
+input shape), says where the time goes, and for the first case the bare step is re-timed with SDPA
+and eager attention, each with the paper's LoRA dropout (0.05) and without (costs, not recipe
+changes). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -40,24 +45,37 @@ CASES = "tiny_l/dense/cl,tiny_s/sparse/cl,smollm2_135m/dense/cl"
 BF16 = use_bf16("auto", "cpu")
 
 
-def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
-    """FLOP/s of the best of `repeats` square matmuls (n × n, `dtype`) on `device`, at the current
-    thread count (CUDA: each timed to its completion)."""
-    import torch
+class MatmulPeak:
+    """FLOP/s of square matmuls (n × n, `dtype`) on `device` at the current thread count, the best of
+    `repeats` each call (CUDA: each timed to its completion). Called between timed steps too, so that
+    each step has a peak measured next to it: this shared host's speed drifts within minutes."""
 
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
-    for _ in range(3):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    def __init__(self, dtype, n: int = 2048, device: str = "cpu"):
+        import torch
+
+        self.n = n
+        self.a = torch.randn(n, n, dtype=dtype, device=device)
+        self.b = torch.randn(n, n, dtype=dtype, device=device)
+        self.sync = torch.cuda.synchronize if self.a.is_cuda else (lambda: None)
+        for _ in range(3):
+            torch.mm(self.a, self.b)
+
+    def __call__(self, repeats: int = 2) -> float:
+        import torch
+
+        best = float("inf")
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            torch.mm(self.a, self.b)
+            self.sync()
+            best = min(best, time.perf_counter() - start)
+        return 2 * self.n**3 / best
+
+
+def peak_matmul_flops(dtype, n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
+    """FLOP/s of the best of `repeats` square matmuls (see `MatmulPeak`)."""
+    return MatmulPeak(dtype, n, device)(repeats)
 
 
 def compose(overrides: list[str]) -> dict:
@@ -86,6 +104,20 @@ def timed_steps(step_fn, steps: int) -> list[float]:
         step_fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired_steps(step_fn, steps: int, peak: MatmulPeak) -> list[tuple[float, float]]:
+    """(step time, peak matmul FLOP/s measured right after it) for `steps` steps after two warm-up
+    steps: an MFU per step against the machine's speed of that moment."""
+    for _ in range(2):
+        step_fn()
+    return [(timed(step_fn), peak()) for _ in range(steps)]
 
 
 def bare_loop(step, clip: float):
@@ -130,18 +162,21 @@ def ablations(case: str, steps: int) -> dict:
     return out
 
 
-def run_case(case: str, steps: int, profile: bool) -> dict:
+def run_case(case: str, steps: int, profile: bool, peak: MatmulPeak) -> dict:
     from retrieval_scaling.backbone import lora_inputs_uncast
     from retrieval_scaling.flopcheck import RandomStep
 
     cfg = case_config(case)
     # The kernel the cell trains with (the tiny family: eager; see conf/model/_tiny_family.yaml).
-    step = RandomStep(cfg, attn_implementation=cfg["model"].get("attn_implementation", "sdpa"))
-    with lora_inputs_uncast(step.encoder, BF16):  # as the cell trains
-        return time_case(case, cfg, step, steps, profile)
+    # Two copies of the same model and batch (seeded): one for the engine, one for the bare loop, so
+    # that their steps can alternate (the engine's ZeRO hooks stay on its own copy).
+    step, bare_step = (RandomStep(cfg, attn_implementation=cfg["model"].get("attn_implementation", "sdpa"))
+                       for _ in range(2))
+    with lora_inputs_uncast(step.encoder, BF16), lora_inputs_uncast(bare_step.encoder, BF16):  # as the cell trains
+        return time_case(case, cfg, step, bare_step, steps, profile, peak)
 
 
-def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
+def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, peak: MatmulPeak) -> dict:
     import deepspeed
     import torch
 
@@ -153,10 +188,8 @@ def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
     params = [p for p in step.encoder.parameters() if p.requires_grad]
     clip = float(cfg["train"]["grad_clip"])
 
-    # (b) bare torch + peft
-    bare = timed_steps(bare_loop(step, clip), steps)
-
-    # (a) the cell's DeepSpeed engine
+    # (a) the cell's DeepSpeed engine, (b) a bare torch + peft loop: steps alternate, each engine step
+    # followed by a peak matmul
     ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,
               "gradient_accumulation_steps": 1, "gradient_clipping": clip, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=step.encoder, optimizer=torch.optim.AdamW(params, lr=1e-5),
@@ -168,7 +201,15 @@ def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
         engine.backward(loss)
         engine.step()
 
-    ds = timed_steps(engine_step, steps)
+    bare_one = bare_loop(bare_step, clip)
+    for _ in range(2):  # warm-up
+        bare_one()
+        engine_step()
+    bare, ds, ds_pairs = [], [], []
+    for _ in range(steps):
+        bare.append(timed(bare_one))
+        ds.append(timed(engine_step))
+        ds_pairs.append((ds[-1], peak()))
     top_ops, top_shapes = profile_ops(engine_step) if profile else ([], [])
 
     # (c) the same engine with train.compile's compiled decoder layers: first step (compilation, with
@@ -181,16 +222,24 @@ def time_case(case: str, cfg: dict, step, steps: int, profile: bool) -> dict:
             engine_step()
             compiled[f"compile_{cache}_s"] = time.perf_counter() - start
             if cache == "cold":
-                ds_compiled = timed_steps(engine_step, steps)
+                compiled_pairs = paired_steps(engine_step, steps, peak)
+                ds_compiled = [t for t, _ in compiled_pairs]
                 top_ops_compiled, _ = profile_ops(engine_step) if profile else ([], [])
+    flops = plan["flops_per_step"]
     return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
             "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
-            "step_s_bare": statistics.median(bare), "engine_overhead": statistics.median(ds) / statistics.median(bare),
+            "step_s_bare": statistics.median(bare),
+            # each engine step over the bare step just before it, the median over steps
+            "engine_overhead": statistics.median(d / b for d, b in zip(ds, bare, strict=True)),
             "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops,
             "profile_top_ops_by_shape": top_shapes,
             "step_s_deepspeed_compiled": statistics.median(ds_compiled), **compiled,
             "model_flops_per_s_compiled": plan["flops_per_step"] / statistics.median(ds_compiled),
-            "profile_top_ops_compiled": top_ops_compiled}
+            "profile_top_ops_compiled": top_ops_compiled,
+            # each step against the peak measured right after it, the median over steps
+            "mfu_paired": statistics.median(flops / t / p for t, p in ds_pairs),
+            "mfu_paired_compiled": statistics.median(flops / t / p for t, p in compiled_pairs),
+            "peak_during_steps": statistics.median(p for _, p in ds_pairs + compiled_pairs)}
 
 
 def profile_ops(step_fn, top: int = 12) -> tuple[list[dict], list[dict]]:
@@ -227,15 +276,18 @@ def main() -> None:
     # A fresh inductor cache, so that `compile_cold_s` is what a sweep's first cell pays.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
     init_distributed()
-    peak_fp32 = peak_matmul_flops(torch.float32)
-    peak_bf16 = peak_matmul_flops(torch.bfloat16) if BF16 else None
-    cases = [run_case(c, args.steps, profile=True) for c in args.cases.split(",")]
+    fp32 = MatmulPeak(torch.float32)
+    peak_fp32, peak_bf16 = fp32(10), MatmulPeak(torch.bfloat16)(10) if BF16 else None
+    # Steps are paired with the best peak's dtype (bf16 where autocast runs it natively and it is faster).
+    paired = MatmulPeak(torch.bfloat16) if peak_bf16 and peak_bf16 > peak_fp32 else fp32
+    cases = [run_case(c, args.steps, profile=True, peak=paired) for c in args.cases.split(",")]
     cases[0]["ablation_step_s"] = ablations(args.cases.split(",")[0], args.steps)
     for c in cases:
         c["mfu_vs_fp32_peak"] = c["model_flops_per_s"] / peak_fp32
         c["mfu_vs_best_peak"] = c["model_flops_per_s"] / max(peak_fp32, peak_bf16 or 0)
         c["mfu_vs_fp32_peak_compiled"] = c["model_flops_per_s_compiled"] / peak_fp32
     result = {"benchmark": "train_step", "threads": args.threads, "peak_fp32_matmul_flops": peak_fp32,
+              "peak_paired_dtype": str(paired.a.dtype).removeprefix("torch."),
               "peak_bf16_matmul_flops": peak_bf16, "bf16_autocast": BF16,
               "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
