@@ -18,7 +18,7 @@ same run (bf16 only where the CPU has it natively: elsewhere a 2048² bf16 matmu
 reported against both. `mfu_paired` (and `_compiled`) divide each timed engine step's model FLOP/s by a
 peak matmul (best of two, the faster dtype) timed right after that step, and take the median over
 steps: this shared host's speed drifts by a third within an hour, so a peak taken minutes earlier
-misstates a step's share of it. A torch profile of one engine step, eager and compiled (eager also by
+misstates a step's share of it. A torch profile of one engine step, eager and compiled (each also by
 input shape), says where the time goes, and for the first case the bare step is re-timed with SDPA
 and eager attention, each with the paper's LoRA dropout (0.05) and without (costs, not recipe
 changes). Prints one JSON object.
@@ -224,7 +224,7 @@ def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, 
             if cache == "cold":
                 compiled_pairs = paired_steps(engine_step, steps, peak)
                 ds_compiled = [t for t, _ in compiled_pairs]
-                top_ops_compiled, _ = profile_ops(engine_step) if profile else ([], [])
+                top_ops_compiled, top_shapes_compiled = profile_ops(engine_step) if profile else ([], [])
     flops = plan["flops_per_step"]
     return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
             "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
@@ -235,7 +235,7 @@ def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, 
             "profile_top_ops_by_shape": top_shapes,
             "step_s_deepspeed_compiled": statistics.median(ds_compiled), **compiled,
             "model_flops_per_s_compiled": plan["flops_per_step"] / statistics.median(ds_compiled),
-            "profile_top_ops_compiled": top_ops_compiled,
+            "profile_top_ops_compiled": top_ops_compiled, "profile_top_ops_compiled_by_shape": top_shapes_compiled,
             # each step against the peak measured right after it, the median over steps
             "mfu_paired": statistics.median(flops / t / p for t, p in ds_pairs),
             "mfu_paired_compiled": statistics.median(flops / t / p for t, p in compiled_pairs),
