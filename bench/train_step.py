@@ -95,29 +95,28 @@ def case_config(case: str) -> dict:
     return compose([f"model={model}", f"paradigm={paradigm}", f"loss={loss}"])
 
 
-def timed_steps(step_fn, steps: int) -> list[float]:
-    for _ in range(2):
-        step_fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step_fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def paired_steps(step_fn, steps: int, peak: MatmulPeak) -> list[tuple[float, float]]:
-    """(step time, peak matmul FLOP/s measured right after it) for `steps` steps after two warm-up
-    steps: an MFU per step against the machine's speed of that moment."""
+def timed_steps(step_fn, steps: int) -> list[float]:
     for _ in range(2):
         step_fn()
-    return [(timed(step_fn), peak()) for _ in range(steps)]
+    return [timed(step_fn) for _ in range(steps)]
+
+
+def paired_steps(step_fn, steps: int, peak: MatmulPeak) -> tuple[list[float], list[float]]:
+    """Step times and the peak matmul FLOP/s measured right after each, for `steps` steps after two
+    warm-up steps: an MFU per step against the machine's speed of that moment."""
+    for _ in range(2):
+        step_fn()
+    times, peaks = [], []
+    for _ in range(steps):
+        times.append(timed(step_fn))
+        peaks.append(peak())
+    return times, peaks
 
 
 def bare_loop(step, clip: float):
@@ -205,11 +204,11 @@ def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, 
     for _ in range(2):  # warm-up
         bare_one()
         engine_step()
-    bare, ds, ds_pairs = [], [], []
+    bare, ds, ds_peaks = [], [], []
     for _ in range(steps):
         bare.append(timed(bare_one))
         ds.append(timed(engine_step))
-        ds_pairs.append((ds[-1], peak()))
+        ds_peaks.append(peak())
     top_ops, top_shapes = profile_ops(engine_step) if profile else ([], [])
 
     # (c) the same engine with train.compile's compiled decoder layers: first step (compilation, with
@@ -222,24 +221,24 @@ def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, 
             engine_step()
             compiled[f"compile_{cache}_s"] = time.perf_counter() - start
             if cache == "cold":
-                compiled_pairs = paired_steps(engine_step, steps, peak)
-                ds_compiled = [t for t, _ in compiled_pairs]
+                ds_compiled, compiled_peaks = paired_steps(engine_step, steps, peak)
                 top_ops_compiled, top_shapes_compiled = profile_ops(engine_step) if profile else ([], [])
     flops = plan["flops_per_step"]
     return {"case": case, "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
-            "flops_per_step": plan["flops_per_step"], "step_s_deepspeed": statistics.median(ds),
+            "flops_per_step": flops, "step_s_deepspeed": statistics.median(ds),
             "step_s_bare": statistics.median(bare),
             # each engine step over the bare step just before it, the median over steps
             "engine_overhead": statistics.median(d / b for d, b in zip(ds, bare, strict=True)),
-            "model_flops_per_s": plan["flops_per_step"] / statistics.median(ds), "profile_top_ops": top_ops,
+            "model_flops_per_s": flops / statistics.median(ds), "profile_top_ops": top_ops,
             "profile_top_ops_by_shape": top_shapes,
             "step_s_deepspeed_compiled": statistics.median(ds_compiled), **compiled,
-            "model_flops_per_s_compiled": plan["flops_per_step"] / statistics.median(ds_compiled),
+            "model_flops_per_s_compiled": flops / statistics.median(ds_compiled),
             "profile_top_ops_compiled": top_ops_compiled, "profile_top_ops_compiled_by_shape": top_shapes_compiled,
             # each step against the peak measured right after it, the median over steps
-            "mfu_paired": statistics.median(flops / t / p for t, p in ds_pairs),
-            "mfu_paired_compiled": statistics.median(flops / t / p for t, p in compiled_pairs),
-            "peak_during_steps": statistics.median(p for _, p in ds_pairs + compiled_pairs)}
+            "mfu_paired": statistics.median(flops / t / p for t, p in zip(ds, ds_peaks, strict=True)),
+            "mfu_paired_compiled": statistics.median(flops / t / p
+                                                     for t, p in zip(ds_compiled, compiled_peaks, strict=True)),
+            "peak_during_steps": statistics.median(ds_peaks + compiled_peaks)}
 
 
 def profile_ops(step_fn, top: int = 12) -> tuple[list[dict], list[dict]]:
