@@ -55,9 +55,15 @@ def llama_config(arch: Architecture, **extra: Any):
                        head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings, **extra)
 
 
+# Bumped when pretraining's code changes what it builds, so that cached backbones of older code are not reused.
+PRETRAIN_VERSION = 2
+
+
 def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
     """Where the tiny backbone for this (architecture, pretraining recipe, corpus) lives."""
-    key = content_hash({"arch": model_cfg["arch"], "pretrain": model_cfg["pretrain"], "corpus": corpus})
+    recipe = {k: v for k, v in model_cfg["pretrain"].items() if k != "checkpoint_every"}
+    key = content_hash({"arch": model_cfg["arch"], "pretrain": recipe, "corpus": corpus,
+                        "code": PRETRAIN_VERSION})
     return Path(cache_root) / "backbones" / f"{model_cfg['name']}-{corpus}-{key}"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -18,7 +19,6 @@ from typing import Any
 from .faults import Faults
 from .identity import cell_id, content_hash
 from .plan import plan_cell
-from .stages import build_once
 
 log = logging.getLogger(__name__)
 
@@ -185,20 +185,22 @@ def deepspeed_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(merged, resolve=True)
 
 
-def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path) -> tuple[Path | None, Path | None]:
-    """The backbone's shared stages, built once: (pretrained tiny model dir or None, MNTP adapter or None)."""
+def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path,
+                    ds_cfg: Mapping[str, Any] | None = None) -> tuple[Path | None, Path | None]:
+    """The backbone's shared stages, built once: (pretrained tiny model dir or None, MNTP adapter or None);
+    the training stages under DeepSpeed with `ds_cfg` (the cells' settings)."""
     from .gguf import ensure_converted
     from .mntp import ensure_mntp
     from .pretrain import ensure_pretrained
 
     source = model_cfg.get("source")
     if source == "pretrain":
-        local_dir = ensure_pretrained(model_cfg, corpus, cache)
+        local_dir = ensure_pretrained(model_cfg, corpus, cache, ds_cfg)
     elif source == "gguf":
         local_dir = ensure_converted(model_cfg, cache)
     else:
         local_dir = None  # a hub id or local directory in model.name_or_path
-    adapter = ensure_mntp(model_cfg, local_dir, corpus, cache) if model_cfg.get("mntp") else None
+    adapter = ensure_mntp(model_cfg, local_dir, corpus, cache, ds_cfg) if model_cfg.get("mntp") else None
     return local_dir, adapter
 
 
@@ -290,10 +292,10 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
 
     from .data import load_training_collection
-    from .distributed import init_distributed
-    from .evaluate import encoder_retriever, evaluate_all, inference_encoder, load_eval_collections
+    from .distributed import any_rank, init_distributed, world_size
+    from .evaluate import EVAL_RUNTIME_KEYS, encoder_retriever, evaluate_all, inference_encoder
     from .prepare import ensure_training_data, load_examples, load_passages
-    from .stages import is_built
+    from .stages import holding_lock, is_built, write_stage
     from .train import BatchSampler, train
 
     init_distributed()
@@ -311,7 +313,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         # Normally the sweep's stages job built these first; a cell run alone builds them itself.
         train_coll = load_training_collection(data_cfg)
         passages = passages or train_coll.corpus
-        local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache)
+        local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache, deepspeed_config(cfg))
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models
             summary = json.loads((directory / f"{stage}.json").read_text())
@@ -320,22 +322,30 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     torch.manual_seed(int(cfg["seed"]))  # LoRA's initialisation
     encoder, tokenizer = build_cell_encoder(cfg, local_dir, adapter)
-    collections = load_eval_collections(eval_cfg) if rank == 0 else []  # rank 0 alone evaluates
+    world = world_size()
 
-    def evaluate_now(runs_dir: Path | None = None) -> dict[str, float]:
+    def evaluate_now(store_dir: Path, runs_dir: Path | None = None) -> dict[str, float]:
+        """Every rank encodes and searches its share; rank 0 gets the metrics. The encodings persist
+        in `store_dir` until the evaluation is done (a failed or requeued one resumes from them)."""
         inference = inference_encoder(encoder, eval_cfg["dtype"], model_cfg.get("eval_attn_implementation"))
-        retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), name=f"cell-{cid}")
-        return evaluate_all(retriever, collections, eval_cfg, runs_dir)
+        retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), f"cell-{cid}", store_dir,
+                                      rank, world)
+        metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, rank)
+        if rank == 0 and not eval_cfg.get("keep_encodings"):
+            shutil.rmtree(store_dir, ignore_errors=True)
+        return metrics
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
-    # evaluate it once and share the result.
-    # Rank 0 alone evaluates; the others wait for it in DeepSpeed's initialisation.
+    # evaluate it once and share the result. Rank 0 holds the step-0 lock; all ranks evaluate if needed.
+    key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
+                        "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS}})
+    step0_dir = cache / "step0-evals" / key
+    with holding_lock(step0_dir, rank == 0):
+        if any_rank(rank == 0 and not is_built(step0_dir)):
+            computed = evaluate_now(out / "eval" / f"step0-{key}")
+            if rank == 0:
+                write_stage(step0_dir, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))
     if rank == 0:
-        key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
-                            "eval": {k: v for k, v in eval_cfg.items() if k != "root"}})
-        step0_dir = build_once(cache / "step0-evals" / key,
-                               lambda tmp: (tmp / "metrics.json").write_text(json.dumps(evaluate_now())),
-                               "step-0 evaluation")
         before = json.loads((step0_dir / "metrics.json").read_text())
         run.log_metrics(before, step=0)
         log.info("step 0: %s", before)
@@ -357,12 +367,25 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
                     cfg["train"], cfg["paradigm"], deepspeed_config(cfg), out / "checkpoints",
                     int(cfg["log"]["every"]), run.log_metrics,
                     Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
+    if rank == 0:
+        save_trainable(encoder, out / FINAL)
+    any_rank(False)  # the final weights are on disk before any rank fingerprints them
+    after = evaluate_now(out / "eval" / f"final-{file_hash(out / FINAL)}", out / "runs")
     if rank != 0:
         return {}
-    save_trainable(encoder, out / FINAL)
-    after = evaluate_now(out / "runs")
     run.log_metrics(after, step=plan["steps"])
     for run_file in sorted((out / "runs").glob("*.trec.gz")):
         run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)
     return after
+
+
+def file_hash(path: Path) -> str:
+    """A file's content hash: names the encodings of exactly these weights."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

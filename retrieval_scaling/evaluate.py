@@ -23,20 +23,25 @@ import gzip
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import sparse
 
 from .data import Collection
 from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, UserError
 from .precision import weight_dtype
 from .retrievers import EncoderRetriever, Retriever, Run
+from .search import to_csr
 
 log = logging.getLogger(__name__)
+
+# Evaluation settings that change how it runs, not its results (kept out of the step-0 evaluation's key).
+EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings")
 
 
 def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation: str | None = None) -> Encoder:
@@ -58,10 +63,11 @@ def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation
 
 @torch.no_grad()
 def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
-                 desc: str) -> torch.Tensor:
-    """Reps of `texts` in input order (fp32); batches are formed over length-sorted texts so that
-    padding is small, on the encoder's device, under bf16 autocast where its weights are bf16 (see
-    `inference_encoder`)."""
+                 desc: str) -> torch.Tensor | sparse.csr_matrix:
+    """Reps of `texts` in input order: fp32 for a dense encoder; for a sparse one CSR, each batch's
+    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's.
+    Batches are formed over length-sorted texts so that padding is small, on the encoder's device,
+    under bf16 autocast where its weights are bf16 (see `inference_encoder`)."""
     from tqdm import tqdm
 
     encoder.eval()
@@ -69,28 +75,34 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
     device, half = weight.device, weight.dtype == torch.bfloat16
     ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
-    chunks: list[torch.Tensor] = []
+    chunks: list = []
     for start in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=10):
         rows = order[start:start + batch_size]
         input_ids, mask = encode_inputs([ids[i] for i in rows], tokenizer.bos_token_id,
                                         tokenizer.pad_token_id, max_len)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
-            chunks.append(encoder(input_ids.to(device), mask.to(device)).float().cpu())
-    reps = torch.cat(chunks)
-    out = torch.empty_like(reps)
-    out[torch.as_tensor(order)] = reps
-    return out
+            reps = encoder(input_ids.to(device), mask.to(device)).float()
+        chunks.append(to_csr(reps.cpu().numpy()) if encoder.sparse else reps.cpu())
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    if encoder.sparse:
+        return sparse.vstack(chunks, format="csr")[inverse]
+    return torch.cat(chunks)[torch.as_tensor(inverse)]
 
 
-def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell") -> EncoderRetriever:
-    """An encoder (as `inference_encoder` prepares it) behind the retriever interface."""
-    def encode(texts: list[str], max_len: int, desc: str) -> np.ndarray:
-        return encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc).numpy()
+def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
+                      store_root: Path | None = None, rank: int = 0, world: int = 1) -> EncoderRetriever:
+    """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
+    encodings persist under `store_root` (see `EncoderRetriever`)."""
+    def encode(texts: list[str], max_len: int, desc: str):
+        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc)
+        return reps if encoder.sparse else reps.numpy()
 
-    return EncoderRetriever(name, encode, encoder.sparse)
+    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world)
 
 
-def rank(retriever: Retriever, coll: Collection, spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> Run:
+def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any],
+                    eval_cfg: Mapping[str, Any]) -> Run:
     """The run of `retriever` on `coll`: `depth` hits per query, best first, self hits dropped when
     the collection asks for it (one extra hit is fetched so that `depth` remain)."""
     depth, drop = int(spec["depth"]), bool(spec.get("drop_self_hits", False))
@@ -99,6 +111,8 @@ def rank(retriever: Retriever, coll: Collection, spec: Mapping[str, Any], eval_c
         coll, min(depth + drop, len(doc_ids)), int(spec.get("query_max_len") or eval_cfg["query_max_len"]),
         int(spec.get("passage_max_len") or eval_cfg["passage_max_len"]), int(eval_cfg.get("shard_size") or 200000))
     run: Run = {}
+    if scores is None:  # a rank > 0 of a multi-rank search: rank 0 holds the run
+        return run
     for row, qid in enumerate(qids):
         hits = [(doc_ids[j], float(s)) for s, j in zip(scores[row], idx[row], strict=True) if j >= 0]
         if drop:
@@ -159,49 +173,68 @@ def collection_specs(eval_cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return specs
 
 
-def load_eval_collections(eval_cfg: Mapping[str, Any]) -> list[Collection]:
-    """The evaluation collections, in config order, subset when `eval.subset` asks for it."""
+def load_eval_collection(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> Collection:
+    """One evaluation collection, subset when `eval.subset` asks for it."""
     from .data import load_source
 
-    out = []
+    coll = load_source(spec, eval_cfg["root"])
+    sub = eval_cfg.get("subset")
+    if sub:
+        coll = subset_collection(coll, int(sub["queries"]), int(sub["bm25_depth"]), int(sub["seed"]))
+    return coll
+
+
+def iter_eval_collections(eval_cfg: Mapping[str, Any]) -> Iterator[Collection]:
+    """The evaluation collections in config order, each loaded when the previous one is done with:
+    one collection's corpus in memory at a time (BEIR-13 + MS MARCO are ~34M documents)."""
     for spec in collection_specs(eval_cfg):
-        coll = load_source(spec, eval_cfg["root"])
-        sub = eval_cfg.get("subset")
-        if sub:
-            coll = subset_collection(coll, int(sub["queries"]), int(sub["bm25_depth"]), int(sub["seed"]))
-        out.append(coll)
-    return out
+        yield load_eval_collection(spec, eval_cfg)
 
 
 def group_means(metrics: Mapping[str, float], specs: Sequence[Mapping[str, Any]],
-                collections: Sequence[Collection]) -> dict[str, float]:
-    """`<group>/<metric>`: the unweighted mean over a group's collections (BEIR-13's average)."""
-    groups: dict[str, list[tuple[Mapping[str, Any], Collection]]] = {}
-    for spec, coll in zip(specs, collections, strict=True):
+                names: Sequence[str]) -> dict[str, float]:
+    """`<group>/<metric>`: the unweighted mean over a group's collections (BEIR-13's average);
+    `names`: each spec's collection name as its metrics are prefixed."""
+    groups: dict[str, list[tuple[Mapping[str, Any], str]]] = {}
+    for spec, name in zip(specs, names, strict=True):
         if spec.get("group"):
-            groups.setdefault(spec["group"], []).append((spec, coll))
+            groups.setdefault(spec["group"], []).append((spec, name))
     out = {}
     for group, members in groups.items():
         shared = set.intersection(*(set(spec["measures"]) for spec, _ in members))
-        for name in sorted(shared):
-            out[f"{group}/{name}"] = float(np.mean([metrics[f"{c.name}/{name}"] for _, c in members]))
+        for measure in sorted(shared):
+            out[f"{group}/{measure}"] = float(np.mean([metrics[f"{c}/{measure}"] for _, c in members]))
     return out
 
 
-def evaluate_all(retriever: Retriever, collections: Sequence[Collection], eval_cfg: Mapping[str, Any],
-                 runs_dir: Path | None = None) -> dict[str, float]:
-    """Metrics of `retriever` on every collection (+ group means); run files into `runs_dir`."""
+def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None, eval_cfg: Mapping[str, Any],
+                 runs_dir: Path | None = None, rank: int = 0) -> dict[str, float]:
+    """Metrics of `retriever` on every collection (+ group means); run files into `runs_dir`.
+    `collections`: in the order of `eval.collections`; None loads them one at a time. Every rank of
+    a multi-rank retriever calls it; rank 0 scores and returns the metrics, the others {}."""
+    import gc
+
     specs = collection_specs(eval_cfg)
     metrics: dict[str, float] = {}
-    for spec, coll in zip(specs, collections, strict=True):
-        run = rank(retriever, coll, spec, eval_cfg)
+    names: list[str] = []
+    source = iter_eval_collections(eval_cfg) if collections is None else iter(collections)
+    for spec in specs:
+        coll = next(source)
+        names.append(coll.name)
+        run = rank_collection(retriever, coll, spec, eval_cfg)
+        if rank != 0:
+            continue
         metrics.update(score_run(run, coll.qrels, spec["measures"], coll.name))
         nnz = getattr(retriever, "nnz", None) if retriever.sparse else None
         if nnz:
             metrics.update({f"{coll.name}/{k}": float(v) for k, v in nnz.items()})
         if runs_dir is not None:
             write_run(run, Path(runs_dir) / f"{coll.name.replace('/', '_')}.trec.gz", retriever.name)
-    metrics.update(group_means(metrics, specs, collections))
+        del coll, run
+        gc.collect()
+    if rank != 0:
+        return {}
+    metrics.update(group_means(metrics, specs, names))
     return metrics
 
 
@@ -308,15 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         retriever = build_baseline(baseline)
         title = f"baseline {retriever.name}"
-    collections = load_eval_collections(cfg["eval"])
     runs_dir = Path(cfg["runs_dir"]) if cfg.get("runs_dir") else Path(tempfile.mkdtemp(prefix="rs-runs-"))
-    metrics = evaluate_all(retriever, collections, cfg["eval"], runs_dir)
+    metrics = evaluate_all(retriever, None, cfg["eval"], runs_dir)
     print_table(metrics, title)
     log.info("run files in %s", runs_dir)
     if cfg.get("track", True):
         run_id = log_to_mlflow(cfg, metrics, runs_dir, None if cell is None else str(cell), cell_cfg)
         log.info("logged to MLflow run %s", run_id)
-    single = len(collections) == 1
+    single = len(collection_specs(cfg["eval"])) == 1
     out = {k.rsplit("/", 1)[1]: v for k, v in metrics.items()} if single else dict(metrics)
     sys.stdout.flush()
     print(json.dumps(out))

@@ -16,7 +16,8 @@ from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
 
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
-                "eval.shard_size", "eval.batch_size", "planner", "train.compile",
+                "eval.shard_size", "eval.batch_size", "eval.keep_encodings",
+                "model.pretrain.checkpoint_every", "model.mntp.checkpoint_every", "planner", "train.compile",
                 # how a teacher batches and caches (its scores do not change), wherever the teacher sits
                 *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),
                 # sources of values interpolated where they matter (sparse cells' paradigm)

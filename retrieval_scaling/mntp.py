@@ -20,9 +20,10 @@ import torch
 from .backbone import architecture, load_backbone, lora_config, lora_inputs_uncast
 from .data import Collection
 from .identity import content_hash
-from .precision import AUTO, use_bf16
+from .precision import AUTO
 from .pretrain import corpus_blocks, lm_head_loss
-from .stages import build_once
+from .stage_training import checkpoint_dir, drop_checkpoints, train_stage
+from .stages import build_once_collective
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +69,59 @@ def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predic
     return tokens * (4 * n_lin + 6 * n_lora + attention) + predicted * head
 
 
+# Bumped when the stage's code changes what it builds, so that cached adapters of older code are not reused.
+MNTP_VERSION = 2
+
+
 def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
-    key = content_hash({"model": {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")},
-                        "corpus": corpus})
+    model = {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")}
+    model["mntp"] = {k: v for k, v in model["mntp"].items() if k != "checkpoint_every"}
+    if isinstance(model.get("pretrain"), Mapping):
+        model["pretrain"] = {k: v for k, v in model["pretrain"].items() if k != "checkpoint_every"}
+    key = content_hash({"model": model, "corpus": corpus, "code": MNTP_VERSION})
     return Path(cache_root) / "mntp" / f"{model_cfg['name']}-{corpus}-{key}"
 
 
 def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection,
-                cache_root: Path) -> Path:
+                cache_root: Path, ds_cfg: Mapping[str, Any] | None = None) -> Path:
     out = mntp_dir(cache_root, model_cfg, corpus.name)
-    return build_once(out, lambda tmp: _train_mntp(model_cfg, backbone_dir, corpus, tmp), f"MNTP {model_cfg['name']}")
+    built = build_once_collective(out, lambda tmp: _train_mntp(model_cfg, backbone_dir, corpus, tmp, out, ds_cfg),
+                                  f"MNTP {model_cfg['name']}")
+    drop_checkpoints(out)
+    return built
 
 
-def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path) -> None:
+class MaskedLMObjective(torch.nn.Module):
+    """The MNTP loss of a batch as a module's forward, for the DeepSpeed engine to run."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return masked_lm_loss(self.model, inputs, labels)
+
+
+def mntp_batch(blocks: torch.Tensor, step: int, seed: int, batch: int, mask_id: int, vocab: int,
+               rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s (inputs, labels): a pure function of (seed, step), so a resumed stage sees the
+    batches an uninterrupted one would."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)].long()
+    maskable = torch.ones_like(x, dtype=torch.bool)
+    maskable[:, 0] = False  # BOS is never a target
+    return mntp_mask(x, maskable, mask_id, vocab, rate, gen)
+
+
+def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path,
+                stage: Path, ds_cfg: Mapping[str, Any] | None) -> None:
+    import torch.distributed as dist
     from peft import get_peft_model
     from tqdm import tqdm
 
     recipe = model_cfg["mntp"]
-    torch.manual_seed(int(recipe["seed"]))
+    seed = int(recipe["seed"])
+    torch.manual_seed(seed)
     model, tokenizer = load_backbone({**model_cfg, "bidirectional": True}, backbone_dir)
     mask_id = tokenizer.convert_tokens_to_ids(recipe["mask_token"])
     if mask_id is None or mask_id == tokenizer.unk_token_id:
@@ -93,33 +129,31 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     model = get_peft_model(model, lora_config(model_cfg))
     if recipe.get("train_embeddings"):
         model.get_input_embeddings().weight.requires_grad_(True)
-    blocks = corpus_blocks(tokenizer, list(corpus.corpus.values()), int(recipe["block_len"]))
+    blocks = corpus_blocks(tokenizer, corpus.corpus.values(), int(recipe["block_len"]))
     steps, batch = int(recipe["steps"]), int(recipe["batch_size"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(recipe["lr"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))  # linear, no warm-up
-    gen = torch.Generator().manual_seed(int(recipe["seed"]))
     vocab = model.get_input_embeddings().weight.shape[0]
-    start, curve, predicted = time.time(), [], 0
-    bf16 = use_bf16(recipe.get("bf16", AUTO), "cpu", "model.mntp.bf16")
-    model.train()
-    with lora_inputs_uncast(model, bf16):
-        for step in tqdm(range(steps), desc=f"MNTP {model_cfg['name']}", mininterval=10):
-            x = blocks[torch.randint(0, len(blocks), (batch,), generator=gen)]
-            maskable = torch.ones_like(x, dtype=torch.bool)
-            maskable[:, 0] = False  # BOS is never a target
-            inputs, labels = mntp_mask(x, maskable, mask_id, vocab, float(recipe["mask_rate"]), gen)
-            predicted += int((labels[:, 1:] != IGNORE).sum())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = masked_lm_loss(model, inputs, labels)
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if step % 25 == 0 or step == steps - 1:
-                curve.append([step, round(loss.item(), 4)])
+    rate = float(recipe["mask_rate"])
+    start, curve = time.time(), []
+    bar = tqdm(total=steps, desc=f"MNTP {model_cfg['name']}", mininterval=10)
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 25 == 0 or step == steps - 1:
+            curve.append([step, round(loss, 4)])
+
+    bf16 = train_stage(MaskedLMObjective(model), opt, sched, steps,
+                       lambda step: mntp_batch(blocks, step, seed, batch, mask_id, vocab, rate), batch,
+                       recipe.get("bf16", AUTO), "model.mntp.bf16", checkpoint_dir(stage),
+                       int(recipe.get("checkpoint_every") or 500), ds_cfg=ds_cfg, on_step=on_step,
+                       around_steps=lambda half: lora_inputs_uncast(model, half))
+    bar.close()
+    if dist.get_rank() != 0:
+        return
+    predicted = sum(int((mntp_batch(blocks, s, seed, batch, mask_id, vocab, rate)[1][:, 1:] != IGNORE).sum())
+                    for s in range(steps))
     model.save_pretrained(out)
-    if recipe.get("train_embeddings"):
-        torch.save(model.get_input_embeddings().weight.detach().clone(), out / "embeddings.pt")
     tokens = steps * batch * int(recipe["block_len"])
     summary = {"model": model_cfg["name"], "steps": steps, "batch_size": batch, "tokens": tokens,
                "predicted_tokens": predicted,
@@ -127,4 +161,5 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
                "seconds": round(time.time() - start, 1), "loss_curve": curve,
                "mask_token": recipe["mask_token"], "mask_rate": recipe["mask_rate"], "bf16": bf16}
     (out / "mntp.json").write_text(json.dumps(summary, indent=2))
-    log.info("MNTP %s: loss %s -> %s in %.0fs", model_cfg["name"], curve[0][1], curve[-1][1], summary["seconds"])
+    log.info("MNTP %s: loss %s -> %s in %.0fs", model_cfg["name"], curve[0][1] if curve else None,
+             curve[-1][1] if curve else None, summary["seconds"])

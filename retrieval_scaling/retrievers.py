@@ -2,29 +2,30 @@
 and the baselines go through the same evaluation.
 
 - `EncoderRetriever`: any text → vector function (a cell's Lion-DS / Lion-SP encoder, a
-  sentence-transformers model); the corpus is encoded `shard_size` documents at a time and searched
-  exactly (dense: faiss inner product; sparse: the inverted index of `search`).
+  sentence-transformers model); the corpus is encoded `shard_size` documents at a time into an
+  `encodings.EncodingStore` and searched exactly (dense: faiss inner product; sparse: the inverted
+  index of `search`).
 - `BM25Retriever`: bm25s over the collection (English stop words, Snowball stemming).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .data import Collection
+from .encodings import EncodeFn, EncodingStore
 from .errors import ConfigError
-from .search import DenseTopK, InvertedIndex, to_csr
+from .search import to_csr
 
 log = logging.getLogger(__name__)
 
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
-# texts, max length in tokens, progress label -> (N, dim) float32 representations
-EncodeFn = Callable[[list[str], int, str], np.ndarray]
 
 
 class Retriever:
@@ -38,27 +39,47 @@ class Retriever:
 
 
 class EncoderRetriever(Retriever):
-    def __init__(self, name: str, encode: EncodeFn, sparse: bool):
+    """An encoder behind the retriever interface. Its corpus encodings go to an `EncodingStore` under
+    `store_root` (kept: a later collection with the same documents, or a later attempt, reuses them;
+    None: a temporary directory per search), encoded and searched over `world` ranks."""
+
+    def __init__(self, name: str, encode: EncodeFn, sparse: bool, store_root: Path | None = None,
+                 rank: int = 0, world: int = 1):
         self.name, self.encode, self.sparse = name, encode, sparse
+        self.store_root, self.rank, self.world = store_root, rank, world
         self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last search's queries and docs
+        self.store: EncodingStore | None = None
 
     def search(self, coll, depth, query_max_len, passage_max_len, shard_size):
-        qids, doc_texts = list(coll.queries), list(coll.corpus.values())
+        if self.store_root is None:
+            with tempfile.TemporaryDirectory(prefix="rs-encodings-") as tmp:
+                return self._search(Path(tmp), coll, depth, query_max_len, passage_max_len, shard_size)
+        return self._search(Path(self.store_root), coll, depth, query_max_len, passage_max_len, shard_size)
+
+    def _search(self, root, coll, depth, query_max_len, passage_max_len, shard_size):
+        if self.store is None or self.store.root != root:
+            self.store = EncodingStore(root, self.encode, self.sparse, shard_size, self.rank, self.world)
+        self.store.shard_size = max(1, int(shard_size))
+        qids = list(coll.queries)
+        view = self.store.ensure(list(coll.corpus.values()), passage_max_len, f"{coll.name} corpus")
         queries = self.encode([coll.queries[q] for q in qids], query_max_len, f"encode {coll.name} queries")
-        shards = (self.encode(doc_texts[i:i + shard_size], passage_max_len,
-                              f"encode {coll.name} corpus [{i}:{min(i + shard_size, len(doc_texts))}]")
-                  for i in range(0, len(doc_texts), shard_size))
+        result = self.store.search(view, queries, depth, root / "partial")
+        if result is None:  # a rank > 0: rank 0 holds the merged run
+            return qids, None, None
+        scores, idx = result
         if self.sparse:
-            index = InvertedIndex.from_shards(shards)  # each shard kept as its non-zeros once encoded
             q = to_csr(queries)
-            self.nnz = {"doc_nnz": index.nnz / max(index.n_docs, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
-            scores, idx = index.search(q, depth)
-        else:
-            top = DenseTopK(queries, depth)
-            for shard in shards:
-                top.add_shard(shard)
-            scores, idx = top.result()
+            self.nnz = {"doc_nnz": self.doc_nnz(view), "query_nnz": q.nnz / max(q.shape[0], 1)}
         return qids, scores, idx
+
+    def doc_nnz(self, view) -> float:
+        """Mean non-zeros over the corpus's documents (a repeated text counted at each position)."""
+        total = 0
+        for name, (rows, first) in view.rows.items():
+            counts = np.diff(self.store.read_reps(name).indptr)[rows]
+            total += int(counts.sum()) + sum(int(c) * len(view.repeats.get(int(p), ()))
+                                             for c, p in zip(counts, first, strict=True) if view.repeats)
+        return total / max(view.size, 1)
 
 
 class BM25Retriever(Retriever):

@@ -11,7 +11,8 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -23,27 +24,73 @@ def is_built(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+@contextmanager
+def holding_lock(path: Path, take: bool = True) -> Iterator[None]:
+    """The stage's lock for the block (concurrent builders of `path` take turns); `take=False`: none."""
+    if not take:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def write_stage(path: Path, build: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling with `build(tmp_dir)`, mark it complete, and rename it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        (tmp / COMPLETE).touch()
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_once(path: Path, build: Callable[[Path], None], what: str) -> Path:
     """Return `path`, building it with `build(tmp_dir)` first if no one has yet."""
     path = Path(path)
     if is_built(path):
         log.info("%s: reusing cached %s", what, path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with holding_lock(path):
         if is_built(path):
             log.info("%s: built by another process meanwhile, reusing %s", what, path)
             return path
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         log.info("%s: building %s", what, path)
-        try:
-            build(tmp)
-            (tmp / COMPLETE).touch()
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_stage(path, build)
+    return path
+
+
+def build_once_collective(path: Path, build: Callable[[Path], None], what: str) -> Path:
+    """`build_once` for a stage every rank of the job builds together (a DeepSpeed stage): rank 0 holds
+    the lock and says whether to build; every rank then calls `build`, which writes the stage's files
+    on rank 0 alone (into the directory renamed into place; the other ranks get a scratch one)."""
+    import tempfile
+
+    from .distributed import any_rank, launched_ranks
+
+    path = Path(path)
+    rank, world = launched_ranks()
+    if world == 1:
+        return build_once(path, build, what)
+    with holding_lock(path, take=rank == 0):
+        if not any_rank(rank == 0 and not is_built(path)):
+            log.info("%s: reusing cached %s", what, path)
+            return path
+        log.info("%s: building %s over %d ranks", what, path, world)
+        if rank == 0:
+            write_stage(path, build)
+        else:
+            scratch = Path(tempfile.mkdtemp(prefix="rs-stage-"))
+            try:
+                build(scratch)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    any_rank(False)  # the stage is in place before any rank reads it
     return path

@@ -15,15 +15,18 @@ from .errors import ConfigError
 # Scores of one query against some of the corpus's documents, in their order.
 TeacherFn = Callable[[str, Sequence[str]], list[float]]
 
-# Teacher settings that change how it batches and caches, not its scores: they name neither the
-# prepared training data nor a cell.
-RUNTIME_KEYS = ("batch_size", "cache_size")
+# Teacher settings that change how it batches, caches and rounds, not what it scores: they name neither
+# the prepared training data nor a cell.
+RUNTIME_KEYS = ("batch_size", "cache_size", "bf16")
 
 
 def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> TeacherFn:
     """An HF sequence-classification model with one output: its logit for (query, passage)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .distributed import device
+    from .precision import use_bf16
 
     where = cfg["name_or_path"]
     try:
@@ -36,6 +39,10 @@ def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> 
         raise ConfigError(f"teacher {where!r} has {model.config.num_labels} outputs; a cross-encoder teacher "
                           "gives one relevance logit per pair (num_labels=1).")
     max_len, batch = int(cfg["max_len"]), int(cfg["batch_size"])
+    # On the job's accelerator, under bf16 autocast where it has it natively, as cells run.
+    dev = device()
+    model = model.to(dev)
+    half = use_bf16(cfg.get("bf16", "auto"), dev, "teacher.bf16")
 
     @torch.no_grad()
     def score(query: str, doc_ids: Sequence[str]) -> list[float]:
@@ -43,8 +50,9 @@ def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> 
         for start in range(0, len(doc_ids), batch):
             chunk = doc_ids[start:start + batch]
             enc = tokenizer([query] * len(chunk), [corpus[d] for d in chunk], truncation="only_second",
-                            max_length=max_len, padding=True, return_tensors="pt")
-            out.extend(model(**enc).logits[:, 0].float().tolist())
+                            max_length=max_len, padding=True, return_tensors="pt").to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=half):
+                out.extend(model(**enc).logits[:, 0].float().tolist())
         return out
 
     return score

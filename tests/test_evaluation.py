@@ -14,7 +14,7 @@ from scipy import sparse
 
 from retrieval_scaling.data import Collection, load_source, read_trec_qrels, read_trec_topics
 from retrieval_scaling.errors import DataError
-from retrieval_scaling.evaluate import evaluate_all, group_means, rank, score_run
+from retrieval_scaling.evaluate import evaluate_all, group_means, rank_collection, score_run
 from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +105,8 @@ def test_self_hits_are_dropped_only_where_the_collection_says_so():
     coll = Collection("c", {"q1": "x", "d1": "y", "d2": "z"}, {"q1": "x"}, {"q1": {"d1": 1}})
     base = {"depth": 2, "measures": {"mrr_10": "RR@10"}}
     eval_cfg = {"query_max_len": 8, "passage_max_len": 8}
-    kept = rank(FixedRetriever(), coll, {**base, "drop_self_hits": False}, eval_cfg)
-    dropped = rank(FixedRetriever(), coll, {**base, "drop_self_hits": True}, eval_cfg)
+    kept = rank_collection(FixedRetriever(), coll, {**base, "drop_self_hits": False}, eval_cfg)
+    dropped = rank_collection(FixedRetriever(), coll, {**base, "drop_self_hits": True}, eval_cfg)
     assert list(kept["q1"]) == ["q1", "d1"]
     assert list(dropped["q1"]) == ["d1", "d2"]  # one more fetched, so `depth` hits remain
 
@@ -114,9 +114,8 @@ def test_self_hits_are_dropped_only_where_the_collection_says_so():
 def test_group_mean_is_the_unweighted_mean_of_its_collections():
     specs = [{"group": "beir", "measures": {"ndcg_10": "nDCG@10", "recall_100": "R@100"}},
              {"group": "beir", "measures": {"ndcg_10": "nDCG@10"}}, {"measures": {"ndcg_10": "nDCG@10"}}]
-    colls = [Collection(n, {}, {}, {}) for n in ("a", "b", "c")]
     metrics = {"a/ndcg_10": 0.2, "a/recall_100": 0.9, "b/ndcg_10": 0.6, "c/ndcg_10": 1.0}
-    assert group_means(metrics, specs, colls) == {"beir/ndcg_10": pytest.approx(0.4)}
+    assert group_means(metrics, specs, ["a", "b", "c"]) == {"beir/ndcg_10": pytest.approx(0.4)}
 
 
 # ---- configs -----------------------------------------------------------------------------------------

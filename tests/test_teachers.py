@@ -66,11 +66,16 @@ def test_bm25_teacher_scores_are_the_miner_scores(collection, tmp_path):
             assert s == pytest.approx(float(scores[index.position[d]]))
 
 
-def test_cross_encoder_teacher_scores_each_pair_with_the_models_logit(collection, tmp_path):
+@pytest.mark.parametrize("bf16", [False, "auto"])
+def test_cross_encoder_teacher_scores_each_pair_with_the_models_logit(collection, tmp_path, bf16):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from retrieval_scaling.distributed import device
+    from retrieval_scaling.precision import use_bf16
+
     where = cross_encoder_dir(tmp_path)
-    teacher = {"name": "cross_encoder", "name_or_path": str(where), "max_len": 64, "batch_size": 2}
+    teacher = {"name": "cross_encoder", "name_or_path": str(where), "max_len": 64, "batch_size": 2, "bf16": bf16}
+    half = use_bf16(bf16, device())  # auto: bf16 autocast where the device has it natively, as cells do
     examples = load_examples(ensure_training_data(data_cfg(collection, teacher), tmp_path / "cache"))
     tok, model = AutoTokenizer.from_pretrained(where), AutoModelForSequenceClassification.from_pretrained(where)
     model.eval()
@@ -78,9 +83,9 @@ def test_cross_encoder_teacher_scores_each_pair_with_the_models_logit(collection
     for ex in examples:
         assert set(ex["teacher"]) == {*ex["positives"], *ex["negatives"]}
         for d, s in ex["teacher"].items():  # one pair at a time: no padding involved
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
                 expected = model(**tok(QUERIES[ex["qid"]], DOCS[d], return_tensors="pt")).logits[0, 0].item()
-            assert s == pytest.approx(expected, abs=1e-4)
+            assert s == pytest.approx(expected, abs=1e-2 if half else 1e-4)  # bf16: batches of 2 pad, 1 does not
     # The teacher names the cached data (another teacher, another directory); its batch size does not.
     bm25_dir = training_data_dir(data_cfg(collection, {"name": "bm25"}), tmp_path / "cache")
     assert training_data_dir(data_cfg(collection, teacher), tmp_path / "cache") != bm25_dir

@@ -1,0 +1,245 @@
+"""Corpus encodings of one model, persisted as shards and keyed by content, searched exactly over ranks.
+
+An `EncodingStore` is a directory of shard files (`shard-<hash>.npz`), each holding the content keys of
+its documents and their reps (dense: an (n, d) float32 array; sparse: CSR). A document's key is a hash
+of its text and the length it is truncated to, never its collection or id, so collections whose
+corpora are the same (MS MARCO dev, DL19, DL20) or overlap (FEVER, Climate-FEVER) encode each distinct
+document once. A shard is written to a temporary name and renamed, so an evaluation killed mid-corpus
+keeps every shard it finished and its next attempt encodes only the rest.
+
+Over W ranks, new shards are encoded round-robin (shard j on rank j mod W), and each rank searches its
+share of the corpus's shards; rank 0 merges the partial top-k lists. Hits are ordered by score, then by
+corpus position, in every shard and in the merge, so the result is exactly brute force's whatever the
+number of ranks or how the shards were cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from .search import InvertedIndex, to_csr
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 16
+# texts, max length in tokens, progress label -> (N, dim) reps: a float32 array, or CSR for sparse ones
+EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
+
+
+def doc_key(text: str, max_len: int) -> bytes:
+    """What identifies an encoding: the text and the length it is truncated to."""
+    return hashlib.blake2b(f"{max_len}\x00{text}".encode(), digest_size=KEY_BYTES).digest()
+
+
+def shard_name(keys: Sequence[bytes]) -> str:
+    return "shard-" + hashlib.blake2b(b"".join(keys), digest_size=8).hexdigest()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@dataclass
+class CorpusView:
+    """A corpus as the store holds it: for each shard with any of its documents, the rows that are
+    its documents and the corpus position of each (the first, where texts repeat); `repeats` lists
+    the further positions of a repeated text, by first position."""
+
+    label: str
+    size: int
+    rows: dict[str, tuple[np.ndarray, np.ndarray]]  # shard name -> (rows, first positions), by position
+    repeats: dict[int, list[int]] = field(default_factory=dict)
+
+
+class EncodingStore:
+    """Document reps of one model under `root`; `encode` makes new ones `shard_size` documents at a time."""
+
+    def __init__(self, root: Path, encode: EncodeFn, sparse_reps: bool, shard_size: int, rank: int = 0,
+                 world: int = 1):
+        self.root, self.encode, self.sparse = Path(root), encode, sparse_reps
+        self.shard_size, self.rank, self.world = max(1, int(shard_size)), rank, world
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.encoded_docs = 0  # by this rank, in this process: what tests and logs count
+        self.reused_shards = 0
+
+    # ---- on disk ----
+
+    def shard_path(self, name: str) -> Path:
+        return self.root / f"{name}.npz"
+
+    def shard_names(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("shard-*.npz"))
+
+    def read_keys(self, name: str) -> np.ndarray:
+        with np.load(self.shard_path(name)) as z:
+            return z["keys"]
+
+    def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
+        with np.load(self.shard_path(name)) as z:
+            if self.sparse:
+                return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+            return z["reps"]
+
+    def write_shard(self, name: str, keys: Sequence[bytes], reps) -> None:
+        arrays = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)}
+        if self.sparse:
+            m = to_csr(reps)
+            arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
+        else:
+            arrays["reps"] = np.ascontiguousarray(reps, dtype=np.float32)
+        tmp = self.root / f".{name}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.shard_path(name))
+
+    # ---- encoding ----
+
+    def ensure(self, texts: Sequence[str], max_len: int, label: str) -> CorpusView:
+        """Every distinct text of this corpus encoded (this rank's share of the missing shards), and
+        the corpus's view of the store. Collective: every rank calls it with the same corpus."""
+        keys = [doc_key(t, max_len) for t in texts]
+        first: dict[bytes, int] = {}
+        repeats: dict[int, list[int]] = {}
+        for pos, key in enumerate(keys):
+            if key in first:
+                repeats.setdefault(first[key], []).append(pos)
+            else:
+                first[key] = pos
+        barrier()  # every rank reads the same store before any writes to it
+        held = {name: self.read_keys(name) for name in self.shard_names()}
+        known = {row.tobytes() for rows in held.values() for row in rows}
+        missing = [k for k in first if k not in known]
+        barrier()
+        plan = [missing[i:i + self.shard_size] for i in range(0, len(missing), self.shard_size)]
+        reused = sum(1 for rows in held.values() if any(r.tobytes() in first for r in rows))
+        self.reused_shards += reused
+        log.info("%s: %d documents, %d distinct; %d already encoded in %d shard(s), %d to encode in %d shard(s) "
+                 "over %d rank(s)", label, len(texts), len(first), len(first) - len(missing), reused, len(missing),
+                 len(plan), self.world)
+        mine = [(j, chunk) for j, chunk in enumerate(plan) if j % self.world == self.rank]
+        start, done = time.time(), 0
+        for n, (j, chunk) in enumerate(mine, start=1):
+            name = shard_name(chunk)
+            reps = self.encode([texts[first[k]] for k in chunk], max_len, f"{label} shard {j + 1}/{len(plan)}")
+            self.write_shard(name, chunk, reps)
+            self.encoded_docs += len(chunk)
+            done += len(chunk)
+            rate = done / max(time.time() - start, 1e-9)
+            log.info("%s: rank %d encoded shard %d/%d (%d/%d of its documents, %.1f docs/s)", label, self.rank, n,
+                     len(mine), done, sum(len(c) for _, c in mine), rate)
+        barrier()  # every shard is on disk before anyone searches
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in self.shard_names():
+            stored = held.get(name)
+            if stored is None:
+                stored = self.read_keys(name)
+            positions = np.array([first.get(r.tobytes(), -1) for r in stored], dtype=np.int64)
+            inside = np.flatnonzero(positions >= 0)
+            if len(inside):
+                order = inside[np.argsort(positions[inside], kind="stable")]
+                rows[name] = (order, positions[order])
+        return CorpusView(label, len(texts), rows, repeats)
+
+    # ---- search ----
+
+    def search(self, view: CorpusView, queries, k: int, scratch: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact top-k corpus positions for `queries` (dense array or CSR): (scores, positions), each
+        (queries, k), best first, ties by lower position, -1 where the corpus has fewer than k
+        documents. Collective: rank 0 gets the result, the others None. `scratch`: where ranks leave
+        their partial lists for rank 0 (a directory shared by the ranks)."""
+        k = min(k, view.size)
+        n_q = queries.shape[0]
+        scores = np.full((n_q, 0), -np.inf, dtype=np.float32)
+        positions = np.full((n_q, 0), -1, dtype=np.int64)
+        for name in sorted(view.rows)[self.rank::self.world]:
+            s, p = self.search_shard(name, view, queries, k)
+            scores, positions = merge_top_k(scores, positions, s, p, k)
+        if self.world == 1:
+            return pad_top_k(scores, positions, k)
+        scratch.mkdir(parents=True, exist_ok=True)
+        part = scratch / f"{view.label.replace('/', '_')}.rank{self.rank}.npz"
+        tmp = part.with_name(f".{part.name}.tmp.npz")
+        np.savez(tmp, scores=scores, positions=positions)
+        os.replace(tmp, part)
+        barrier()
+        if self.rank != 0:
+            barrier()
+            return None
+        for r in range(1, self.world):
+            other = part.with_name(part.name.replace(".rank0.", f".rank{r}."))
+            with np.load(other) as z:
+                scores, positions = merge_top_k(scores, positions, z["scores"], z["positions"], k)
+        for r in range(self.world):
+            part.with_name(part.name.replace(".rank0.", f".rank{r}.")).unlink(missing_ok=True)
+        barrier()
+        return pad_top_k(scores, positions, k)
+
+    def search_shard(self, name: str, view: CorpusView, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of one shard's rows of this corpus, ordered by their corpus position so that ties
+        break by position; repeated texts count at each of their positions."""
+        rows, first = view.rows[name]
+        reps = self.read_reps(name)[rows]
+        kk = min(k, len(rows))
+        if self.sparse:
+            s, i = InvertedIndex(reps).search(queries, kk)
+        else:
+            import faiss
+
+            index = faiss.IndexFlatIP(reps.shape[1])
+            index.add(np.ascontiguousarray(reps, dtype=np.float32))
+            s, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+        s = s.astype(np.float32)
+        p = np.where(i >= 0, first[np.clip(i, 0, None)], -1)
+        if view.repeats:
+            s, p = expand_repeats(s, p, view.repeats)
+        return merge_top_k(s[:, :0], p[:, :0], s, p, k)
+
+
+def merge_top_k(scores_a: np.ndarray, pos_a: np.ndarray, scores_b: np.ndarray, pos_b: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of two candidate lists per query, by score, then lower position; empty slots
+    (position -1) last."""
+    s = np.concatenate([scores_a, scores_b], axis=1).astype(np.float32)
+    p = np.concatenate([pos_a, pos_b], axis=1).astype(np.int64)
+    s = np.where(p >= 0, s, -np.inf)
+    order = np.lexsort((np.where(p >= 0, p, np.iinfo(np.int64).max), -s), axis=-1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(p, order, axis=1)
+
+
+def pad_top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    missing = k - scores.shape[1]
+    if missing > 0:
+        scores = np.pad(scores, ((0, 0), (0, missing)), constant_values=-np.inf)
+        positions = np.pad(positions, ((0, 0), (0, missing)), constant_values=-1)
+    return scores, positions
+
+
+def expand_repeats(scores: np.ndarray, positions: np.ndarray,
+                   repeats: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each hit whose text repeats also at its further positions, with the same score."""
+    extra_s: list[list[float]] = [[] for _ in range(len(scores))]
+    extra_p: list[list[int]] = [[] for _ in range(len(scores))]
+    for q, row in enumerate(positions):
+        for col, pos in enumerate(row):
+            for other in repeats.get(int(pos), ()):
+                extra_s[q].append(float(scores[q, col]))
+                extra_p[q].append(other)
+    width = max(len(e) for e in extra_p)
+    if width == 0:
+        return scores, positions
+    s = np.full((len(scores), width), -np.inf, dtype=np.float32)
+    p = np.full((len(scores), width), -1, dtype=np.int64)
+    for q in range(len(scores)):
+        s[q, :len(extra_s[q])], p[q, :len(extra_p[q])] = extra_s[q], extra_p[q]
+    return np.concatenate([scores, s], axis=1), np.concatenate([positions, p], axis=1)

@@ -1,0 +1,215 @@
+"""Evaluation at scale, rehearsed: encodings keyed by content and shared across collections, persisted
+shards that a killed evaluation resumes from, several ranks with an exact merge, sparse reps that
+never become a dense (documents, vocabulary) array."""
+
+import gzip
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from retrieval_scaling.encodings import EncodingStore, merge_top_k
+from retrieval_scaling.search import brute_force_sparse, top_k_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = ROOT / "tests" / "eval_ranks.py"
+
+
+# ---- the store on synthetic reps ---------------------------------------------------------------------
+
+def fake_encoder(dim: int, sparse_reps: bool, calls: list):
+    """Reps as a pure function of the text (seeded by its hash), recording each call's size."""
+    def encode(texts, max_len, desc):
+        calls.append(len(texts))
+        rows = []
+        for t in texts:
+            rng = np.random.default_rng(abs(hash((t, max_len))) % 2**32)
+            v = rng.random(dim).astype(np.float32)
+            if sparse_reps:
+                v[rng.random(dim) < 0.9] = 0  # ~10 % non-zero
+            rows.append(v)
+        reps = np.stack(rows)
+        return sparse.csr_matrix(reps) if sparse_reps else reps
+    return encode
+
+
+@pytest.mark.parametrize("sparse_reps", [False, True])
+def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, sparse_reps):
+    calls = []
+    encode = fake_encoder(24, sparse_reps, calls)
+    texts = [f"doc {i}" for i in range(90)] + ["doc 3", "doc 50", "doc 3"]  # repeats at 90, 91, 92
+    store = EncodingStore(tmp_path, encode, sparse_reps, shard_size=20)
+    view = store.ensure(texts, 64, "c")
+    assert store.encoded_docs == 90 and sorted(calls) == [10, 20, 20, 20, 20]  # each distinct text once
+    queries = encode([f"query {i}" for i in range(7)], 16, "q")
+    if sparse_reps:  # a query sharing no term with most documents: many exact ties at 0
+        queries = sparse.vstack([queries, sparse.csr_matrix(([1.0], ([0], [0])), shape=(1, 24))])
+    scores, pos = store.search(view, queries, 15, tmp_path / "partial")
+    docs = encode(texts, 64, "all")
+    if sparse_reps:
+        want_s, want_p = brute_force_sparse(queries, docs, 15)
+    else:
+        want_s, want_p = top_k_rows(queries @ docs.T, 15)
+    np.testing.assert_array_equal(pos, want_p)
+    np.testing.assert_allclose(scores, want_s, rtol=1e-5)
+
+
+def test_overlapping_corpora_share_encodings_and_a_new_length_is_a_new_encoding(tmp_path):
+    calls = []
+    store = EncodingStore(tmp_path, fake_encoder(8, False, calls), False, shard_size=1000)
+    store.ensure([f"d{i}" for i in range(100)], 64, "fever")
+    store.ensure([f"d{i}" for i in range(10, 105)], 64, "climate-fever")  # 90 shared, 5 new
+    assert store.encoded_docs == 105 and store.reused_shards == 1
+    store.ensure([f"d{i}" for i in range(5)], 128, "longer")  # same texts, another truncation
+    assert store.encoded_docs == 110
+
+
+def test_merge_keeps_the_best_by_score_then_position_and_empty_slots_last():
+    a_s, a_p = np.array([[3.0, 1.0, -np.inf]]), np.array([[7, 2, -1]])
+    b_s, b_p = np.array([[3.0, 2.0]]), np.array([[4, 9]])
+    s, p = merge_top_k(a_s, a_p, b_s, b_p, 4)
+    assert p.tolist() == [[4, 7, 9, 2]] and s.tolist() == [[3.0, 3.0, 2.0, 1.0]]
+
+
+def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
+    """encode_texts turns each batch's reps to CSR as it comes: no float array bigger than one batch's
+    (batch × vocabulary) is ever made from the reps."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.evaluate import encode_texts
+
+    class Tok:
+        bos_token_id, pad_token_id = 1, 0
+
+        def __call__(self, texts, **_):
+            return {"input_ids": [[2 + (ord(c) % 90) for c in t][:15] for t in texts]}
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    encoder = build_encoder("sparse", model).eval()
+    widest = []
+    real_to_csr = __import__("retrieval_scaling.evaluate", fromlist=["to_csr"]).to_csr
+
+    def spy(reps):
+        widest.append(reps.shape[0])
+        return real_to_csr(reps)
+
+    monkeypatch.setattr("retrieval_scaling.evaluate.to_csr", spy)
+    texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
+    out = encode_texts(encoder, Tok(), texts, 16, 8, "docs")
+    assert sparse.issparse(out) and out.shape == (50, 5000) and max(widest) == 8 and len(widest) == 7
+    # rows in input order: each equals its text encoded alone
+    alone = encode_texts(encoder, Tok(), texts[13:14], 16, 8, "one")
+    np.testing.assert_allclose(out[13].toarray(), alone.toarray(), rtol=1e-5, atol=1e-6)
+
+
+# ---- an eval=paper-shaped rehearsal with a real tiny encoder, 1 and 2 ranks -------------------------
+
+def write_beir(root: Path, name: str, corpus: dict, queries: dict, qrels: dict) -> None:
+    d = root / name
+    (d / "qrels").mkdir(parents=True)
+    with (d / "corpus.jsonl").open("w") as f:
+        for i, t in corpus.items():
+            f.write(json.dumps({"_id": i, "title": "", "text": t}) + "\n")
+    with (d / "queries.jsonl").open("w") as f:
+        for q, t in queries.items():
+            f.write(json.dumps({"_id": q, "text": t}) + "\n")
+    with (d / "qrels" / "test.tsv").open("w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q, judged in qrels.items():
+            for doc, rel in judged.items():
+                f.write(f"{q}\t{doc}\t{rel}\n")
+
+
+@pytest.fixture(scope="module")
+def paper_shaped(data_root, tmp_path_factory):
+    """Three collections over one corpus (as MS MARCO dev, DL19, DL20) and one over a corpus of its own
+    that overlaps it (as Climate-FEVER and FEVER), cut from SciFact."""
+    from retrieval_scaling.data import load_collection
+
+    sci = load_collection(data_root, "scifact", "test")
+    root = tmp_path_factory.mktemp("paper_shaped")
+    qids = sorted(sci.queries)
+    judged = sorted({d for q in qids for d in sci.qrels[q]})
+    others = [d for d in sci.corpus if d not in set(judged)]
+    shared = {d: sci.corpus[d] for d in judged[:200] + others[:400]}
+    shared["dup-of-first"] = shared[judged[0]]  # one text twice under two ids
+    covered = [q for q in qids if all(d in shared for d in sci.qrels[q])]
+    for name, picks in (("dev", covered[0::3]), ("dl19", covered[1::3]), ("dl20", covered[2::3])):
+        write_beir(root, name, shared, {q: sci.queries[q] for q in picks}, {q: sci.qrels[q] for q in picks})
+    own = {d: sci.corpus[d] for d in judged[200:] + others[400:550] + others[:50]}  # 50 shared with the above
+    picks = [q for q in qids if all(d in own for d in sci.qrels[q])]
+    write_beir(root, "other", own, {q: sci.queries[q] for q in picks}, {q: sci.qrels[q] for q in picks})
+    distinct = len(set(shared.values()) | set(own.values()))
+    return root, distinct
+
+
+def run_ranks(root: Path, store: Path, runs: Path, paradigm: str, world: int, *extra: str) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("RANK", None)
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(world))
+        procs.append(subprocess.Popen([sys.executable, str(HELPER), str(root), str(store), str(runs), paradigm,
+                                       *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        out.append({"returncode": p.returncode, "stderr": stderr,
+                    "result": json.loads(stdout.strip().splitlines()[-1]) if p.returncode == 0 else None})
+    return out
+
+
+def read_runs(runs: Path) -> dict[str, bytes]:
+    return {p.name: gzip.decompress(p.read_bytes()) for p in sorted(runs.glob("*.trec.gz"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_paper_shaped_evaluation_encodes_each_document_once_on_one_or_two_ranks(paper_shaped, tmp_path, paradigm):
+    root, distinct = paper_shaped
+    (one,) = run_ranks(root, tmp_path / "store1", tmp_path / "runs1", paradigm, 1)
+    assert one["returncode"] == 0, one["stderr"][-3000:]
+    # Counted, not inferred: the shared corpus once for dev, DL19 and DL20, the other one's new texts once.
+    assert one["result"]["encoded_docs"] == distinct
+    metrics = one["result"]["metrics"]
+    assert {f"{c}/ndcg_10" for c in ("dev", "dl19", "dl20", "other")} <= set(metrics)
+
+    two = run_ranks(root, tmp_path / "store2", tmp_path / "runs2", paradigm, 2)
+    assert all(r["returncode"] == 0 for r in two), [r["stderr"][-3000:] for r in two]
+    shares = [r["result"]["encoded_docs"] for r in two]
+    assert sum(shares) == distinct and min(shares) > 0  # each rank encoded its share, no document twice
+    assert two[0]["result"]["metrics"] == metrics and two[1]["result"]["metrics"] == {}
+    assert read_runs(tmp_path / "runs2") == read_runs(tmp_path / "runs1")  # identical run files
+    assert len(read_runs(tmp_path / "runs1")) == 4
+
+
+@pytest.mark.slow
+def test_an_evaluation_killed_mid_corpus_resumes_from_its_shards(paper_shaped, tmp_path):
+    root, distinct = paper_shaped
+    (whole,) = run_ranks(root, tmp_path / "store-whole", tmp_path / "runs-whole", "dense", 1)
+    (killed,) = run_ranks(root, tmp_path / "store", tmp_path / "runs", "dense", 1, "--die-after-shards", "3")
+    assert killed["returncode"] == -9  # SIGKILL, after three shards were written
+    assert len(list((tmp_path / "store").glob("shard-*.npz"))) == 3
+    (again,) = run_ranks(root, tmp_path / "store", tmp_path / "runs", "dense", 1)
+    assert again["returncode"] == 0, again["stderr"][-3000:]
+    # the log counts what was reused: the dev corpus's first three shards of 128
+    assert re.search(r"dev corpus: \d+ documents, \d+ distinct; 384 already encoded in 3 shard\(s\)", again["stderr"])
+    assert again["result"]["reused_shards"] >= 3 and again["result"]["encoded_docs"] == distinct - 3 * 128
+    assert again["result"]["metrics"] == whole["result"]["metrics"]
+    assert read_runs(tmp_path / "runs") == read_runs(tmp_path / "runs-whole")
