@@ -324,6 +324,9 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     if launcher["name"] not in ("local", "slurm"):
         raise ConfigError(f"launcher.name={launcher['name']!r}: expected local or slurm")
     plans = plan_sweep(cfgs)
+    from .pricing import price_study
+
+    totals = price_study(cfgs, plans)
     plan_path = write_plan(cfgs, plans)
     from .tracking import tracking_uri
 
@@ -334,16 +337,22 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
         rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
                  "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
                  "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
-                 "gpus": f"{p['gpus']}/{p['nodes']}n", "gpu_h": f"{p['gpu_hours']:.4g}",
+                 "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
+                 "mntp_gpu_h": f"{p['mntp_gpu_hours']:.4g}", "eval_gpu_h": f"{p['eval_gpu_hours']:.4g}"
+                 + ("*" if p["eval_unpriced"] else ""),
                  "state": states[p["cell_id"]]["state"],
                  "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
-        total_h = sum(p["gpu_hours"] for p in plans)
         print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
-                                f"{total_h:.4g} GPU-hours on {first['planner']['accelerator']} at "
-                                f"{first['planner']['utilization']:.0%} of peak)",
+                                f"{totals['total_gpu_hours']:.4g} GPU-hours on {first['planner']['accelerator']} "
+                                f"at {first['planner']['utilization']:.0%} of peak)",
                     columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params",
-                             "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "gpu_h", "state",
-                             "action"))
+                             "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
+                             "mntp_gpu_h", "eval_gpu_h", "state", "action"))
+        unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
+        print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
+              f"MNTP {totals['mntp_gpu_hours']:.4g}, training {totals['train_gpu_hours']:.4g}, evaluation "
+              f"{totals['eval_gpu_hours']:.4g}, total {totals['total_gpu_hours']:.4g}"
+              + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
         print(f"plan written to {plan_path} (dry run: nothing submitted)")
         return 0
     check_inputs(cfgs)

@@ -1,0 +1,158 @@
+"""What the whole study costs beyond training: each backbone's MNTP stage and each cell's evaluations,
+in FLOPs and GPU-hours, priced as the planner prices training (FLOPs ÷ (peak × utilization)).
+
+Encoding a text of S tokens costs 2·S·N_linear (frozen weights, LoRA merged) + 4·L·d·S² (attention)
++ 2·S·d·V for the sparse head. A corpus is priced from its size and mean length: declared below for the
+ir_datasets ids the paper's suite uses (BEIR's published statistics, words × `TOKENS_PER_WORD`), or
+measured from the files of a local collection. Each distinct corpus (ids sharing `corpus`) is priced
+once per evaluation at each truncation length, as `encodings.EncodingStore` encodes it; the step-0
+evaluation once per (backbone, paradigm), as cells share it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .backbone import architecture
+from .mntp import mntp_flops
+
+TOKENS_PER_WORD = 1.3  # Llama-3's tokenizer on English prose, roughly; BEIR publishes words
+
+
+@dataclass(frozen=True)
+class CorpusSize:
+    corpus: str  # collections with the same corpus share its encodings
+    docs: int
+    doc_words: float
+    queries: int
+    query_words: float
+
+
+# ir_datasets id -> size (BEIR, Thakur et al. 2021, Table 1; MS MARCO passage). Climate-FEVER's corpus is
+# FEVER's Wikipedia abstracts (5,416,593 vs 5,416,568): priced as one.
+DECLARED: dict[str, CorpusSize] = {
+    "msmarco-passage/dev/small": CorpusSize("msmarco-passage", 8_841_823, 55.98, 6_980, 5.96),
+    "msmarco-passage/trec-dl-2019/judged": CorpusSize("msmarco-passage", 8_841_823, 55.98, 43, 5.96),
+    "msmarco-passage/trec-dl-2020/judged": CorpusSize("msmarco-passage", 8_841_823, 55.98, 54, 5.96),
+    "beir/arguana": CorpusSize("arguana", 8_674, 166.80, 1_406, 192.98),
+    "beir/climate-fever": CorpusSize("fever-wikipedia", 5_416_593, 84.76, 1_535, 20.13),
+    "beir/dbpedia-entity/test": CorpusSize("dbpedia-entity", 4_635_922, 49.68, 400, 5.39),
+    "beir/fever/test": CorpusSize("fever-wikipedia", 5_416_568, 84.76, 6_666, 8.13),
+    "beir/fiqa/test": CorpusSize("fiqa", 57_638, 132.32, 648, 10.77),
+    "beir/hotpotqa/test": CorpusSize("hotpotqa", 5_233_329, 46.30, 7_405, 17.61),
+    "beir/nfcorpus/test": CorpusSize("nfcorpus", 3_633, 232.26, 323, 3.30),
+    "beir/nq": CorpusSize("nq", 2_681_468, 78.88, 3_452, 9.16),
+    "beir/quora/test": CorpusSize("quora", 522_931, 11.44, 10_000, 9.53),
+    "beir/scidocs": CorpusSize("scidocs", 25_657, 176.19, 1_000, 9.38),
+    "beir/scifact/test": CorpusSize("scifact", 5_183, 213.63, 300, 12.37),
+    "beir/trec-covid": CorpusSize("trec-covid", 171_332, 160.77, 50, 10.60),
+    "beir/webis-touche2020/v2": CorpusSize("webis-touche2020", 382_545, 292.37, 49, 6.55),
+}
+
+
+@lru_cache(maxsize=64)
+def measured_size(corpus_path: str, queries_path: str | None, name: str) -> CorpusSize:
+    """A local BEIR collection's size from its files (documents and queries counted, words averaged)."""
+    docs = words = 0
+    with open(corpus_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                docs += 1
+                words += len(f"{row.get('title') or ''} {row.get('text', '')}".split())
+    queries = q_words = 0
+    if queries_path and Path(queries_path).is_file():
+        with open(queries_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    queries += 1
+                    q_words += len(json.loads(line).get("text", "").split())
+    return CorpusSize(f"file:{corpus_path}", docs, words / max(docs, 1), queries, q_words / max(queries, 1))
+
+
+def collection_size(spec: Mapping[str, Any], root: str | None) -> CorpusSize | None:
+    """Declared for an ir_datasets id, measured for a local BEIR directory, else None (unpriced)."""
+    if spec.get("source") == "ir_datasets":
+        return DECLARED.get(str(spec.get("id")))
+    base = Path(spec["path"]) if spec.get("path") else Path(root or "") / (spec.get("dir") or spec["name"])
+    if spec.get("source", "beir") == "beir" and (base / "corpus.jsonl").is_file():
+        return measured_size(str(base / "corpus.jsonl"), str(base / "queries.jsonl"), spec["name"])
+    return None
+
+
+def encoding_flops(arch, sparse: bool, texts: int, mean_tokens: float) -> float:
+    """Forward FLOPs of encoding `texts` texts of `mean_tokens` tokens (BOS included)."""
+    n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
+    head = 2 * arch.hidden_size * arch.vocab_size if sparse else 0
+    per_text = mean_tokens * (2 * n_lin + head) + 4 * arch.num_hidden_layers * arch.hidden_size * mean_tokens**2
+    return texts * per_text
+
+
+def evaluation_flops(cfg: Mapping[str, Any]) -> tuple[float, list[str]]:
+    """One evaluation of this cell's model on `eval`: (FLOPs, names of collections it could not price)."""
+    arch = architecture(cfg["model"])
+    sparse = cfg["paradigm"]["name"] == "sparse"
+    ev = cfg["eval"]
+    seen: set[tuple[str, int]] = set()
+    total, unpriced = 0.0, []
+    for spec in ev["collections"].values():
+        size = collection_size(spec, ev.get("root"))
+        if size is None:
+            unpriced.append(spec["name"])
+            continue
+        q_len = int(spec.get("query_max_len") or ev["query_max_len"])
+        p_len = int(spec.get("passage_max_len") or ev["passage_max_len"])
+        queries = size.queries
+        if ev.get("subset"):
+            queries = min(queries, int(ev["subset"]["queries"]))
+        total += encoding_flops(arch, sparse, queries, min(q_len, 1 + size.query_words * TOKENS_PER_WORD))
+        if (size.corpus, p_len) in seen:
+            continue  # encoded once, shared (see encodings.EncodingStore)
+        seen.add((size.corpus, p_len))
+        total += encoding_flops(arch, sparse, size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
+    return total, unpriced
+
+
+def stage_flops(model_cfg: Mapping[str, Any]) -> float:
+    """The backbone's MNTP stage (0 for a backbone without one), as `mntp.json` will count it."""
+    recipe = model_cfg.get("mntp")
+    if not recipe:
+        return 0.0
+    tokens = int(recipe["steps"]) * int(recipe["batch_size"]) * int(recipe["block_len"])
+    predicted = int(tokens * float(recipe["mask_rate"]))
+    return float(mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted))
+
+
+def gpu_hours(flops: float, planner: Mapping[str, Any]) -> float:
+    return flops / (float(planner["peak_flops"]) * float(planner["utilization"])) / 3600
+
+
+def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Adds MNTP, evaluation and total FLOPs and GPU-hours to each cell's plan (`mntp_*` is its backbone's
+    stage, shared; `eval_*` its step-0 and final evaluations, the step-0 one shared by its (backbone,
+    paradigm)), and returns the sweep's totals with each shared cost counted once."""
+    totals = {"mntp_gpu_hours": 0.0, "train_gpu_hours": 0.0, "eval_gpu_hours": 0.0}
+    backbones: set[str] = set()
+    step0: set[tuple[str, str]] = set()
+    for cfg, plan in zip(cfgs, plans, strict=True):
+        planner = cfg["planner"]
+        mntp = stage_flops(cfg["model"])
+        one_eval, unpriced = evaluation_flops(cfg)
+        plan.update(mntp_flops=mntp, mntp_gpu_hours=gpu_hours(mntp, planner), eval_flops=2 * one_eval,
+                    eval_gpu_hours=gpu_hours(2 * one_eval, planner), eval_unpriced=unpriced)
+        plan["study_gpu_hours"] = plan["mntp_gpu_hours"] + plan["gpu_hours"] + plan["eval_gpu_hours"]
+        if cfg["model"]["name"] not in backbones:
+            backbones.add(cfg["model"]["name"])
+            totals["mntp_gpu_hours"] += plan["mntp_gpu_hours"]
+        key = (cfg["model"]["name"], cfg["paradigm"]["name"])
+        shared_step0 = key in step0
+        step0.add(key)
+        totals["eval_gpu_hours"] += gpu_hours(one_eval * (1 if shared_step0 else 2), planner)
+        totals["train_gpu_hours"] += plan["gpu_hours"]
+    totals["total_gpu_hours"] = sum(totals.values())
+    return totals

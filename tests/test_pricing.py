@@ -1,0 +1,54 @@
+"""The planner prices the whole study: MNTP, training and evaluation, in FLOPs and GPU-hours."""
+
+import pytest
+
+from retrieval_scaling.backbone import architecture
+from retrieval_scaling.pricing import DECLARED, TOKENS_PER_WORD, encoding_flops, evaluation_flops, price_study
+
+
+def test_encoding_flops_by_hand(compose):
+    arch = architecture(compose("model=tiny_s")["model"])  # d 64, 2 layers, MLP 176, vocabulary 4096
+    # linear weights per layer: 4·64·64 (q, k, v, o) + 3·64·176 (gate, up, down) = 50,176; 2 layers 100,352
+    # 10 texts × 20 tokens: 10·(20·2·100,352 + 4·2·64·20²) = 42,188,800; the sparse head adds 10·20·2·64·4096
+    assert encoding_flops(arch, False, 10, 20) == 42_188_800
+    assert encoding_flops(arch, True, 10, 20) == 42_188_800 + 104_857_600
+
+
+def msmarco_suite(cfg):
+    """The paper's suite cut to its three collections over the MS MARCO passage corpus."""
+    cfg["eval"]["collections"] = {k: v for k, v in cfg["eval"]["collections"].items()
+                                  if k in ("msmarco_dev", "dl19", "dl20")}
+    return cfg
+
+
+def test_msmarco_dev_dl19_dl20_price_one_corpus_encoding(compose):
+    cfg = msmarco_suite(compose("model=llama3_1b", "eval=paper", "paradigm=dense"))
+    arch = architecture(cfg["model"])
+    specs = cfg["eval"]["collections"]
+    assert {s["id"] for s in specs.values()} >= {"msmarco-passage/dev/small", "msmarco-passage/trec-dl-2019/judged"}
+    flops, unpriced = evaluation_flops(cfg)
+    size = DECLARED["msmarco-passage/dev/small"]
+    corpus = encoding_flops(arch, False, size.docs, min(192, 1 + size.doc_words * TOKENS_PER_WORD))
+    queries = sum(encoding_flops(arch, False, DECLARED[s["id"]].queries,
+                                 min(64, 1 + DECLARED[s["id"]].query_words * TOKENS_PER_WORD)) for s in specs.values())
+    assert unpriced == [] and flops == pytest.approx(corpus + queries)  # the corpus once, not three times
+
+
+def test_a_local_collection_is_priced_from_its_files(compose, data_root):
+    cfg = compose("eval=scifact")
+    cfg["eval"]["root"] = str(data_root)
+    flops, unpriced = evaluation_flops(cfg)
+    assert unpriced == [] and flops > 0
+
+
+def test_study_totals_count_shared_stages_and_step0_evaluations_once(compose):
+    cfgs = [msmarco_suite(compose("model=llama3_1b", "eval=paper", f"loss={loss}")) for loss in ("cl", "kd")]
+    plans = [{"gpu_hours": 10.0}, {"gpu_hours": 12.0}]
+    totals = price_study(cfgs, plans)
+    one_eval = plans[0]["eval_gpu_hours"] / 2
+    assert plans[0]["mntp_gpu_hours"] == plans[1]["mntp_gpu_hours"] > 0
+    assert totals["mntp_gpu_hours"] == pytest.approx(plans[0]["mntp_gpu_hours"])  # one backbone, one MNTP
+    assert totals["eval_gpu_hours"] == pytest.approx(3 * one_eval)  # a shared step 0 + two final evaluations
+    assert totals["train_gpu_hours"] == 22.0
+    assert totals["total_gpu_hours"] == pytest.approx(sum(totals[k] for k in ("mntp_gpu_hours", "train_gpu_hours",
+                                                                              "eval_gpu_hours")))
