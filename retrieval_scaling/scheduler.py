@@ -286,10 +286,9 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
         if old and slurm.SACCT_TO_CELL.get(states.get(old, "")) in ("PENDING", "RUNNING"):
             live_stage[job.stage] = old
             continue
-        res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
+        # Stages under their own resources: every rank of them trains the stages (DeepSpeed), see run_stages_job.
+        res = slurm.stage_resources_for(launcher_cfg, cfg["model"]["name"])
         cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
-        # Stages run on one rank, under their own time limit.
-        res = {**res, "nodes": 1, "tasks_per_node": 1, "time_min": launcher_cfg["stage_time_min"] or res["time_min"]}
         (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [Requeueable(run_stages_job, cfg)])
         ledger.stage_submitted(job.stage, job_id)
         live_stage[job.stage] = job_id

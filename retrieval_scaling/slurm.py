@@ -40,6 +40,21 @@ def resources_for(launcher_cfg: Mapping[str, Any], model: str) -> dict[str, Any]
     return {k: res[k] for k in RESOURCE_KEYS}
 
 
+def stage_resources_for(launcher_cfg: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """A backbone's stages job: its cells' resources, one rank and `stage_time_min` unless
+    `stage_resources.default` / `stage_resources.<model>` say otherwise (the 8B MNTP on 4 GPUs, say)."""
+    table = launcher_cfg.get("stage_resources") or {}
+    res = {**resources_for(launcher_cfg, model), "nodes": 1, "tasks_per_node": 1}
+    if launcher_cfg.get("stage_time_min"):
+        res["time_min"] = launcher_cfg["stage_time_min"]
+    res.update({k: v for k, v in {**(table.get("default") or {}), **(table.get(model) or {})}.items()
+                if v is not None})
+    unknown = sorted(set(res) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"launcher.stage_resources: unknown key(s) {unknown}; use {list(RESOURCE_KEYS)}")
+    return res
+
+
 def ranks(launcher_cfg: Mapping[str, Any], model: str) -> int:
     res = resources_for(launcher_cfg, model)
     return int(res["nodes"]) * int(res["tasks_per_node"])

@@ -52,3 +52,19 @@ def test_study_totals_count_shared_stages_and_step0_evaluations_once(compose):
     assert totals["train_gpu_hours"] == 22.0
     assert totals["total_gpu_hours"] == pytest.approx(sum(totals[k] for k in ("mntp_gpu_hours", "train_gpu_hours",
                                                                               "eval_gpu_hours")))
+
+
+def test_stage_resources_overlay_the_cells_per_size(compose):
+    from retrieval_scaling.slurm import stage_resources_for
+
+    launcher = compose("launcher=slurm")["launcher"]
+    launcher["resources"] = {"default": {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4, "cpus_per_task": 8,
+                                         "mem_gb": 256, "time_min": 1440}}
+    base = stage_resources_for(launcher, "llama3_8b")  # nothing said: one rank of the cells' node shape
+    assert base == {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 4, "cpus_per_task": 8, "mem_gb": 256,
+                    "time_min": launcher["stage_time_min"]}
+    launcher["stage_resources"] = {"default": {"tasks_per_node": 4, "time_min": 240},
+                                   "llama3_8b": {"time_min": 720}}
+    assert stage_resources_for(launcher, "llama3_8b")["tasks_per_node"] == 4
+    assert stage_resources_for(launcher, "llama3_8b")["time_min"] == 720
+    assert stage_resources_for(launcher, "llama3_1b")["time_min"] == 240
