@@ -40,6 +40,26 @@ def test_dry_run_writes_an_18_cell_plan_within_budget(sweeps):
     assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "mlflow.db").exists()  # nothing submitted, no store
 
 
+def test_full_grid_dry_run_prices_mntp_training_and_evaluation_per_cell_and_in_total(sweeps):
+    proc = run_cli("sweep", "+grid=full", "sweep.dry_run=true", env_extra=sweeps)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((Path(sweeps["RS_SWEEPS_DIR"]) / "full" / "plan.json").read_text())
+    assert len(plan) == 18 and all(c["eval_unpriced"] == [] for c in plan)
+    by = {(c["model"], c["paradigm"], c["loss"]): c for c in plan}
+    for size in ("llama3_1b", "llama3_3b", "llama3_8b"):  # bigger backbones cost more to adapt and to evaluate
+        assert by[(size, "sparse", "cl")]["eval_gpu_hours"] > by[(size, "dense", "cl")]["eval_gpu_hours"] > 0
+    assert by[("llama3_1b", "dense", "cl")]["mntp_gpu_hours"] < by[("llama3_8b", "dense", "cl")]["mntp_gpu_hours"]
+    assert by[("llama3_1b", "dense", "cl")]["eval_gpu_hours"] < by[("llama3_8b", "dense", "cl")]["eval_gpu_hours"]
+    # Every shared cost once: 3 MNTPs, 6 step-0 evaluations, 18 final ones, 18 trainings.
+    mntp = sum(by[(s, "dense", "cl")]["mntp_gpu_hours"] for s in ("llama3_1b", "llama3_3b", "llama3_8b"))
+    evals = sum(c["eval_gpu_hours"] / 2 for c in plan) + sum(by[(s, p, "cl")]["eval_gpu_hours"] / 2
+                                                             for s in ("llama3_1b", "llama3_3b", "llama3_8b")
+                                                             for p in ("sparse", "dense"))
+    train = sum(c["gpu_hours"] for c in plan)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("GPU-hours of the study"))
+    assert f"MNTP {mntp:.4g}, training {train:.4g}, evaluation {evals:.4g}, total {mntp + train + evals:.4g}" in line
+
+
 def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps, compose):
     """The launcher builds the defaults tree once per set of group choices and applies value overrides
     to it; every cell must still be exactly what Hydra's compose gives for its overrides."""
