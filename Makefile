@@ -57,6 +57,7 @@ test: setup
 # Benchmarks: each prints one JSON object (also under bench/results/), ratios measured in one run.
 bench: setup
 	$(PY) bench/retrieval.py
+	$(PY) bench/scale.py
 	$(PY) bench/train_step.py
 	$(PY) bench/orchestration.py
 	$(PY) bench/demo.py

@@ -73,6 +73,8 @@ class EncodingStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.encoded_docs = 0  # by this rank, in this process: what tests and logs count
         self.reused_shards = 0
+        self.keys: dict[str, np.ndarray] = {}  # shard name -> its documents' keys, as read so far
+        self.known: set[bytes] = set()
 
     # ---- on disk ----
 
@@ -117,16 +119,12 @@ class EncodingStore:
             else:
                 first[key] = pos
         barrier()  # every rank reads the same store before any writes to it
-        held = {name: self.read_keys(name) for name in self.shard_names()}
-        known = {row.tobytes() for rows in held.values() for row in rows}
-        missing = [k for k in first if k not in known]
+        self.refresh()
+        missing = [k for k in first if k not in self.known]
         barrier()
         plan = [missing[i:i + self.shard_size] for i in range(0, len(missing), self.shard_size)]
-        reused = sum(1 for rows in held.values() if any(r.tobytes() in first for r in rows))
-        self.reused_shards += reused
-        log.info("%s: %d documents, %d distinct; %d already encoded in %d shard(s), %d to encode in %d shard(s) "
-                 "over %d rank(s)", label, len(texts), len(first), len(first) - len(missing), reused, len(missing),
-                 len(plan), self.world)
+        log.info("%s: %d documents, %d distinct; %d already encoded, %d to encode in %d shard(s) over %d rank(s)",
+                 label, len(texts), len(first), len(first) - len(missing), len(missing), len(plan), self.world)
         mine = [(j, chunk) for j, chunk in enumerate(plan) if j % self.world == self.rank]
         start, done = time.time(), 0
         for n, (j, chunk) in enumerate(mine, start=1):
@@ -139,17 +137,26 @@ class EncodingStore:
             log.info("%s: rank %d encoded shard %d/%d (%d/%d of its documents, %.1f docs/s)", label, self.rank, n,
                      len(mine), done, sum(len(c) for _, c in mine), rate)
         barrier()  # every shard is on disk before anyone searches
+        self.refresh()
+        new = {shard_name(chunk) for chunk in plan}
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in self.shard_names():
-            stored = held.get(name)
-            if stored is None:
-                stored = self.read_keys(name)
+        for name, stored in self.keys.items():
             positions = np.array([first.get(r.tobytes(), -1) for r in stored], dtype=np.int64)
             inside = np.flatnonzero(positions >= 0)
             if len(inside):
                 order = inside[np.argsort(positions[inside], kind="stable")]
                 rows[name] = (order, positions[order])
+        reused = len(set(rows) - new)
+        self.reused_shards += reused
+        log.info("%s: %d shard(s) hold its documents, %d of them reused from before", label, len(rows), reused)
         return CorpusView(label, len(texts), rows, repeats)
+
+    def refresh(self) -> None:
+        """Read the keys of shards this process has not seen yet (other ranks', an earlier attempt's)."""
+        for name in self.shard_names():
+            if name not in self.keys:
+                self.keys[name] = self.read_keys(name)
+                self.known.update(r.tobytes() for r in self.keys[name])
 
     # ---- search ----
 

@@ -209,7 +209,8 @@ def test_an_evaluation_killed_mid_corpus_resumes_from_its_shards(paper_shaped, t
     (again,) = run_ranks(root, tmp_path / "store", tmp_path / "runs", "dense", 1)
     assert again["returncode"] == 0, again["stderr"][-3000:]
     # the log counts what was reused: the dev corpus's first three shards of 128
-    assert re.search(r"dev corpus: \d+ documents, \d+ distinct; 384 already encoded in 3 shard\(s\)", again["stderr"])
+    assert re.search(r"dev corpus: \d+ documents, \d+ distinct; 384 already encoded", again["stderr"])
+    assert re.search(r"dev corpus: \d+ shard\(s\) hold its documents, 3 of them reused", again["stderr"])
     assert again["result"]["reused_shards"] >= 3 and again["result"]["encoded_docs"] == distinct - 3 * 128
     assert again["result"]["metrics"] == whole["result"]["metrics"]
     assert read_runs(tmp_path / "runs") == read_runs(tmp_path / "runs-whole")
