@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .faults import Faults
-from .identity import cell_id, content_hash
+from .identity import cell_id, content_hash, file_hash
 from .plan import plan_cell
 
 log = logging.getLogger(__name__)
@@ -379,13 +379,3 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     log.info("step %d: %s", plan["steps"], after)
     return after
 
-
-def file_hash(path: Path) -> str:
-    """A file's content hash: names the encodings of exactly these weights."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=8)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -22,6 +22,7 @@ import copy
 import gzip
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -266,7 +267,13 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     cell_cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
     encoder, tokenizer = load_trained_encoder(cell_cfg, out)
     encoder = inference_encoder(encoder, cfg["eval"]["dtype"], cell_cfg["model"].get("eval_attn_implementation"))
-    return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), name=f"cell-{cell}"), cell_cfg
+    from .cell import FINAL
+    from .identity import file_hash
+
+    # Encodings of these weights at this precision, kept in the cell's directory until the evaluation is
+    # done: an interrupted `evaluate` resumes from them.
+    store = out / "eval" / f"verb-{file_hash(out / FINAL)}-{cfg['eval']['dtype']}"
+    return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), f"cell-{cell}", store), cell_cfg
 
 
 def print_table(metrics: Mapping[str, float], title: str) -> None:
@@ -342,7 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         retriever = build_baseline(baseline)
         title = f"baseline {retriever.name}"
     runs_dir = Path(cfg["runs_dir"]) if cfg.get("runs_dir") else Path(tempfile.mkdtemp(prefix="rs-runs-"))
+    if isinstance(retriever, EncoderRetriever) and retriever.store_root is None:
+        # One store for the whole run, so collections that share documents share their encodings.
+        retriever.store_root = Path(tempfile.mkdtemp(prefix="rs-encodings-"))
     metrics = evaluate_all(retriever, None, cfg["eval"], runs_dir)
+    if isinstance(retriever, EncoderRetriever) and (cell is None or not cfg["eval"].get("keep_encodings")):
+        shutil.rmtree(retriever.store_root, ignore_errors=True)
     print_table(metrics, title)
     log.info("run files in %s", runs_dir)
     if cfg.get("track", True):

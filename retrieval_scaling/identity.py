@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
@@ -47,3 +48,12 @@ def content_hash(obj: Any, length: int = 8) -> str:
 def cell_id(cfg: Mapping[str, Any]) -> str:
     """Same semantic config → same id; any semantic change → new id."""
     return content_hash(semantic_config(cfg))
+
+
+def file_hash(path: Path) -> str:
+    """A file's content hash: names the encodings of exactly these weights."""
+    digest = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
