@@ -73,6 +73,7 @@ class EncodingStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.encoded_docs = 0  # by this rank, in this process: what tests and logs count
         self.reused_shards = 0
+        self.doc_nnz = 0
         self.keys: dict[str, np.ndarray] = {}  # shard name -> its documents' keys, as read so far
         self.known: set[bytes] = set()
 
@@ -169,6 +170,7 @@ class EncodingStore:
         n_q = queries.shape[0]
         scores = np.full((n_q, 0), -np.inf, dtype=np.float32)
         positions = np.full((n_q, 0), -1, dtype=np.int64)
+        self.doc_nnz = 0  # sparse: non-zeros over the corpus's documents (a repeated text at each position)
         for name in sorted(view.rows)[self.rank::self.world]:
             s, p = self.search_shard(name, view, queries, k)
             scores, positions = merge_top_k(scores, positions, s, p, k)
@@ -177,7 +179,7 @@ class EncodingStore:
         scratch.mkdir(parents=True, exist_ok=True)
         part = scratch / f"{view.label.replace('/', '_')}.rank{self.rank}.npz"
         tmp = part.with_name(f".{part.name}.tmp.npz")
-        np.savez(tmp, scores=scores, positions=positions)
+        np.savez(tmp, scores=scores, positions=positions, doc_nnz=np.array(self.doc_nnz))
         os.replace(tmp, part)
         barrier()
         if self.rank != 0:
@@ -187,6 +189,7 @@ class EncodingStore:
             other = part.with_name(part.name.replace(".rank0.", f".rank{r}."))
             with np.load(other) as z:
                 scores, positions = merge_top_k(scores, positions, z["scores"], z["positions"], k)
+                self.doc_nnz += int(z["doc_nnz"])
         for r in range(self.world):
             part.with_name(part.name.replace(".rank0.", f".rank{r}.")).unlink(missing_ok=True)
         barrier()
@@ -199,6 +202,10 @@ class EncodingStore:
         reps = self.read_reps(name)[rows]
         kk = min(k, len(rows))
         if self.sparse:
+            counts = np.diff(reps.indptr)
+            repeated = (sum(int(counts[j]) * len(view.repeats.get(int(p), ())) for j, p in enumerate(first))
+                        if view.repeats else 0)
+            self.doc_nnz += int(counts.sum()) + repeated
             s, i = InvertedIndex(reps).search(queries, kk)
         else:
             import faiss

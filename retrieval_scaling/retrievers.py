@@ -69,17 +69,8 @@ class EncoderRetriever(Retriever):
         scores, idx = result
         if self.sparse:
             q = to_csr(queries)
-            self.nnz = {"doc_nnz": self.doc_nnz(view), "query_nnz": q.nnz / max(q.shape[0], 1)}
+            self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
         return qids, scores, idx
-
-    def doc_nnz(self, view) -> float:
-        """Mean non-zeros over the corpus's documents (a repeated text counted at each position)."""
-        total = 0
-        for name, (rows, first) in view.rows.items():
-            counts = np.diff(self.store.read_reps(name).indptr)[rows]
-            total += int(counts.sum()) + sum(int(c) * len(view.repeats.get(int(p), ()))
-                                             for c, p in zip(counts, first, strict=True) if view.repeats)
-        return total / max(view.size, 1)
 
 
 class BM25Retriever(Retriever):

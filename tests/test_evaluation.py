@@ -300,3 +300,8 @@ def test_sparse_retriever_reports_mean_non_zeros_of_queries_and_documents():
     assert retriever.nnz == {"doc_nnz": pytest.approx(6 / 3), "query_nnz": 2.0}
     # scores: a = 0·1 + 1·0 + 1·2 = 2, b = 3, c = 2 → b, then a and c tied at 2 (lower index first)
     assert idx.tolist() == [[1, 0, 2]] and scores.tolist() == [[3.0, 2.0, 2.0]]
+    # a repeated text is encoded once and counts at each of its positions: (2 + 1 + 3 + 2) / 4
+    coll = Collection("c", {"a": "doc a", "b": "doc b", "c": "doc c", "a2": "doc a"}, {"q": "query"}, {"q": {"c": 1}})
+    qids, scores, idx = retriever.search(coll, 4, 8, 8, shard_size=2)
+    assert retriever.nnz["doc_nnz"] == pytest.approx(8 / 4)
+    assert idx.tolist() == [[1, 0, 2, 3]] and scores.tolist() == [[3.0, 2.0, 2.0, 2.0]]
