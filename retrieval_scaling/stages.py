@@ -73,12 +73,12 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
     on rank 0 alone (into the directory renamed into place; the other ranks get a scratch one)."""
     import tempfile
 
-    from .distributed import any_rank, launched_ranks
+    from .distributed import any_rank, init_distributed, launched_ranks
 
     path = Path(path)
-    rank, world = launched_ranks()
-    if world == 1:
+    if launched_ranks()[1] == 1:
         return build_once(path, build, what)
+    rank, world = init_distributed()  # the ranks agree below, through the process group
     with holding_lock(path, take=rank == 0):
         if not any_rank(rank == 0 and not is_built(path)):
             log.info("%s: reusing cached %s", what, path)

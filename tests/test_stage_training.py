@@ -15,12 +15,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_stages(cache: Path, data_root: Path, *extra: str) -> subprocess.CompletedProcess:
+def stage_env(rank: int = 0, world: int = 1, port: int = 0) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    if world > 1:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+    return env
+
+
+def build_stages(cache: Path, data_root: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tests" / "stage_run.py"), str(cache), str(data_root), *extra],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=stage_env(), capture_output=True, text=True, timeout=900)
 
 
 def adapter_weights(adapter: Path) -> dict[str, torch.Tensor]:
@@ -69,3 +76,23 @@ def test_corpus_blocks_stream_the_corpus_into_bos_led_int32_blocks():
     # stream: 10 11 12 E 13 E 14 15 16 17 E 18 19 E -> 14 tokens -> 4 bodies of 3, remainder dropped
     assert blocks.dtype == torch.int32
     assert blocks.tolist() == [[1, 10, 11, 12], [1, 2, 13, 2], [1, 14, 15, 16], [1, 17, 2, 18]]
+
+
+@pytest.mark.slow
+def test_two_ranks_build_the_stages_together_once(tmp_path, data_root):
+    """A stages job of two ranks (gloo): rank 0 holds the lock and writes, both train under one engine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "stage_run.py"), str(tmp_path / "cache"),
+                               str(data_root)], env=stage_env(rank, 2, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0]["adapter"] == results[1]["adapter"] and results[0]["pretrained"] == results[1]["pretrained"]
+    assert "over 2 ranks" in outs[0][1]  # built once, by both ranks together
+    assert json.loads((Path(results[0]["adapter"]) / "mntp.json").read_text())["steps"] == 12
+    assert len(list((tmp_path / "cache" / "mntp").iterdir())) == 2  # the stage and its lock; no rank's leftovers
