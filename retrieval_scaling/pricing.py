@@ -56,8 +56,16 @@ DECLARED: dict[str, CorpusSize] = {
 
 
 @lru_cache(maxsize=64)
-def measured_size(corpus_path: str, queries_path: str | None, name: str) -> CorpusSize:
-    """A local BEIR collection's size from its files (documents and queries counted, words averaged)."""
+def measured_size(corpus_path: str, queries_path: str | None) -> CorpusSize | None:
+    """A local BEIR collection's size from its files (documents and queries counted, words averaged); None
+    for files it cannot read: validating them is `check_inputs`'s job, with file and line."""
+    try:
+        return _measure(corpus_path, queries_path)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
+def _measure(corpus_path: str, queries_path: str | None) -> CorpusSize:
     docs = words = 0
     with open(corpus_path, encoding="utf-8") as f:
         for line in f:
@@ -81,7 +89,7 @@ def collection_size(spec: Mapping[str, Any], root: str | None) -> CorpusSize | N
         return DECLARED.get(str(spec.get("id")))
     base = Path(spec["path"]) if spec.get("path") else Path(root or "") / (spec.get("dir") or spec["name"])
     if spec.get("source", "beir") == "beir" and (base / "corpus.jsonl").is_file():
-        return measured_size(str(base / "corpus.jsonl"), str(base / "queries.jsonl"), spec["name"])
+        return measured_size(str(base / "corpus.jsonl"), str(base / "queries.jsonl"))
     return None
 
 
