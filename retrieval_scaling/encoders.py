@@ -73,8 +73,31 @@ class SparseEncoder(Encoder):
         # Inference: one sequence's real tokens at a time, so the (N, L, V) logits are never built
         # (8.6 GB in bf16 for 256 × 128 tokens over Llama-3's vocabulary) and each (L, V) block stays
         # in cache (tiny_s's head + pooling 2.9× faster on one core). Every sequence has its BOS.
-        pooled = torch.stack([head(h[m.bool()]).amax(dim=0) for h, m in zip(hidden, mask, strict=True)])
-        return sparse_activation(pooled, hidden.shape[-1])
+        if not weight_usable_directly(head):
+            pooled = torch.stack([head(h[m.bool()]).amax(dim=0) for h, m in zip(hidden, mask, strict=True)])
+            return sparse_activation(pooled, hidden.shape[-1])
+        return sparse_activation(pooled_logits_inference(hidden, mask, head.weight, head.bias), hidden.shape[-1])
+
+
+@torch.no_grad()
+def pooled_logits_inference(hidden: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """max over each sequence's real positions of `hidden @ weight.T (+ bias)`: (N, L, d) → (N, V), one
+    sequence at a time into one (L, V) buffer per batch: a fresh (L, V) block per sequence (tens of MB at
+    Llama-3's vocabulary) leaves a CPU allocator holding gigabytes it has freed, growing with the corpus."""
+    dtype = weight.dtype
+    buf = torch.empty((hidden.shape[1], weight.shape[0]), dtype=dtype, device=hidden.device)
+    pooled = torch.empty((hidden.shape[0], weight.shape[0]), dtype=dtype, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for row, (h, m) in enumerate(zip(hidden, mask, strict=True)):
+            x = h[m.bool()].to(dtype)
+            out = buf[:len(x)]
+            if bias is None:
+                torch.matmul(x, weight.T, out=out)
+            else:
+                torch.addmm(bias.to(dtype), x, weight.T, out=out)
+            torch.amax(out, dim=0, out=pooled[row])
+    return pooled
 
 
 def weight_usable_directly(head: nn.Module) -> bool:

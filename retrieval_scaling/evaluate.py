@@ -37,7 +37,6 @@ from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, UserError
 from .precision import weight_dtype
 from .retrievers import EncoderRetriever, Retriever, Run
-from .search import to_csr
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +82,20 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
                                         tokenizer.pad_token_id, max_len)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
             reps = encoder(input_ids.to(device), mask.to(device)).float()
-        chunks.append(to_csr(reps.cpu().numpy()) if encoder.sparse else reps.cpu())
+        chunks.append(batch_csr(reps) if encoder.sparse else reps.cpu())
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     if encoder.sparse:
         return sparse.vstack(chunks, format="csr")[inverse]
     return torch.cat(chunks)[torch.as_tensor(inverse)]
+
+
+def batch_csr(reps: torch.Tensor) -> sparse.csr_matrix:
+    """A batch's sparse reps as CSR, made on their device: only the non-zeros cross to host memory (a
+    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document)."""
+    m = reps.to_sparse_csr()
+    return sparse.csr_matrix((m.values().cpu().numpy(), m.col_indices().cpu().numpy(), m.crow_indices().cpu().numpy()),
+                             shape=tuple(reps.shape))
 
 
 def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",

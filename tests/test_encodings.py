@@ -79,8 +79,8 @@ def test_merge_keeps_the_best_by_score_then_position_and_empty_slots_last():
 
 
 def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
-    """encode_texts turns each batch's reps to CSR as it comes: no float array bigger than one batch's
-    (batch × vocabulary) is ever made from the reps."""
+    """encode_texts turns each batch's reps to CSR as it comes, on their device: no float array bigger
+    than one batch's (batch × vocabulary) is ever made from the reps."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -98,13 +98,13 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
                                          num_attention_heads=2, num_key_value_heads=2))
     encoder = build_encoder("sparse", model).eval()
     widest = []
-    real_to_csr = __import__("retrieval_scaling.evaluate", fromlist=["to_csr"]).to_csr
+    real_batch_csr = __import__("retrieval_scaling.evaluate", fromlist=["batch_csr"]).batch_csr
 
     def spy(reps):
         widest.append(reps.shape[0])
-        return real_to_csr(reps)
+        return real_batch_csr(reps)
 
-    monkeypatch.setattr("retrieval_scaling.evaluate.to_csr", spy)
+    monkeypatch.setattr("retrieval_scaling.evaluate.batch_csr", spy)
     texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
     out = encode_texts(encoder, Tok(), texts, 16, 8, "docs")
     assert sparse.issparse(out) and out.shape == (50, 5000) and max(widest) == 8 and len(widest) == 7
@@ -214,3 +214,18 @@ def test_an_evaluation_killed_mid_corpus_resumes_from_its_shards(paper_shaped, t
     assert again["result"]["reused_shards"] >= 3 and again["result"]["encoded_docs"] == distinct - 3 * 128
     assert again["result"]["metrics"] == whole["result"]["metrics"]
     assert read_runs(tmp_path / "runs") == read_runs(tmp_path / "runs-whole")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_inference_pooling_equals_the_masked_max_of_the_whole_logits(with_bias):
+    import torch
+
+    from retrieval_scaling.encoders import pooled_logits_inference
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 4), torch.randn(11, 4)
+    bias = torch.randn(11) if with_bias else None
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])  # left padding
+    logits = hidden @ weight.T + (bias if with_bias else 0)
+    want = logits.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
+    torch.testing.assert_close(pooled_logits_inference(hidden, mask, weight, bias), want)
