@@ -22,8 +22,8 @@ from .data import Collection
 from .identity import content_hash
 from .precision import AUTO
 from .pretrain import corpus_blocks, lm_head_loss
-from .stage_training import checkpoint_dir, drop_checkpoints, train_stage
-from .stages import build_once_collective
+from .stage_training import train_stage
+from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from .data import Collection, load_training_collection, read_trec_run
 from .errors import ConfigError
 from .identity import content_hash
-from .stages import build_once
+from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
 from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
 from .teachers import build_teacher
 
@@ -80,44 +81,74 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     if miner == "run" and not data_cfg["negatives"].get("run"):
         raise ConfigError("data.negatives.miner=run needs data.negatives.run=<TREC run file>.")
     out = training_data_dir(data_cfg, cache_root)
-    return build_once(out, lambda tmp: _prepare(data_cfg, tmp), f"prepare {data_cfg['name']}")
+    built = build_once_collective(out, lambda tmp: _prepare(data_cfg, tmp, checkpoint_dir(out)),
+                                  f"prepare {data_cfg['name']}")
+    drop_checkpoints(out)
+    return built
 
 
-def _prepare(data_cfg: Mapping[str, Any], out: Path) -> None:
+# Training queries mined and scored per part: a part is the unit ranks share and a resumed stage skips.
+QUERIES_PER_PART = 10_000
+
+
+def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
+    """Mine negatives and score them with the teacher, `QUERIES_PER_PART` queries at a time: part j on
+    rank j mod W, each part written atomically into `parts_dir`, so a requeued or resubmitted stage
+    scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
     from tqdm import tqdm
 
+    from .distributed import any_rank, launched_ranks
     from .search import top_k_rows
 
+    rank, world = launched_ranks()
     coll: Collection = load_training_collection(data_cfg)
     neg = data_cfg["negatives"]
     depth, keep = int(neg["depth"]), int(neg["keep"])
-    index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
-    run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
-    teacher = build_teacher(data_cfg["teacher"], coll.corpus)
-    lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order
+    qids = list(coll.queries)
+    parts = range(0, len(qids), QUERIES_PER_PART)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    mine = parts[rank::world]
+    todo = [p for p in mine if not (parts_dir / f"part-{p:09d}.jsonl").is_file()]
+    if len(todo) < len(mine):
+        log.info("prepare: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo), len(mine))
+    if todo:
+        index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
+        run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
+        teacher = build_teacher(data_cfg["teacher"], coll.corpus)
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
-    for qid, query in tqdm(coll.queries.items(), desc=desc, mininterval=10, total=len(coll.queries)):
-        positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
-        if not positives:
-            continue
-        scores = index.scores(query) if index is not None else None
-        if run is not None:
-            unranked += qid not in run
-            ranked = [d for d in run.get(qid, [])[:depth] if d in coll.corpus]
-        else:
-            ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], depth)[1][0]]
-        negatives = [d for d in ranked if d not in positives][:keep]
-        short += len(negatives) < keep
-        judged = [*positives, *negatives]
-        used.update(dict.fromkeys(judged))
-        if teacher is None:
-            teacher_scores = [float(scores[index.position[d]]) for d in judged]
-        else:
-            teacher_scores = teacher(query, judged)
-        lines.append(json.dumps({
-            "qid": qid, "query": query, "positives": positives, "negatives": negatives,
-            "teacher": dict(zip(judged, teacher_scores, strict=True)),
-        }))
+    for start in tqdm(todo, desc=desc, mininterval=10):
+        rows = []
+        for qid in qids[start:start + QUERIES_PER_PART]:
+            query = coll.queries[qid]
+            positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
+            if not positives:
+                continue
+            scores = index.scores(query) if index is not None else None
+            if run is not None:
+                ranked = [d for d in run.get(qid, [])[:depth] if d in coll.corpus]
+            else:
+                ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], depth)[1][0]]
+            negatives = [d for d in ranked if d not in positives][:keep]
+            judged = [*positives, *negatives]
+            teacher_scores = ([float(scores[index.position[d]]) for d in judged] if teacher is None
+                              else teacher(query, judged))
+            rows.append(json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
+                                    "teacher": dict(zip(judged, teacher_scores, strict=True)),
+                                    "in_run": run is None or qid in run}))
+        tmp = parts_dir / f".part-{start:09d}.tmp-{os.getpid()}"
+        tmp.write_text("".join(f"{r}\n" for r in rows))
+        os.replace(tmp, parts_dir / f"part-{start:09d}.jsonl")
+    any_rank(False)  # every part is on disk before rank 0 joins them
+    if rank != 0:
+        return
+    lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order
+    for start in parts:
+        for line in (parts_dir / f"part-{start:09d}.jsonl").read_text().splitlines():
+            ex = json.loads(line)
+            unranked += not ex.pop("in_run")
+            short += len(ex["negatives"]) < keep
+            used.update(dict.fromkeys([*ex["positives"], *ex["negatives"]]))
+            lines.append(json.dumps(ex))
     if not lines:
         raise ConfigError(f"no training query of {coll.name} has a positive judgement: check data.split.")
     (out / "examples.jsonl").write_text("\n".join(lines) + "\n")

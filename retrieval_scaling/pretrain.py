@@ -22,8 +22,8 @@ from .data import Collection
 from .encoders import weight_usable_directly
 from .flops import Architecture
 from .precision import AUTO, use_bf16
-from .stage_training import checkpoint_dir, drop_checkpoints, train_stage
-from .stages import build_once_collective
+from .stage_training import train_stage
+from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
 
 log = logging.getLogger(__name__)
 

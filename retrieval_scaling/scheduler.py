@@ -168,15 +168,13 @@ def local_order(jobs: Sequence[Job], params: Mapping[str, float]) -> list[Job]:
 
 def run_stages_job(cfg: Mapping[str, Any]) -> None:
     from .cell import deepspeed_config, ensure_backbone, setup_logging
-    from .distributed import any_rank, configure_threads, init_distributed
+    from .distributed import configure_threads, init_distributed
     from .prepare import ensure_training_data
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"] or 1))
-    rank, _ = init_distributed()  # every rank of the stages job trains the stages together
-    if rank == 0:
-        ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
-    any_rank(False)  # the mined data (and teacher scores) exist before the other ranks go on
+    init_distributed()  # every rank of the stages job builds the stages together (parts of the data, DeepSpeed)
+    ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
     corpus = load_training_collection(cfg["data"])
     ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]), deepspeed_config(cfg))
 

@@ -10,7 +10,6 @@ averages the ranks' gradients.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,6 @@ log = logging.getLogger(__name__)
 
 # A stage's DeepSpeed settings where its caller gives none (the cells' conf/deepspeed group).
 DEFAULT_DEEPSPEED: dict[str, Any] = {"zero_optimization": {"stage": 2}}
-
-
-def checkpoint_dir(stage_dir: Path) -> Path:
-    """Where a stage keeps its checkpoints while it is built: beside it, outliving a failed attempt's
-    temporary directory, removed once the stage is complete."""
-    stage_dir = Path(stage_dir)
-    return stage_dir.parent / f".{stage_dir.name}.checkpoints"
 
 
 def rank_share(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
@@ -90,8 +82,3 @@ def train_stage(objective: nn.Module, optimizer: torch.optim.Optimizer, schedule
             if done % max(1, int(checkpoint_every)) == 0 and done < steps:
                 save_checkpoint(engine, ckpt_dir, {"step": done})
     return bf16
-
-
-def drop_checkpoints(stage_dir: Path) -> None:
-    """A complete stage's checkpoints are no longer needed."""
-    shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)

@@ -94,3 +94,15 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
                 shutil.rmtree(scratch, ignore_errors=True)
     any_rank(False)  # the stage is in place before any rank reads it
     return path
+
+
+def checkpoint_dir(stage_dir: Path) -> Path:
+    """Where a stage keeps its checkpoints while it is built: beside it, outliving a failed attempt's
+    temporary directory, removed once the stage is complete."""
+    stage_dir = Path(stage_dir)
+    return stage_dir.parent / f".{stage_dir.name}.checkpoints"
+
+
+def drop_checkpoints(stage_dir: Path) -> None:
+    """A complete stage's checkpoints are no longer needed."""
+    shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)

@@ -155,3 +155,33 @@ def test_sbert_teacher_scores_are_the_models_cosine_similarities():
     small = build_teacher({"name": "sbert", "path": path, "batch_size": 2, "cache_size": 1}, DOCS)
     assert small(QUERIES["q1"], ["d1", "d4", "d3"]) == pytest.approx(want, abs=1e-5)
     assert small(QUERIES["q2"], ["d3", "d2", "d1", "d2"]) == pytest.approx(want2, abs=1e-5)
+
+
+def test_preparation_interrupted_mid_way_resumes_from_its_parts(collection, tmp_path, monkeypatch, caplog):
+    """Queries are mined and scored in parts written as they finish; a crash keeps them, and the next
+    attempt scores only the rest, ending with the data an uninterrupted run writes."""
+    import logging
+
+    import retrieval_scaling.prepare as prepare
+
+    monkeypatch.setattr(prepare, "QUERIES_PER_PART", 1)  # q1, then q2
+    cfg = data_cfg(collection, {"name": "bm25"})
+    whole = (ensure_training_data(cfg, tmp_path / "whole") / "examples.jsonl").read_text()
+    real_scores, calls = prepare.BM25Index.scores, []
+
+    def scores_then_crash(self, query):
+        calls.append(query)
+        if len(calls) == 2:  # the second part's query
+            raise RuntimeError("node lost")
+        return real_scores(self, query)
+
+    monkeypatch.setattr(prepare.BM25Index, "scores", scores_then_crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        ensure_training_data(cfg, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "training").glob(".*.checkpoints/part-*.jsonl"))) == 1
+    monkeypatch.setattr(prepare.BM25Index, "scores", real_scores)
+    with caplog.at_level(logging.INFO, logger="retrieval_scaling.prepare"):
+        out = ensure_training_data(cfg, tmp_path / "cache")
+    assert "1 of this rank's 2 part(s) done by an earlier attempt" in caplog.text
+    assert (out / "examples.jsonl").read_text() == whole
+    assert not list((tmp_path / "cache" / "training").glob(".*.checkpoints"))  # dropped once complete
