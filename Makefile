@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo smoke-real test test-fast lint ui bench gpu-check gpu-wheels clean-demo cluster-up cluster-down
+.PHONY: setup demo smoke-real test test-fast lint ui bench gpu-check clean-demo cluster-up cluster-down
 
 setup: $(VENV)/.installed
 
@@ -62,19 +62,10 @@ bench: setup
 	$(PY) bench/orchestration.py
 	$(PY) bench/demo.py
 
-# The GPU path on one CUDA device (bench/gpu_check.py), on the node's own CUDA torch (python3), not the
-# CPU-pinned venv. Packages that python3 lacks are installed from wheels in .whl/ (make gpu-wheels, run
-# where PyPI is reachable) into a scratch site directory.
-GPU_SITE ?= /tmp/rs-gpu-site
+# The GPU path on one CUDA device (bench/gpu_check.py), in an environment with a CUDA torch and the project's
+# packages (`pip install -e .` on a GPU node, without the CPU constraints): PYTHON=<that interpreter>.
 gpu-check:
-	if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-index --find-links .whl --target $(GPU_SITE) \
-	  --no-build-isolation -r bench/gpu_requirements.txt; fi
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(PYTHON) bench/gpu_check.py
-
-gpu-wheels:
-	$(PYTHON) -m pip download -q -d .whl --python-version 3.12 --platform manylinux_2_28_x86_64 \
-	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --only-binary=:all: \
-	  --no-binary deepspeed -r bench/gpu_requirements.txt
+	PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py
 
 test-fast: setup
 	$(PY) -m pytest -x -q -m "not slow"

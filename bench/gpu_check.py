@@ -42,6 +42,15 @@ def main() -> int:
     default_data = os.environ.get("RS_DATA_DIR") or ROOT.parent / "shared" / "data"
     parser.add_argument("--data", type=Path, default=Path(default_data))
     args = parser.parse_args()
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft", "deepspeed", "hydra", "omegaconf", "submitit", "mlflow",
+                           "faiss", "ir_measures", "numba", "bm25s") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} not importable by {sys.executable}: install the project there "
+              "(pip install -e . with a CUDA torch) or run make gpu-check PYTHON=<an interpreter that has them>",
+              file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
