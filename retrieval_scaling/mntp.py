@@ -22,8 +22,8 @@ from .data import Collection
 from .identity import content_hash
 from .precision import AUTO
 from .pretrain import corpus_blocks, lm_head_loss
-from .stage_training import train_stage
-from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
+from .stage_training import LossObjective, train_stage
+from .stages import build_resumable
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,8 @@ def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Pat
 def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection,
                 cache_root: Path, ds_cfg: Mapping[str, Any] | None = None) -> Path:
     out = mntp_dir(cache_root, model_cfg, corpus.name)
-    built = build_once_collective(out, lambda tmp: _train_mntp(model_cfg, backbone_dir, corpus, tmp, out, ds_cfg),
-                                  f"MNTP {model_cfg['name']}")
-    drop_checkpoints(out)
-    return built
-
-
-class MaskedLMObjective(torch.nn.Module):
-    """The MNTP loss of a batch as a module's forward, for the DeepSpeed engine to run."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return masked_lm_loss(self.model, inputs, labels)
+    return build_resumable(out, lambda tmp, ckpt: _train_mntp(model_cfg, backbone_dir, corpus, tmp, ckpt, ds_cfg),
+                           f"MNTP {model_cfg['name']}")
 
 
 def mntp_batch(blocks: torch.Tensor, step: int, seed: int, batch: int, mask_id: int, vocab: int,
@@ -114,10 +101,9 @@ def mntp_batch(blocks: torch.Tensor, step: int, seed: int, batch: int, mask_id: 
 
 
 def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection, out: Path,
-                stage: Path, ds_cfg: Mapping[str, Any] | None) -> None:
+                ckpt_dir: Path, ds_cfg: Mapping[str, Any] | None) -> None:
     import torch.distributed as dist
     from peft import get_peft_model
-    from tqdm import tqdm
 
     recipe = model_cfg["mntp"]
     seed = int(recipe["seed"])
@@ -135,20 +121,13 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))  # linear, no warm-up
     vocab = model.get_input_embeddings().weight.shape[0]
     rate = float(recipe["mask_rate"])
-    start, curve = time.time(), []
-    bar = tqdm(total=steps, desc=f"MNTP {model_cfg['name']}", mininterval=10)
-
-    def on_step(step: int, loss: float) -> None:
-        bar.update(1)
-        if step % 25 == 0 or step == steps - 1:
-            curve.append([step, round(loss, 4)])
-
-    bf16 = train_stage(MaskedLMObjective(model), opt, sched, steps,
-                       lambda step: mntp_batch(blocks, step, seed, batch, mask_id, vocab, rate), batch,
-                       recipe.get("bf16", AUTO), "model.mntp.bf16", checkpoint_dir(stage),
-                       int(recipe.get("checkpoint_every") or 500), ds_cfg=ds_cfg, on_step=on_step,
-                       around_steps=lambda half: lora_inputs_uncast(model, half))
-    bar.close()
+    start = time.time()
+    bf16, curve = train_stage(LossObjective(model, masked_lm_loss), opt, sched, steps,
+                              lambda step: mntp_batch(blocks, step, seed, batch, mask_id, vocab, rate), batch,
+                              recipe.get("bf16", AUTO), "model.mntp.bf16", ckpt_dir,
+                              int(recipe.get("checkpoint_every") or 500), ds_cfg=ds_cfg,
+                              desc=f"MNTP {model_cfg['name']}", curve_every=25,
+                              around_steps=lambda half: lora_inputs_uncast(model, half))
     if dist.get_rank() != 0:
         return
     predicted = sum(int((mntp_batch(blocks, s, seed, batch, mask_id, vocab, rate)[1][:, 1:] != IGNORE).sum())

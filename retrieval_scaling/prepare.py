@@ -23,7 +23,7 @@ import numpy as np
 from .data import Collection, load_training_collection, read_trec_run
 from .errors import ConfigError
 from .identity import content_hash
-from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
+from .stages import build_resumable
 from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
 from .teachers import build_teacher
 
@@ -81,10 +81,7 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     if miner == "run" and not data_cfg["negatives"].get("run"):
         raise ConfigError("data.negatives.miner=run needs data.negatives.run=<TREC run file>.")
     out = training_data_dir(data_cfg, cache_root)
-    built = build_once_collective(out, lambda tmp: _prepare(data_cfg, tmp, checkpoint_dir(out)),
-                                  f"prepare {data_cfg['name']}")
-    drop_checkpoints(out)
-    return built
+    return build_resumable(out, lambda tmp, parts: _prepare(data_cfg, tmp, parts), f"prepare {data_cfg['name']}")
 
 
 # Training queries mined and scored per part: a part is the unit ranks share and a resumed stage skips.

@@ -22,8 +22,8 @@ from .data import Collection
 from .encoders import weight_usable_directly
 from .flops import Architecture
 from .precision import AUTO, use_bf16
-from .stage_training import train_stage
-from .stages import build_once_collective, checkpoint_dir, drop_checkpoints
+from .stage_training import LossObjective, train_stage
+from .stages import build_resumable
 
 log = logging.getLogger(__name__)
 
@@ -123,27 +123,13 @@ def ensure_pretrained(model_cfg: Mapping[str, Any], corpus: Collection, cache_ro
                       ds_cfg: Mapping[str, Any] | None = None) -> Path:
     """The directory of this tiny backbone (HF format, tokenizer included), building it if needed."""
     out = pretrained_dir(cache_root, model_cfg, corpus.name)
-    built = build_once_collective(out, lambda tmp: _pretrain(model_cfg, corpus, tmp, out, ds_cfg),
-                                  f"pretrain {model_cfg['name']}")
-    drop_checkpoints(out)
-    return built
+    return build_resumable(out, lambda tmp, ckpt: _pretrain(model_cfg, corpus, tmp, ckpt, ds_cfg),
+                           f"pretrain {model_cfg['name']}")
 
 
-class CausalLMObjective(torch.nn.Module):
-    """The causal LM loss of a batch as a module's forward, for the DeepSpeed engine to run."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, input_ids)
-
-
-def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, stage: Path,
+def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, ckpt_dir: Path,
               ds_cfg: Mapping[str, Any] | None) -> None:
     import torch.distributed as dist
-    from tqdm import tqdm
     from transformers import LlamaForCausalLM
 
     from .distributed import device
@@ -189,19 +175,11 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, stage
         return (train[torch.randint(0, len(train), (batch,), generator=gen)].long(),)
 
     initial = heldout_loss()
-    start, curve = time.time(), []
-    bar = tqdm(total=steps, desc=f"pretrain {model_cfg['name']}", mininterval=10)
-
-    def on_step(step: int, loss: float) -> None:
-        bar.update(1)
-        if step % 50 == 0 or step == steps - 1:
-            curve.append([step, round(loss, 4)])
-            bar.set_postfix(loss=f"{loss:.3f}")
-
-    bf16 = train_stage(CausalLMObjective(model), opt, sched, steps, batch_at, batch, recipe.get("bf16", AUTO),
-                       "model.pretrain.bf16", checkpoint_dir(stage), int(recipe.get("checkpoint_every") or 500),
-                       grad_clip=1.0, ds_cfg=ds_cfg, on_step=on_step)
-    bar.close()
+    start = time.time()
+    bf16, curve = train_stage(LossObjective(model, causal_lm_loss), opt, sched, steps, batch_at, batch,
+                              recipe.get("bf16", AUTO), "model.pretrain.bf16", ckpt_dir,
+                              int(recipe.get("checkpoint_every") or 500), grad_clip=1.0, ds_cfg=ds_cfg,
+                              desc=f"pretrain {model_cfg['name']}", curve_every=50)
     if dist.get_rank() != 0:
         return
     final = heldout_loss()

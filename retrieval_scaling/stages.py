@@ -106,3 +106,12 @@ def checkpoint_dir(stage_dir: Path) -> Path:
 def drop_checkpoints(stage_dir: Path) -> None:
     """A complete stage's checkpoints are no longer needed."""
     shutil.rmtree(checkpoint_dir(stage_dir), ignore_errors=True)
+
+
+def build_resumable(path: Path, build: Callable[[Path, Path], None], what: str) -> Path:
+    """`build_once_collective` for a stage that keeps checkpoints while it is built: `build(tmp_dir,
+    checkpoint_dir)`; a later attempt finds them, and they are dropped once the stage is complete."""
+    path = Path(path)
+    built = build_once_collective(path, lambda tmp: build(tmp, checkpoint_dir(path)), what)
+    drop_checkpoints(path)
+    return built

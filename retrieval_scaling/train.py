@@ -124,6 +124,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path
 
 
+def resume(engine, ckpt_dir: Path, what: str) -> dict | None:
+    """Load `ckpt_dir`'s latest checkpoint into `engine`; its client state, or None without one."""
+    if latest_checkpoint(ckpt_dir) is None:
+        return None
+    try:
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+    except Exception as exc:  # noqa: BLE001 — any load failure means the same thing to the user
+        raise DataError(f"checkpoint {ckpt_dir} cannot be loaded ({exc}). Delete it to restart {what} from "
+                        "step 0.") from exc
+    return client
+
+
 @contextmanager
 def compiled_layers(encoder: Encoder, on: bool) -> Iterator[None]:
     """Within the block, each decoder layer runs `torch.compile`d (inductor fuses the norms, rotary,
@@ -172,12 +184,8 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=config)
     start, real_tokens = 0, 0  # real: without padding (the budget counts padded tokens: `tokens_seen`)
-    if latest_checkpoint(ckpt_dir) is not None:
-        try:
-            _, client = engine.load_checkpoint(str(ckpt_dir))
-        except Exception as exc:  # noqa: BLE001 — any load failure means the same thing to the user
-            raise DataError(f"checkpoint {ckpt_dir} cannot be loaded ({exc}). Delete it to restart "
-                            "the cell from step 0.") from exc
+    client = resume(engine, ckpt_dir, "the cell")
+    if client is not None:
         start = int(client["step"])
         real_tokens = int(client.get("real_tokens", 0))
         log.info("resumed from checkpoint at step %d", start)
