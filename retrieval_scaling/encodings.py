@@ -31,6 +31,7 @@ from .search import InvertedIndex, to_csr
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 16
+KEY = np.dtype(f"V{KEY_BYTES}")  # a key as one numpy item: sortable, searchable
 # texts, max length in tokens, progress label -> (N, dim) reps: a float32 array, or CSR for sparse ones
 EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
 
@@ -40,8 +41,16 @@ def doc_key(text: str, max_len: int) -> bytes:
     return hashlib.blake2b(f"{max_len}\x00{text}".encode(), digest_size=KEY_BYTES).digest()
 
 
-def shard_name(keys: Sequence[bytes]) -> str:
-    return "shard-" + hashlib.blake2b(b"".join(keys), digest_size=8).hexdigest()
+def shard_name(keys: np.ndarray) -> str:
+    return "shard-" + hashlib.blake2b(np.ascontiguousarray(keys).tobytes(), digest_size=8).hexdigest()
+
+
+def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of `keys` are in `sorted_keys` (both `KEY` arrays)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
 
 
 def barrier() -> None:
@@ -75,7 +84,7 @@ class EncodingStore:
         self.reused_shards = 0
         self.doc_nnz = 0
         self.keys: dict[str, np.ndarray] = {}  # shard name -> its documents' keys, as read so far
-        self.known: set[bytes] = set()
+        self.known = np.empty(0, dtype=KEY)  # every key read so far, sorted
 
     # ---- on disk ----
 
@@ -86,8 +95,9 @@ class EncodingStore:
         return sorted(p.stem for p in self.root.glob("shard-*.npz"))
 
     def read_keys(self, name: str) -> np.ndarray:
+        """A shard's document keys, one `KEY` (16-byte) item each."""
         with np.load(self.shard_path(name)) as z:
-            return z["keys"]
+            return np.ascontiguousarray(z["keys"]).view(KEY).ravel()
 
     def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
         with np.load(self.shard_path(name)) as z:
@@ -95,8 +105,8 @@ class EncodingStore:
                 return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
             return z["reps"]
 
-    def write_shard(self, name: str, keys: Sequence[bytes], reps) -> None:
-        arrays = {"keys": np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)}
+    def write_shard(self, name: str, keys: np.ndarray, reps) -> None:
+        arrays = {"keys": np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), KEY_BYTES)}
         if self.sparse:
             m = to_csr(reps)
             arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
@@ -110,43 +120,48 @@ class EncodingStore:
 
     def ensure(self, texts: Sequence[str], max_len: int, label: str) -> CorpusView:
         """Every distinct text of this corpus encoded (this rank's share of the missing shards), and
-        the corpus's view of the store. Collective: every rank calls it with the same corpus."""
-        keys = [doc_key(t, max_len) for t in texts]
-        first: dict[bytes, int] = {}
+        the corpus's view of the store. Collective: every rank calls it with the same corpus. Keys are
+        kept as sorted arrays, not Python sets: a paper-sized evaluation holds ~35M of them."""
+        keys = np.frombuffer(b"".join(doc_key(t, max_len) for t in texts), dtype=KEY)
+        distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        firsts = first[inverse.ravel()]
+        again = np.flatnonzero(firsts != np.arange(len(keys)))
         repeats: dict[int, list[int]] = {}
-        for pos, key in enumerate(keys):
-            if key in first:
-                repeats.setdefault(first[key], []).append(pos)
-            else:
-                first[key] = pos
+        for pos in again:
+            repeats.setdefault(int(firsts[pos]), []).append(int(pos))
         barrier()  # every rank reads the same store before any writes to it
         self.refresh()
-        missing = [k for k in first if k not in self.known]
+        new_here = ~contains(self.known, distinct)
+        order = np.argsort(first[new_here], kind="stable")  # by corpus position
+        missing_keys, missing_first = distinct[new_here][order], first[new_here][order]
         barrier()
-        plan = [missing[i:i + self.shard_size] for i in range(0, len(missing), self.shard_size)]
+        plan = [slice(i, i + self.shard_size) for i in range(0, len(missing_keys), self.shard_size)]
         log.info("%s: %d documents, %d distinct; %d already encoded, %d to encode in %d shard(s) over %d rank(s)",
-                 label, len(texts), len(first), len(first) - len(missing), len(missing), len(plan), self.world)
-        mine = [(j, chunk) for j, chunk in enumerate(plan) if j % self.world == self.rank]
+                 label, len(texts), len(distinct), len(distinct) - len(missing_keys), len(missing_keys), len(plan),
+                 self.world)
+        mine = [(j, part) for j, part in enumerate(plan) if j % self.world == self.rank]
+        todo = sum(len(missing_keys[part]) for _, part in mine)
         start, done = time.time(), 0
-        for n, (j, chunk) in enumerate(mine, start=1):
-            name = shard_name(chunk)
-            reps = self.encode([texts[first[k]] for k in chunk], max_len, f"{label} shard {j + 1}/{len(plan)}")
-            self.write_shard(name, chunk, reps)
+        for n, (j, part) in enumerate(mine, start=1):
+            chunk = missing_keys[part]
+            reps = self.encode([texts[p] for p in missing_first[part]], max_len, f"{label} shard {j + 1}/{len(plan)}")
+            self.write_shard(shard_name(chunk), chunk, reps)
             self.encoded_docs += len(chunk)
             done += len(chunk)
             rate = done / max(time.time() - start, 1e-9)
             log.info("%s: rank %d encoded shard %d/%d (%d/%d of its documents, %.1f docs/s)", label, self.rank, n,
-                     len(mine), done, sum(len(c) for _, c in mine), rate)
+                     len(mine), done, todo, rate)
         barrier()  # every shard is on disk before anyone searches
         self.refresh()
-        new = {shard_name(chunk) for chunk in plan}
+        new = {shard_name(missing_keys[part]) for part in plan}
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name, stored in self.keys.items():
-            positions = np.array([first.get(r.tobytes(), -1) for r in stored], dtype=np.int64)
-            inside = np.flatnonzero(positions >= 0)
+            at = np.minimum(np.searchsorted(distinct, stored), len(distinct) - 1)
+            inside = np.flatnonzero(distinct[at] == stored)
             if len(inside):
-                order = inside[np.argsort(positions[inside], kind="stable")]
-                rows[name] = (order, positions[order])
+                positions = first[at[inside]]
+                by_position = np.argsort(positions, kind="stable")
+                rows[name] = (inside[by_position], positions[by_position].astype(np.int64))
         reused = len(set(rows) - new)
         self.reused_shards += reused
         log.info("%s: %d shard(s) hold its documents, %d of them reused from before", label, len(rows), reused)
@@ -154,10 +169,13 @@ class EncodingStore:
 
     def refresh(self) -> None:
         """Read the keys of shards this process has not seen yet (other ranks', an earlier attempt's)."""
+        fresh = []
         for name in self.shard_names():
             if name not in self.keys:
                 self.keys[name] = self.read_keys(name)
-                self.known.update(r.tobytes() for r in self.keys[name])
+                fresh.append(self.keys[name])
+        if fresh:
+            self.known = np.sort(np.concatenate([self.known, *fresh]))
 
     # ---- search ----
 
