@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigError
 from .flops import Architecture
 from .identity import content_hash
+from .stages import recipe_key
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ PRETRAIN_VERSION = 2
 
 def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
     """Where the tiny backbone for this (architecture, pretraining recipe, corpus) lives."""
-    recipe = {k: v for k, v in model_cfg["pretrain"].items() if k != "checkpoint_every"}
-    key = content_hash({"arch": model_cfg["arch"], "pretrain": recipe, "corpus": corpus,
+    key = content_hash({"arch": model_cfg["arch"], "pretrain": recipe_key(model_cfg["pretrain"]), "corpus": corpus,
                         "code": PRETRAIN_VERSION})
     return Path(cache_root) / "backbones" / f"{model_cfg['name']}-{corpus}-{key}"
 

@@ -292,7 +292,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     from hydra.utils import instantiate
 
     from .data import load_training_collection
-    from .distributed import any_rank, init_distributed, world_size
+    from .distributed import any_rank, barrier, init_distributed, world_size
     from .evaluate import EVAL_RUNTIME_KEYS, encoder_retriever, evaluate_all, inference_encoder
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import holding_lock, is_built, write_stage
@@ -369,7 +369,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
                     Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
     if rank == 0:
         save_trainable(encoder, out / FINAL)
-    any_rank(False)  # the final weights are on disk before any rank fingerprints them
+    barrier()  # the final weights are on disk before any rank fingerprints them
     after = evaluate_now(out / "eval" / f"final-{file_hash(out / FINAL)}", out / "runs")
     if rank != 0:
         return {}
@@ -378,4 +378,3 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
         run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)
     return after
-

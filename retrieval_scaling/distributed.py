@@ -80,6 +80,14 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def barrier() -> None:
+    """Every rank waits here until all have come (a no-op on one rank)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any."""
     if world_size() == 1:

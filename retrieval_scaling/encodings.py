@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
+from .distributed import barrier
 from .search import InvertedIndex, to_csr
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,6 @@ def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
         return np.zeros(len(keys), dtype=bool)
     at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return sorted_keys[at] == keys
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .identity import content_hash
 from .precision import AUTO
 from .pretrain import corpus_blocks, lm_head_loss
 from .stage_training import LossObjective, train_stage
-from .stages import build_resumable
+from .stages import build_resumable, recipe_key
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ MNTP_VERSION = 2
 
 def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
     model = {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")}
-    model["mntp"] = {k: v for k, v in model["mntp"].items() if k != "checkpoint_every"}
+    model["mntp"] = recipe_key(model["mntp"])
     if isinstance(model.get("pretrain"), Mapping):
-        model["pretrain"] = {k: v for k, v in model["pretrain"].items() if k != "checkpoint_every"}
+        model["pretrain"] = recipe_key(model["pretrain"])
     key = content_hash({"model": model, "corpus": corpus, "code": MNTP_VERSION})
     return Path(cache_root) / "mntp" / f"{model_cfg['name']}-{corpus}-{key}"
 

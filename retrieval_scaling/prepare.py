@@ -94,7 +94,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
     scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
     from tqdm import tqdm
 
-    from .distributed import any_rank, launched_ranks
+    from .distributed import barrier, launched_ranks
     from .search import top_k_rows
 
     rank, world = launched_ranks()
@@ -135,7 +135,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
         tmp = parts_dir / f".part-{start:09d}.tmp-{os.getpid()}"
         tmp.write_text("".join(f"{r}\n" for r in rows))
         os.replace(tmp, parts_dir / f"part-{start:09d}.jsonl")
-    any_rank(False)  # every part is on disk before rank 0 joins them
+    barrier()  # every part is on disk before rank 0 joins them
     if rank != 0:
         return
     lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order

@@ -11,13 +11,21 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
+# Recipe keys that change how a stage is built (how often it checkpoints), not what: kept out of its cache key.
+STAGE_RUNTIME_KEYS = ("checkpoint_every",)
+
+
+def recipe_key(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage recipe as its cache key sees it."""
+    return {k: v for k, v in recipe.items() if k not in STAGE_RUNTIME_KEYS}
 
 
 def is_built(path: Path) -> bool:
@@ -73,7 +81,7 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
     on rank 0 alone (into the directory renamed into place; the other ranks get a scratch one)."""
     import tempfile
 
-    from .distributed import any_rank, init_distributed, launched_ranks
+    from .distributed import any_rank, barrier, init_distributed, launched_ranks
 
     path = Path(path)
     if launched_ranks()[1] == 1:
@@ -92,7 +100,7 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
                 build(scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-    any_rank(False)  # the stage is in place before any rank reads it
+    barrier()  # the stage is in place before any rank reads it
     return path
 
 
