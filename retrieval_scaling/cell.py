@@ -9,20 +9,20 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .cli import setup_logging
 from .faults import Faults
 from .identity import cell_id, content_hash, file_hash
+from .layout import DONE, read_done, write_json
 from .plan import plan_cell
 
 log = logging.getLogger(__name__)
 
-DONE = "DONE"
 # Not logged as params: Hydra's own node, and the tracking URI (a server URI may carry credentials).
 NOT_PARAMS = ("hydra", "tracking")
 
@@ -33,11 +33,6 @@ def cell_dir(cfg: Mapping[str, Any]) -> Path:
 
 def is_done(cfg: Mapping[str, Any]) -> bool:
     return (cell_dir(cfg) / DONE).is_file()
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 class Terminated(Exception):
@@ -123,7 +118,26 @@ def write_process_info(out: Path, attempt: int) -> None:
     """`process.json`: where this attempt runs (to find, debug or kill it)."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": slurm_job_id(), "attempt": attempt,
             "started_at": time.time()}
-    (out / "process.json").write_text(json.dumps(info, indent=2))
+    write_json(out / "process.json", info)
+
+
+def cell_tags(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """A cell run's tags: its axes, its sweep, a readable run name."""
+    from .tracking import AXES
+
+    tags = {axis: cfg[axis]["name"] for axis in AXES}
+    return {**tags, "sweep": cfg["sweep"]["name"], "run_name": f"{tags['model']}-{tags['paradigm']}-{tags['loss']}"}
+
+
+def cell_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """A cell run's params: its resolved config, flattened, less NOT_PARAMS."""
+    from .tracking import flatten
+
+    return flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS})
+
+
+PLAN_PARAMS = ("flops_per_step", "flops_budget", "budget_match", "steps", "flops_total", "hardware_flops_per_step",
+               "tokens_per_step", "params_total", "params_trainable", "params_non_embedding", "flops_convention")
 
 
 def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
@@ -133,7 +147,7 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     from .distributed import configure_threads, device, launched_ranks
     from .precision import resolved as resolved_precision
     from .requeue import REQUEUE
-    from .tracking import AXES, CellRun, flatten, tracking_uri
+    from .tracking import CellRun, tracking_uri
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"]))
@@ -143,7 +157,7 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     if (out / DONE).is_file():
         log.info("cell %s is done already", cid)
-        return json.loads((out / DONE).read_text())["metrics"]
+        return read_done(out / DONE)["metrics"]
     signal.signal(signal.SIGTERM, _on_sigterm)
     if rank != 0:
         _run_stages(cfg, cid, out, NullRun(), rank)
@@ -152,11 +166,8 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
 
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     sweep = cfg["sweep"]
-    tags = {axis: cfg[axis]["name"] for axis in AXES}
-    tags.update(sweep=sweep["name"], run_name=f"{tags['model']}-{tags['paradigm']}-{tags['loss']}")
     uri = tracking_uri(cfg["tracking"], sweep["root"])
-    run = CellRun(uri, sweep["name"], cfg["tracking"]["artifacts"],
-                  cid, tags, flatten({k: v for k, v in cfg.items() if k not in NOT_PARAMS}),
+    run = CellRun(uri, sweep["name"], cfg["tracking"]["artifacts"], cid, cell_tags(cfg), cell_params(cfg),
                   # per attempt: a resubmitted cell may run on another kind of node
                   attempt_tags={"slurm_job_id": slurm_job_id() or "", **resolved_precision(cfg, device())})
     write_process_info(out, run.attempt)
@@ -171,8 +182,7 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
         else:  # SIGTERM (scancel) → KILLED; an exception or exit → FAILED
             run.finish("KILLED" if isinstance(exc, Terminated) else "FAILED")
         raise
-    (out / DONE).write_text(json.dumps({"cell_id": cid, "run_id": run.run_id, "metrics": metrics,
-                                        "finished_at": time.time()}, indent=2))
+    write_json(out / DONE, {"cell_id": cid, "run_id": run.run_id, "metrics": metrics, "finished_at": time.time()})
     run.finish("FINISHED")
     return metrics
 
@@ -291,7 +301,7 @@ def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
     from hydra.utils import instantiate
 
-    from .data import load_training_collection
+    from .data import data_fingerprint, load_training_collection
     from .distributed import any_rank, barrier, init_distributed, world_size
     from .evaluate import EVAL_RUNTIME_KEYS, encoder_retriever, evaluate_all, inference_encoder
     from .prepare import ensure_training_data, load_examples, load_passages
@@ -300,9 +310,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     init_distributed()
     plan = plan_cell(cfg)
-    run.log_params({k: plan[k] for k in ("flops_per_step", "flops_budget", "budget_match", "steps", "flops_total",
-                                          "hardware_flops_per_step", "tokens_per_step", "params_total",
-                                          "params_trainable", "params_non_embedding", "flops_convention")})
+    run.log_params({k: plan[k] for k in PLAN_PARAMS})
     cache = Path(cfg["sweep"]["cache_dir"])
     data_cfg, model_cfg, eval_cfg = cfg["data"], cfg["model"], cfg["eval"]
 
@@ -338,7 +346,10 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result. Rank 0 holds the step-0 lock; all ranks evaluate if needed.
     key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
-                        "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS}})
+                        "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
+                        # the test sets' files, not only their names: another data root may hold other ones
+                        "files": {name: data_fingerprint(spec, eval_cfg["root"])
+                                  for name, spec in eval_cfg["collections"].items()}})
     step0_dir = cache / "step0-evals" / key
     with holding_lock(step0_dir, rank == 0):
         if any_rank(rank == 0 and not is_built(step0_dir)):

@@ -200,25 +200,22 @@ def log_to_parent(uri: str, sweep: str, files: Sequence[Path]) -> str | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .cell import setup_logging
-    from .errors import UserError
-    from .status import key_value_args
+    from .cli import run_verb
+
+    return run_verb(lambda: fit(argv))
+
+
+def fit(argv: Sequence[str]) -> int:
+    from .cli import key_value_args
+    from .config_checks import check_number
     from .tracking import tracking_uri
 
-    setup_logging()
-    try:
-        args = key_value_args(argv, DEFAULTS, USAGE)
-    except SystemExit as exc:  # this verb's usage errors exit 2, as the sweep's do
-        print(exc, file=sys.stderr)
-        return 2
+    args = key_value_args(argv, DEFAULTS, USAGE)
     root = Path(args["root"] or os.environ.get("RS_SWEEPS_DIR", "sweeps"))
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, root)
-    try:
-        result = write_curves(uri, args["sweep"], args["metric"], root / args["sweep"] / "curves",
-                              int(args["bootstrap"]), int(args["seed"]))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = write_curves(uri, args["sweep"], args["metric"], root / args["sweep"] / "curves",
+                          check_number("bootstrap", args["bootstrap"], int, 0, False),
+                          check_number("seed", args["seed"], int, 0, False))
     parent = log_to_parent(uri, args["sweep"], result["files"])
     print((root / args["sweep"] / "curves" / "summary.md").read_text())
     where = f"logged to parent run {parent}" if parent else "no parent run to log to"

@@ -13,12 +13,13 @@ judgement, or a judgement naming an unknown query or document fails with the fil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import DataError
 
@@ -57,27 +58,38 @@ def collection_dir(root: str | os.PathLike | None, name: str) -> Path:
     return path
 
 
+def text_lines(path: Path, opener: Callable[..., IO[bytes]] = open) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, decoded a line at a time so that a bad byte is reported
+    with its file and line."""
+    with opener(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}). "
+                                "Re-encode the file as UTF-8 or fix that line.") from None
+
+
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict]:
     """Rows of a JSONL file keyed by `_id`; a broken line, a missing field or a duplicate id fails
     with the file and line number."""
     rows: dict[str, dict] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: broken JSON line ({exc.msg}). Fix or remove it.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-            missing = [f for f in ("_id", *fields) if f not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {missing}.")
-            doc_id = str(row["_id"])
-            if doc_id in rows:
-                raise DataError(f"{path}:{lineno}: duplicate id '{doc_id}'.")
-            rows[doc_id] = row
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: broken JSON line ({exc.msg}). Fix or remove it.") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+        missing = [f for f in ("_id", *fields) if f not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field(s) {missing}.")
+        doc_id = str(row["_id"])
+        if doc_id in rows:
+            raise DataError(f"{path}:{lineno}: duplicate id '{doc_id}'.")
+        rows[doc_id] = row
     if not rows:
         raise DataError(f"{path}: no rows.")
     return rows
@@ -99,22 +111,21 @@ def _read_judgements(path: Path, sep: str | None, cols: tuple[int, int, int], sh
         raise DataError(f"Qrels file {path} does not exist: check the collection's split or qrels path.")
     qrels: dict[str, dict[str, int]] = {}
     width = max(cols) + 1
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            parts = line.rstrip("\n").split(sep)
-            if not line.strip() or (lineno == 1 and parts[0] == "query-id"):
-                continue
-            if len(parts) != width:
-                raise DataError(f"{path}:{lineno}: expected {shape}, got {len(parts)} column(s).")
-            qid, did, score = (parts[c] for c in cols)
-            try:
-                rel = int(float(score))
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: relevance '{score}' is not a number.") from None
-            judged = qrels.setdefault(qid, {})
-            if did in judged:
-                raise DataError(f"{path}:{lineno}: duplicate judgement of document '{did}' for query '{qid}'.")
-            judged[did] = rel
+    for lineno, line in text_lines(path):
+        parts = line.rstrip("\n").split(sep)
+        if not line.strip() or (lineno == 1 and parts[0] == "query-id"):
+            continue
+        if len(parts) != width:
+            raise DataError(f"{path}:{lineno}: expected {shape}, got {len(parts)} column(s).")
+        qid, did, score = (parts[c] for c in cols)
+        try:
+            rel = int(float(score))
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: relevance '{score}' is not a number.") from None
+        judged = qrels.setdefault(qid, {})
+        if did in judged:
+            raise DataError(f"{path}:{lineno}: duplicate judgement of document '{did}' for query '{qid}'.")
+        judged[did] = rel
     if not qrels:
         raise DataError(f"{path}: no judgements.")
     return qrels
@@ -126,17 +137,16 @@ def read_trec_topics(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise DataError(f"Topics file {path} does not exist.")
     topics: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 2:
-                raise DataError(f"{path}:{lineno}: expected 'qid<TAB>text', got {len(parts)} tab-separated "
-                                "field(s).")
-            if parts[0] in topics:
-                raise DataError(f"{path}:{lineno}: duplicate query id '{parts[0]}'.")
-            topics[parts[0]] = parts[1].strip()
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected 'qid<TAB>text', got {len(parts)} tab-separated "
+                            "field(s).")
+        if parts[0] in topics:
+            raise DataError(f"{path}:{lineno}: duplicate query id '{parts[0]}'.")
+        topics[parts[0]] = parts[1].strip()
     if not topics:
         raise DataError(f"{path}: no topics.")
     return topics
@@ -153,14 +163,13 @@ def read_corpus(path: Path) -> dict[str, str]:
     if path.suffix == ".jsonl":
         return {d: f"{r.get('title') or ''} {r['text']}".strip() for d, r in read_jsonl(path, ("text",)).items()}
     corpus: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) not in (2, 3):
-                raise DataError(f"{path}:{lineno}: expected 'pid<TAB>text[<TAB>title]', got {len(parts)} field(s).")
-            if parts[0] in corpus:
-                raise DataError(f"{path}:{lineno}: duplicate id '{parts[0]}'.")
-            corpus[parts[0]] = f"{parts[2] if len(parts) == 3 else ''} {parts[1]}".strip()
+    for lineno, line in text_lines(path):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) not in (2, 3):
+            raise DataError(f"{path}:{lineno}: expected 'pid<TAB>text[<TAB>title]', got {len(parts)} field(s).")
+        if parts[0] in corpus:
+            raise DataError(f"{path}:{lineno}: duplicate id '{parts[0]}'.")
+        corpus[parts[0]] = f"{parts[2] if len(parts) == 3 else ''} {parts[1]}".strip()
     if not corpus:
         raise DataError(f"{path}: no documents.")
     return corpus
@@ -295,16 +304,56 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, list[str]]:
         raise DataError(f"Run file {path} does not exist (data.negatives.run).")
     opener = gzip.open if path.suffix == ".gz" else open
     hits: dict[str, list[tuple[float, int, str]]] = {}
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 6:
-                raise DataError(f"{path}:{lineno}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}.")
-            try:
-                rank, score = int(parts[3]), float(parts[4])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: rank '{parts[3]}' or score '{parts[4]}' is not a number.") from None
-            hits.setdefault(parts[0], []).append((-score, rank, parts[2]))
+    for lineno, line in text_lines(path, opener):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise DataError(f"{path}:{lineno}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}.")
+        try:
+            rank, score = int(parts[3]), float(parts[4])
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: rank '{parts[3]}' or score '{parts[4]}' is not a number.") from None
+        hits.setdefault(parts[0], []).append((-score, rank, parts[2]))
     return {q: [d for *_, d in sorted(h)] for q, h in hits.items()}
+
+
+FINGERPRINT_SPAN = 1 << 20
+
+
+def file_fingerprint(path: Path) -> str:
+    """A file's size and a hash of its first and last MiB: changes when the file is replaced or edited
+    (a new split, more queries), read in two seeks however big the corpus is."""
+    stat = path.stat()
+    return _fingerprint(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001 — mtime: a changed file is read again
+    import hashlib
+
+    digest = hashlib.blake2b(str(size).encode(), digest_size=8)
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_SPAN))
+        if size > FINGERPRINT_SPAN:
+            f.seek(max(FINGERPRINT_SPAN, size - FINGERPRINT_SPAN))
+            digest.update(f.read(FINGERPRINT_SPAN))
+    return digest.hexdigest()
+
+
+def source_files(spec: Mapping[str, Any], root: str | os.PathLike | None) -> dict[str, Path]:
+    """role → file, for the files a collection spec reads from disk (none for an ir_datasets id: the id
+    names its data, which ir_datasets verifies)."""
+    source = spec.get("source", "beir")
+    if source == "beir":
+        base = Path(spec["path"]) if spec.get("path") else collection_dir(root, spec.get("dir") or spec["name"])
+        return {"corpus": base / "corpus.jsonl", "queries": base / "queries.jsonl",
+                "qrels": base / "qrels" / f"{spec['split']}.tsv"}
+    if source == "trec":
+        return {k: Path(spec[k]) for k in ("topics", "qrels", "corpus") if spec.get(k)}
+    return {}
+
+
+def data_fingerprint(spec: Mapping[str, Any], root: str | os.PathLike | None) -> dict[str, str]:
+    """role → fingerprint of the files a collection spec reads: for the cache keys of work done on them."""
+    return {role: file_fingerprint(p) for role, p in source_files(spec, root).items() if p.is_file()}

@@ -266,8 +266,9 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     from omegaconf import OmegaConf
 
     from .cell import DONE, load_trained_encoder
+    from .layout import cell_path
 
-    out = Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "cells" / cell
+    out = cell_path(cfg["sweep"]["root"], cfg["sweep"]["name"], cell)
     if not (out / DONE).is_file():
         raise UserError(f"cell {cell} of sweep {cfg['sweep']['name']} is not finished ({out}/{DONE} is missing): "
                         "run or resubmit the sweep first, or check sweep.name / RS_SWEEPS_DIR.")
@@ -337,12 +338,15 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_verb
+
+    return run_verb(lambda: evaluate_verb(sys.argv[1:] if argv is None else argv))
+
+
+def evaluate_verb(argv: Sequence[str]) -> int:
     import tempfile
 
-    from .cell import setup_logging
-
-    setup_logging()
-    cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    cfg = compose_config(argv)
     cell, baseline = cfg.get("cell"), cfg.get("baseline")
     if (cell is None) == (baseline is None):
         raise ConfigError("evaluate needs one of cell=<cell_id> or baseline=bm25|sbert.")
@@ -375,8 +379,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

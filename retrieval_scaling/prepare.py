@@ -66,9 +66,13 @@ class BM25Index:
 
 
 def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
+    from .data import data_fingerprint, training_spec
+
     teacher = {k: v for k, v in data_cfg["teacher"].items() if k not in TEACHER_RUNTIME_KEYS}
     key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
-                        "teacher": teacher})
+                        "teacher": teacher,
+                        # other files under the same name (another data root, a new split) are other data
+                        "files": data_fingerprint(training_spec(data_cfg), data_cfg.get("root"))})
     return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"
 
 

@@ -167,7 +167,8 @@ def local_order(jobs: Sequence[Job], params: Mapping[str, float]) -> list[Job]:
 
 
 def run_stages_job(cfg: Mapping[str, Any]) -> None:
-    from .cell import deepspeed_config, ensure_backbone, setup_logging
+    from .cell import deepspeed_config, ensure_backbone
+    from .cli import setup_logging
     from .distributed import configure_threads, init_distributed
     from .prepare import ensure_training_data
 
@@ -224,12 +225,16 @@ def _exit_if_succeeded(result_pickle: Path) -> None:
 
 def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger: Ledger,
                    axes: Mapping[str, Mapping[str, str]],
-                   on_cell_failed: Callable[[str], Any] = lambda cell: None) -> dict[str, str]:
+                   on_cell_failed: Callable[[str], Any] = lambda cell: None,
+                   earlier: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
     """Run jobs as local submitit processes, at most `max_parallel` at once, each free worker taking the
     first job in `jobs`' order whose stages job (`needs`) has ended, as SLURM's afterok would let it.
     A cell whose stages job failed still runs: it tries to build them itself and fails with the cause in
-    its own log and run. Returns job name → COMPLETED / FAILED."""
+    its own log and run. `earlier`: ledger attempts of jobs an earlier sweep process started, which hold
+    a worker while they live. Returns job name → COMPLETED / FAILED."""
     import submitit
+
+    from . import local_jobs
 
     threads = str(launcher_cfg["threads_per_job"] or 1)
     cap = launcher_cfg.get("max_parallel") or (os.cpu_count() or 1) // int(threads)
@@ -237,7 +242,8 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
     os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     queue, running, outcome, ended_stages = list(jobs), [], {}, set()
     while queue or running:
-        while len(running) < cap:
+        earlier = [a for a in earlier if local_jobs.alive(a["job_id"], a)]
+        while len(running) + len(earlier) < cap:
             job = next((j for j in queue if j.needs is None or j.needs in ended_stages), None)
             if job is None:
                 break
@@ -247,7 +253,8 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
             job.handle = executor.submit(JobCall(job.fn, *job.args))
             log.info("started %s (job %s)", job.name, job.handle.job_id)
             if job.cell:
-                ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell], "local")
+                ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell], "local",
+                                 **local_jobs.identity(int(job.handle.job_id)))
             running.append(job)
         time.sleep(0.25)  # a finished job frees its worker within a quarter second
         for job in [j for j in running if j.handle.done()]:
@@ -310,96 +317,150 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
     return arrays
 
 
+def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, Any]],
+               states: Mapping[str, Mapping[str, Any]], plan_path: Path, totals: Mapping[str, float]) -> None:
+    """The dry run's table and the study's GPU-hours."""
+    from .status import RESUBMIT, print_table
+
+    first, sweep = cfgs[0], cfgs[0]["sweep"]
+    todo = [p for p in plans if states[p["cell_id"]]["state"] in RESUBMIT]
+    rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
+             "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
+             "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
+             "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
+             "mntp_gpu_h": f"{p['mntp_gpu_hours']:.4g}", "eval_gpu_h": f"{p['eval_gpu_hours']:.4g}"
+             + ("*" if p["eval_unpriced"] else ""),
+             "state": states[p["cell_id"]]["state"],
+             "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
+    print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
+                            f"{totals['total_gpu_hours']:.4g} GPU-hours on {first['planner']['accelerator']} "
+                            f"at {first['planner']['utilization']:.0%} of peak)",
+                columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params",
+                         "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
+                         "mntp_gpu_h", "eval_gpu_h", "state", "action"))
+    unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
+    print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
+          f"MNTP {totals['mntp_gpu_hours']:.4g}, training {totals['train_gpu_hours']:.4g}, evaluation "
+          f"{totals['eval_gpu_hours']:.4g}, total {totals['total_gpu_hours']:.4g}"
+          + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
+    print(f"plan written to {plan_path} (dry run: nothing submitted)")
+
+
+def end_stale(ledger: Ledger, cells: Sequence[str]) -> None:
+    """End the last job of each STALE cell the way its launcher can: scancel on SLURM, SIGKILL of
+    the process tree for a local job still on this host (a PID is never passed to scancel)."""
+    from . import local_jobs, slurm
+
+    last = {c: ledger.cells[c]["attempts"][-1] for c in cells if ledger.cells.get(c, {}).get("attempts")}
+    slurm.cancel([a["job_id"] for a in last.values() if a.get("launcher") == "slurm" and a.get("job_id")])
+    for cell, attempt in last.items():
+        if attempt.get("launcher") == "local" and attempt.get("job_id") and local_jobs.kill(attempt["job_id"], attempt):
+            log.warning("cell %s: killed its stalled local job %s", cell, attempt["job_id"])
+
+
+def live_local_attempts(ledger: Ledger) -> list[dict[str, Any]]:
+    """Local attempts whose process still runs: earlier sweeps' jobs that keep using a worker."""
+    from . import local_jobs
+
+    attempts = [e["attempts"][-1] for e in ledger.cells.values() if e.get("attempts")]
+    return [a for a in attempts if a.get("launcher") == "local" and a.get("state") == "SUBMITTED"
+            and local_jobs.alive(a.get("job_id"), a)]
+
+
 def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     """Plan; then (unless dry run) submit every cell that is not DONE, RUNNING or PENDING. Locally,
-    wait for them (exit 0 when all are done, 1 otherwise); on SLURM, return once submitted."""
+    wait for them (exit 0 when all are done, 1 otherwise); on SLURM, return once submitted.
+    Deciding and submitting happen under the sweep's lock, and a local sweep records the cells it will
+    run as QUEUED before it lets go: a second sweep of the same name, started at the same time, sees
+    them taken and runs none of them again."""
+    from . import local_jobs
+    from .config_checks import check_cell
+    from .credentials import redact
+    from .stages import holding_lock
     from .status import RESUBMIT, print_table, sweep_rows
+    from .tracking import close_run, fail_if_running, hide_secret, open_parent_run, tracking_uri
 
+    for cfg in cfgs:
+        check_cell(cfg)
     cfgs = [normalise_paths(c) for c in cfgs]
     first = cfgs[0]
     sweep, launcher = first["sweep"], first["launcher"]
-    if launcher["name"] not in ("local", "slurm"):
-        raise ConfigError(f"launcher.name={launcher['name']!r}: expected local or slurm")
     plans = plan_sweep(cfgs)
     from .pricing import price_study
 
-    totals = price_study(cfgs, plans)
-    plan_path = write_plan(cfgs, plans)
-    from .tracking import tracking_uri
-
+    totals = price_study(cfgs, plans)  # each plan gets its GPU-hours, written into plan.json
     uri = tracking_uri(first["tracking"], sweep["root"])
-    states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))}
-    todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
+    for cfg in cfgs:  # jobs' configs, pickles and artifacts hold the URI without its secret
+        if cfg["tracking"].get("uri"):
+            cfg["tracking"]["uri"] = hide_secret(uri)
+    stale_after = float(sweep["stale_after_s"])
+    base = sweep_dir(first)
+
+    def decide() -> tuple[Path, dict[str, dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
+        plan_path = write_plan(cfgs, plans)
+        states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, stale_after)}
+        todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
+        return plan_path, states, todo
+
     if sweep["dry_run"]:
-        rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
-                 "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
-                 "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
-                 "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
-                 "mntp_gpu_h": f"{p['mntp_gpu_hours']:.4g}", "eval_gpu_h": f"{p['eval_gpu_hours']:.4g}"
-                 + ("*" if p["eval_unpriced"] else ""),
-                 "state": states[p["cell_id"]]["state"],
-                 "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
-        print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
-                                f"{totals['total_gpu_hours']:.4g} GPU-hours on {first['planner']['accelerator']} "
-                                f"at {first['planner']['utilization']:.0%} of peak)",
-                    columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params",
-                             "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
-                             "mntp_gpu_h", "eval_gpu_h", "state", "action"))
-        unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
-        print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
-              f"MNTP {totals['mntp_gpu_hours']:.4g}, training {totals['train_gpu_hours']:.4g}, evaluation "
-              f"{totals['eval_gpu_hours']:.4g}, total {totals['total_gpu_hours']:.4g}"
-              + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
-        print(f"plan written to {plan_path} (dry run: nothing submitted)")
+        with holding_lock(base / "dispatch"):
+            plan_path, states, _ = decide()
+        print_plan(cfgs, plans, states, plan_path, totals)
         return 0
     check_inputs(cfgs)
-
-    from .tracking import close_run, fail_if_running, open_parent_run
-
     axes_values = {axis: sorted({p[axis] for p in plans}) for axis in ("model", "paradigm", "loss")}
+    with holding_lock(base / "dispatch"):
+        plan_path = write_plan(cfgs, plans)
     parent = open_parent_run(uri, sweep["name"], first["tracking"]["artifacts"],
                              {**{f"grid.{k}": ",".join(v) for k, v in axes_values.items()},
                               "grid.cells": len(plans), "budget.flops": first["budget"]["flops"],
                               "budget.match": first["budget"].get("match")},
                              [plan_path])
     try:
-        log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
-        ledger = Ledger(sweep_dir(first) / "ledger.json")
-        if todo:
-            from . import slurm
+        from .relog import relog_sweep
 
-            stale = [states[p["cell_id"]] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"]
-            slurm.cancel([r["job_id"] for r in stale if r["job_state"] and r["job_id"]])
-            for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
-                fail_if_running(uri, sweep["name"], plan["cell_id"])
-            jobs = stage_jobs([c for c, _ in todo], sweep_dir(first) / "stages")
-            pending_stages = {j.stage for j in jobs}
-            axes, cfg_of = {}, {}
-            for cfg, plan in todo:
-                axes[plan["cell_id"]] = {k: plan[k] for k in ("model", "paradigm", "loss")}
-                cfg_of[plan["cell_id"]] = cfg
-                needs = stage_key(stage_targets(cfg))
-                jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                                run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"],
-                                needs=needs if needs in pending_stages else None))
-            if launcher["name"] == "slurm":
-                arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, sweep_dir(first) / "slurm", sweep["name"])
-                print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
-                      f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same command")
+        relog_sweep(sweep["root"], sweep["name"], uri, first["tracking"]["artifacts"])
+        ledger = Ledger(base / "ledger.json")
+        with holding_lock(base / "dispatch"):  # two sweeps of one name decide one after the other
+            _, states, todo = decide()
+            log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
+            jobs: list[Job] = []
+            axes = {p["cell_id"]: {k: p[k] for k in ("model", "paradigm", "loss")} for _, p in todo}
+            if todo:
+                end_stale(ledger, [p["cell_id"] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"])
+                for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
+                    fail_if_running(uri, sweep["name"], plan["cell_id"])
+                jobs = stage_jobs([c for c, _ in todo], base / "stages")
+                pending_stages = {j.stage for j in jobs}
+                cfg_of = {p["cell_id"]: c for c, p in todo}
+                for cfg, plan in todo:
+                    needs = stage_key(stage_targets(cfg))
+                    jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
+                                    run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"],
+                                    needs=needs if needs in pending_stages else None))
+                if launcher["name"] == "slurm":
+                    arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, base / "slurm", sweep["name"])
+                    print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
+                          f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same "
+                          "command")
+                else:
+                    me = {"pid": os.getpid(), **local_jobs.identity(os.getpid())}
+                    for cell in axes:
+                        ledger.queued(cell, axes[cell], owner=me)
             else:
-                jobs = local_order(jobs, {p["model"]: p["params_total"] for p in plans})
-                dispatch_local(jobs, launcher, ledger, axes,
-                               on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell))
-        else:
-            print("nothing to submit: every cell is done, running or pending")
+                print("nothing to submit: every cell is done, running or pending")
+        if todo and launcher["name"] == "local":
+            dispatch_local(local_order(jobs, {p["model"]: p["params_total"] for p in plans}), launcher, ledger, axes,
+                           on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell),
+                           earlier=live_local_attempts(ledger))
     except BaseException:
         close_run(uri, parent, "FAILED")
         raise
     close_run(uri, parent)  # reopened by the next invocation (resubmission, widened grid)
-    rows = sweep_rows(sweep["name"], sweep["root"], uri, float(sweep["stale_after_s"]))
+    rows = sweep_rows(sweep["name"], sweep["root"], uri, stale_after)
     print_table(rows, title=f"sweep '{sweep['name']}'")
-    print(f"results: {sweep_dir(first)}  ·  MLflow store: {uri}  ·  UI: make ui "
-          f"(mlflow ui --backend-store-uri {uri})")
+    print(f"results: {base}  ·  MLflow store: {redact(uri)}  ·  UI: make ui "
+          f"(mlflow ui --backend-store-uri {redact(uri)})")
     if launcher["name"] == "slurm":
         return 0
     return 0 if all(r["state"] == "DONE" for r in rows) else 1

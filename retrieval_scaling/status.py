@@ -13,14 +13,16 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 HEADLINE = "ndcg_10"
 STATES = ("DONE", "RUNNING", "PENDING", "FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
 # What a second `sweep` submits again; never DONE, RUNNING or PENDING.
 RESUBMIT = ("FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
 STALE_AFTER_S = 600.0
+STATUS_RETRY_S = 10
 
 
 def reconcile(done: bool, job_state: str | None, run_status: str | None, heartbeat_age: float | None,
@@ -47,14 +49,18 @@ def reconcile(done: bool, job_state: str | None, run_status: str | None, heartbe
 
 
 def _local_job_state(attempt: Mapping[str, Any]) -> str | None:
-    """A local attempt: the ledger's outcome, or whether its process still lives."""
+    """A local attempt: the ledger's outcome; else PENDING while the sweep that queued it lives,
+    RUNNING while its process lives, FAILED once that process is gone without an outcome (killed
+    with its sweep, OOM, reboot); None when this host cannot tell (another machine's process)."""
+    from . import local_jobs
+
     if attempt.get("state") in ("COMPLETED", "FAILED"):
         return attempt["state"]
-    try:
-        os.kill(int(attempt["job_id"]), 0)
-    except (OSError, ValueError):
-        return None
-    return "RUNNING"
+    if attempt.get("state") == "QUEUED":
+        owner = attempt.get("owner") or {}
+        return "PENDING" if local_jobs.alive(owner.get("pid"), owner) else None
+    live = local_jobs.alive(attempt.get("job_id"), attempt)
+    return None if live is None else "RUNNING" if live else "FAILED"
 
 
 def job_states(ledger: Mapping[str, Any]) -> dict[str, str | None]:
@@ -77,14 +83,16 @@ def job_states(ledger: Mapping[str, Any]) -> dict[str, str | None]:
 
 def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
                stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
+    from .layout import read_done, read_json, sweep_dir
     from .ledger import Ledger
     from .tracking import cell_runs, store_exists
 
-    base = Path(root) / sweep
+    base = sweep_dir(root, sweep)
     plan_path = base / "plan.json"
     if not plan_path.is_file():
-        raise FileNotFoundError(f"no sweep '{sweep}' under {root} (no {plan_path})")
-    plans = json.loads(plan_path.read_text())
+        raise UserError(f"no sweep '{sweep}' under {root} (no {plan_path}); pass root=<sweeps dir> or sweep=<a name "
+                        "that `ls` shows there>")
+    plans = read_json(plan_path, "rerun the sweep's command with sweep.dry_run=true to write it again")
     ledger = Ledger(base / "ledger.json").cells
     jobs = job_states(ledger)
     runs = cell_runs(uri, sweep) if store_exists(uri) else {}
@@ -97,7 +105,7 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
         run = runs.get(cid)
         metrics = dict(run.data.metrics) if run else {}
         if done_path.is_file():
-            metrics.update(json.loads(done_path.read_text())["metrics"])
+            metrics.update(read_done(done_path)["metrics"])
         beat = metrics.pop("heartbeat", None)
         age = now - beat if beat else None
         state = reconcile(done_path.is_file(), jobs.get(cid), run.info.status if run else None, age, stale_after)
@@ -106,7 +114,8 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
             "state": state, "job_id": attempts[-1]["job_id"] if attempts else None,
             "job_state": jobs.get(cid), "run_status": run.info.status if run else None,
             "attempt": int(run.data.tags.get("attempt", 0)) if run else 0, "submissions": len(attempts),
-            "flops_spent": metrics.get("flops_spent", 0.0), "flops_budget": plan["flops_budget"],
+            "flops_spent": metrics.get("flops_spent", plan["flops_total"] if state == "DONE" else 0.0),
+            "flops_budget": plan["flops_budget"],
             "flops_total": plan["flops_total"], "heartbeat_age_s": None if age is None else round(age, 1),
             "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")},
         })
@@ -154,35 +163,35 @@ USAGE = ("usage: python -m retrieval_scaling.status sweep=<name> [format=table|j
          "[uri=<mlflow uri>] [stale_after=<seconds>]")
 
 
-def key_value_args(argv: Sequence[str], defaults: Mapping[str, str | None], usage: str) -> dict[str, str]:
-    """`key=value` arguments over `defaults` (the verbs take them as Hydra would); `sweep` is required.
-    An unknown key or a missing sweep exits with `usage`."""
-    args = dict(defaults)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in args:
-            raise SystemExit(f"{usage} (got {item!r})")
-        args[key] = value
-    if not args.get("sweep"):
-        raise SystemExit(f"{usage} (sweep=<name> is required)")
-    return args
-
-
 def parse_args(argv: Sequence[str]) -> dict[str, str]:
+    from .cli import key_value_args
+
     return key_value_args(argv, {"sweep": None, "format": "table", "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"),
-                                 "uri": None, "stale_after": str(STALE_AFTER_S)}, USAGE)
+                                 "uri": None, "stale_after": str(STALE_AFTER_S)}, USAGE,
+                          choices={"format": ("table", "json")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .tracking import tracking_uri
+    from .cli import run_verb
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_verb(lambda: show(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+def show(args: Mapping[str, str]) -> int:
+    from .config_checks import check_number
+    from .credentials import redact
+    from .tracking import RETRY_ENV, tracking_uri
+
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
-    try:
-        rows = sweep_rows(args["sweep"], args["root"], uri, float(args["stale_after"]))
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    stale_after = check_number("stale_after", args["stale_after"], float, 1.0, False)
+    os.environ.setdefault(RETRY_ENV, str(STATUS_RETRY_S))  # status answers, or says why, within seconds
+    rows = sweep_rows(args["sweep"], args["root"], uri, stale_after)
+    lost = [r["cell_id"] for r in rows if r["state"] == "DONE" and r["run_status"] is None]
+    if lost:
+        print(f"warning: {len(lost)} DONE cell(s) have no run in the tracking store {redact(uri)} (deleted, or "
+              f"another store): {', '.join(lost[:8])}{' …' if len(lost) > 8 else ''}. Log them again from their "
+              f"directories with `python -m retrieval_scaling.relog sweep={args['sweep']}` (a sweep run does too)",
+              file=sys.stderr)
     if args["format"] == "json":
         keys = ("cell_id", "model", "paradigm", "loss", "state", "flops_spent", "flops_budget", "flops_total",
                 "metrics", "job_id", "job_state", "run_status", "attempt", "submissions", "heartbeat_age_s")

@@ -8,44 +8,59 @@ command runs the one cell the overrides describe. `sweep.dry_run=true` writes th
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
+from .errors import ConfigError
 
 EXIT: dict[str, int] = {}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Single-run mode (no grid): the same scheduler with one cell."""
+    """Single-run mode (no grid): the same checks and scheduler as a grid, with one cell."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     from .budget import resolve_budget
+    from .config_checks import check_cell
     from .scheduler import run_sweep
 
     cell = OmegaConf.to_container(cfg, resolve=True)
+    check_cell(cell)
     overrides = list(HydraConfig.get().overrides.task)
     resolve_budget(cell, overrides, lambda ov: OmegaConf.to_container(compose("config", overrides=ov), resolve=True))
     EXIT["code"] = run_sweep([cell])
 
 
-def cli() -> int:
-    from .cell import setup_logging
+def hydra_errors() -> tuple[type[BaseException], ...]:
+    """What Hydra and OmegaConf raise for a bad override or config choice: the user's input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    setup_logging()
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return HydraException, OmegaConfBaseException
+
+
+def run() -> int | None:
     try:
         main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except hydra_errors() as exc:
+        raise ConfigError(f"{exc} (see `--help` for the config groups and their options)") from None
     from hydra_plugins.retrieval_scaling_launcher import OUTCOME
 
     return EXIT.get("code", OUTCOME.get("exit_code", 0))
+
+
+def cli() -> int:
+    from .cli import run_verb
+
+    # Hydra's own reporting (a traceback, exit 1) gives way to the verbs' one error path.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return run_verb(run)
 
 
 if __name__ == "__main__":

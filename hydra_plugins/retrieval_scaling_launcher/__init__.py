@@ -5,7 +5,6 @@ and cannot plan, skip done cells, or cap concurrency)."""
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -67,7 +66,7 @@ class CellLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from retrieval_scaling.budget import resolve_budget
-        from retrieval_scaling.errors import UserError
+        from retrieval_scaling.config_checks import check_cell
         from retrieval_scaling.scheduler import run_sweep
 
         composer = Composer(self.hydra_context.config_loader, self.config)
@@ -79,16 +78,13 @@ class CellLauncher(Launcher):
                 matched[key] = composer.cell(list(overrides))
             return matched[key]
 
-        try:
-            cfgs = []
-            for overrides in job_overrides:
-                cfg = composer.cell(overrides)
-                resolve_budget(cfg, list(overrides), compose_matched)
-                cfgs.append(cfg)
-            OUTCOME["exit_code"] = run_sweep(cfgs)
-        except UserError as exc:  # bad input: one clear line, no traceback, nothing submitted
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+        cfgs = []  # a UserError goes up to the verb's one error line (retrieval_scaling.cli)
+        for overrides in job_overrides:
+            cfg = composer.cell(overrides)
+            check_cell(cfg)
+            resolve_budget(cfg, list(overrides), compose_matched)
+            cfgs.append(cfg)
+        OUTCOME["exit_code"] = run_sweep(cfgs)
         returns = []
         for idx, overrides in enumerate(job_overrides):
             ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)
