@@ -298,12 +298,25 @@ def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
     return encoder.eval(), tokenizer
 
 
+def step0_key(cfg: Mapping[str, Any]) -> str:
+    """The step-0 evaluation's cache key: what decides a (backbone, paradigm)'s untrained scores."""
+    from .data import data_fingerprint
+    from .evaluate import EVAL_RUNTIME_KEYS
+
+    eval_cfg = cfg["eval"]
+    return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
+                         "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
+                         # the test sets' files, not only their names: another data root may hold other ones
+                         "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
+                                   for name, spec in eval_cfg["collections"].items()}})
+
+
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
     from hydra.utils import instantiate
 
-    from .data import data_fingerprint, load_training_collection
+    from .data import load_training_collection
     from .distributed import any_rank, barrier, init_distributed, world_size
-    from .evaluate import EVAL_RUNTIME_KEYS, encoder_retriever, evaluate_all, inference_encoder
+    from .evaluate import encoder_retriever, evaluate_all, inference_encoder
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import holding_lock, is_built, write_stage
     from .train import BatchSampler, train
@@ -345,11 +358,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result. Rank 0 holds the step-0 lock; all ranks evaluate if needed.
-    key = content_hash({"model": model_cfg, "paradigm": cfg["paradigm"]["name"], "data": data_cfg["name"],
-                        "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
-                        # the test sets' files, not only their names: another data root may hold other ones
-                        "files": {name: data_fingerprint(spec, eval_cfg["root"])
-                                  for name, spec in eval_cfg["collections"].items()}})
+    key = step0_key(cfg)
     step0_dir = cache / "step0-evals" / key
     with holding_lock(step0_dir, rank == 0):
         if any_rank(rank == 0 and not is_built(step0_dir)):

@@ -184,7 +184,7 @@ def show(args: Mapping[str, str]) -> int:
 
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
     stale_after = check_number("stale_after", args["stale_after"], float, 1.0, False)
-    os.environ.setdefault(RETRY_ENV, str(STATUS_RETRY_S))  # status answers, or says why, within seconds
+    os.environ[RETRY_ENV] = os.environ.get(RETRY_ENV) or str(STATUS_RETRY_S)  # an answer, or why not, in seconds
     rows = sweep_rows(args["sweep"], args["root"], uri, stale_after)
     lost = [r["cell_id"] for r in rows if r["state"] == "DONE" and r["run_status"] is None]
     if lost:

@@ -14,9 +14,10 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 EXIT: dict[str, int] = {}
+ERROR: list[UserError] = []
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -30,10 +31,14 @@ def main(cfg: DictConfig) -> None:
     from .scheduler import run_sweep
 
     cell = OmegaConf.to_container(cfg, resolve=True)
-    check_cell(cell)
     overrides = list(HydraConfig.get().overrides.task)
-    resolve_budget(cell, overrides, lambda ov: OmegaConf.to_container(compose("config", overrides=ov), resolve=True))
-    EXIT["code"] = run_sweep([cell])
+    try:
+        check_cell(cell)
+        resolve_budget(cell, overrides, lambda ov: OmegaConf.to_container(compose("config", overrides=ov),
+                                                                          resolve=True))
+        EXIT["code"] = run_sweep([cell])
+    except UserError as exc:  # raised out of here, Hydra would print its own line about the job first
+        ERROR.append(exc)
 
 
 def hydra_errors() -> tuple[type[BaseException], ...]:
@@ -49,6 +54,8 @@ def run() -> int | None:
         main()
     except hydra_errors() as exc:
         raise ConfigError(f"{exc} (see `--help` for the config groups and their options)") from None
+    if ERROR:
+        raise ERROR[0]
     from hydra_plugins.retrieval_scaling_launcher import OUTCOME
 
     return EXIT.get("code", OUTCOME.get("exit_code", 0))

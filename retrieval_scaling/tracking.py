@@ -89,8 +89,8 @@ def store_exists(uri: str) -> bool:
 
 
 # Failures worth waiting out: a server restarting or overloaded, a database busy or out of connections.
-TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR")
-TRANSIENT_TEXT = ("QueuePool limit", "database is locked", "Max retries exceeded", "Connection refused",
+TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+TRANSIENT_TEXT = ("QueuePool limit", "failed with exception", "database is locked", "Max retries exceeded", "Connection refused",
                   "could not connect", "timed out", "server closed the connection", "Connection reset",
                   "too many clients", "503", "502", "504")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -18,12 +19,22 @@ OUTCOME: dict[str, int] = {}
 
 
 class CellSweeper(BasicSweeper):
-    """Hydra's basic sweeper without its up-front composition of every job: CellLauncher composes
+    """Hydra's basic sweeper without its up-front composition of every job (CellLauncher composes
     each job itself, in the same process and before anything runs, so a bad override still stops
-    the sweep first — and composing twice made a 1,008-cell plan take minutes."""
+    the sweep first — and composing twice made a 1,008-cell plan take minutes), and without its
+    `multirun.yaml`: written before any check, it went wherever `sweep.name` pointed and held the
+    command line's values, a tracking URI's password among them. plan.json and MLflow keep the configs."""
 
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        pass
+    def sweep(self, arguments: list[str]) -> Any:
+        params = [*self._parse_config(), *arguments]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        returns, first = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            returns.append(self.launcher.launch(batch, initial_job_idx=first))
+            first += len(batch)
+        return returns
 
 
 class Composer:
