@@ -19,6 +19,8 @@ from .credentials import MASK, redact
 from .errors import UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow prints "View run … at: <host>" with the host as given, a URI's password included.
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 # MLflow's own HTTP retries (7, doubling: ~4 silent minutes) give way to `retrying`'s, which are bounded
 # by RETRY_ENV and say what they are waiting for.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

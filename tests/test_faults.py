@@ -307,8 +307,8 @@ def stalled(env, name: str, cell: str) -> bool:
     return cell not in json.loads(faults.read_text())  # consumed as the stall began
 
 
-def status_row(env, name: str) -> dict:
-    proc = run_cli("status", f"sweep={name}", "format=json", env_extra=env)
+def status_row(env, name: str, *args: str) -> dict:
+    proc = run_cli("status", f"sweep={name}", "format=json", *args, env_extra=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(proc.stdout)
     return row
@@ -362,7 +362,7 @@ def test_orphaned_jobs_hold_their_cells_and_a_hung_one_is_killed_not_scancelled(
     job = [int(attempt["job_id"]), *local_jobs.descendants(int(attempt["job_id"]))]
     for pid in job:
         os.kill(pid, signal.SIGSTOP)  # hung: no progress, no heartbeat
-    wait_until(lambda: status_row(sweeps, "hung")["state"] == "STALE", 60, "the cell to go STALE")
+    wait_until(lambda: status_row(sweeps, "hung", "stale_after=5")["state"] == "STALE", 60, "the cell to go STALE")
     env = {**sweeps, "PATH": "/usr/bin:/bin"}  # a login node with SLURM tools would have scancel here
     again = run_cli("sweep", *CELL, "sweep.name=hung", "sweep.stale_after_s=5", env_extra=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
