@@ -51,8 +51,10 @@ demo: setup
 smoke-real: setup
 	$(PY) -m retrieval_scaling.sweep +grid=smoke_real
 
-test: setup
-	$(PY) -m pytest -x -q --timeout=1500 --durations=15
+test: setup  # lint, then the fast tests, then the slow ones: the cheap checks fail first
+	$(VENV)/bin/ruff check retrieval_scaling hydra_plugins tests bench
+	$(PY) -m pytest -x -q -m "not slow" --timeout=1500
+	$(PY) -m pytest -x -q -m slow --timeout=1500 --durations=15
 
 # Benchmarks: each prints one JSON object (also under bench/results/), ratios measured in one run.
 bench: setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -92,18 +93,18 @@ def store_exists(uri: str) -> bool:
 
 # Failures worth waiting out: a server restarting or overloaded, a database busy or out of connections.
 TRANSIENT_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-TRANSIENT_TEXT = ("QueuePool limit", "failed with exception", "database is locked", "Max retries exceeded", "Connection refused",
-                  "could not connect", "timed out", "server closed the connection", "Connection reset",
-                  "too many clients", "503", "502", "504")
+TRANSIENT_TEXT = re.compile(
+    r"QueuePool limit|API request to .* failed with exception|database is locked|Max retries exceeded|"
+    r"Connection refused|Connection reset|could not connect|timed out|server closed the connection|"
+    r"too many clients|failed with error code 50[234]")
 
 
 def is_transient(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
-    text = str(exc)
     if isinstance(exc, MlflowException) and exc.error_code in TRANSIENT_CODES:
         return True
-    return isinstance(exc, (MlflowException, OSError)) and any(t in text for t in TRANSIENT_TEXT)
+    return isinstance(exc, (MlflowException, OSError)) and TRANSIENT_TEXT.search(str(exc)) is not None
 
 
 def retry_budget_s() -> float:
@@ -143,7 +144,8 @@ class RetryingClient:
     def __init__(self, uri: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.inner = uri, MlflowClient(tracking_uri=uri)
+        with _store_lock(uri):  # opening a SQLite store migrates its schema: one process at a time
+            self.uri, self.inner = uri, MlflowClient(tracking_uri=uri)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -176,8 +178,8 @@ def _store_lock(uri: str) -> Iterator[None]:
 def ensure_experiment(uri: str, name: str, artifacts: str | os.PathLike) -> str:
     """Create the store and the experiment once, before cells fan out (concurrent first use of a
     fresh SQLite store races on schema migration): under a lock, so that concurrent sweeps may too."""
+    c = client(uri)
     with _store_lock(uri):
-        c = client(uri)
         exp = c.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id

@@ -163,7 +163,6 @@ def test_a_tracking_server_that_stays_down_ends_in_one_clear_error_after_the_bud
 
 def test_a_bad_request_is_not_retried():
     from mlflow.exceptions import MlflowException
-
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     call = Flaky(1, MlflowException("Invalid value for metric", error_code=INVALID_PARAMETER_VALUE))
@@ -278,11 +277,35 @@ CELL = ["model=tiny_s", "paradigm=dense", "loss=cl", "budget.flops=3e11", "model
         "log.system_metrics_s=0", SUBSET]
 
 
+STARTED: list[subprocess.Popen] = []
+ORPHANS: list[int] = []  # jobs whose sweep was killed
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """A failed test leaves no sweep or job running (a stopped job holds a GB)."""
+    from retrieval_scaling import local_jobs
+
+    yield
+    roots = [p.pid for p in STARTED] + ORPHANS
+    for pid in [q for root in roots for q in (*local_jobs.descendants(root), root)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for proc in STARTED:
+        proc.wait()
+    STARTED.clear()
+    ORPHANS.clear()
+
+
 def start_sweep(env, *args, log: Path) -> subprocess.Popen:
     """A sweep in a process group of its own (as a terminal or a batch script starts it)."""
-    return subprocess.Popen([sys.executable, "-m", "retrieval_scaling.sweep", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval_scaling.sweep", *args], cwd=ROOT,
                             env={**os.environ, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    STARTED.append(proc)
+    return proc
 
 
 def prepare_stall(env, name: str, at_step: int) -> str:
@@ -360,6 +383,7 @@ def test_orphaned_jobs_hold_their_cells_and_a_hung_one_is_killed_not_scancelled(
     assert "nothing to submit" in rerun.stdout, rerun.stdout[-3000:]  # the orphan still holds its cell
 
     job = [int(attempt["job_id"]), *local_jobs.descendants(int(attempt["job_id"]))]
+    ORPHANS.append(job[0])
     for pid in job:
         os.kill(pid, signal.SIGSTOP)  # hung: no progress, no heartbeat
     wait_until(lambda: status_row(sweeps, "hung", "stale_after=5")["state"] == "STALE", 60, "the cell to go STALE")
