@@ -48,8 +48,7 @@ def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation
     """The encoder as evaluation runs it, built on a copy so that training state is untouched: LoRA
     merged into the weights it adapts (no adapter matmuls, scale and add per layer and batch), every
     weight in `dtype` (bf16: no per-batch casts of weights, a half-width residual stream; `auto`: bf16
-    where the encoder's device has it natively, see `precision`) and the inference attention kernel.
-    tiny_l's corpus encoding, one thread, on a CPU with AMX: 129 → 319 docs/s."""
+    where the encoder's device has it natively, see `precision`) and the inference attention kernel."""
     from peft import PeftModel
 
     torch_dtype = weight_dtype(dtype, next(encoder.parameters()).device, "eval.dtype")

@@ -1,9 +1,8 @@
 """Which floating-point format a stage computes in: bf16 where the device computes it natively.
 
 The paper trains in bf16 on A100s, and a CPU with AMX or AVX-512 runs bf16 matmuls as fast as fp32 or
-faster (AMX: ~8x). A CPU without them has no bf16 kernel: measured on one of this project's 2-core
-machines (AMD EPYC, AVX2), bf16 matmuls ran at 1.2 GFLOP/s against fp32's 82, and a tiny cell's step
-20x slower than in fp32. So each bf16 switch (`train.bf16`, `model.pretrain.bf16`, `model.mntp.bf16`)
+faster. A CPU without them has no bf16 kernel, and bf16 there is many times slower than fp32. So each
+bf16 switch (`train.bf16`, `model.pretrain.bf16`, `model.mntp.bf16`)
 takes `auto`, resolved on the machine that runs the stage, not where the sweep is planned; `true` and
 `false` force it. `eval.dtype: auto` is bfloat16 or float32 by the same rule. The choice changes
 numerics, not what a cell is: a cell's identity keeps the setting (`auto`), its run records the choice
