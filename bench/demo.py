@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from record import write_result  # bench/ is on sys.path when a script runs
 
 from retrieval_scaling.precision import bf16_native
 
@@ -132,8 +133,7 @@ def main() -> None:
                       for k in ("setup_and_step0_eval_s", "train_s", "final_eval_s", "total_s")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import write_result  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -81,8 +83,7 @@ def main() -> int:
                                              "result": scale and scale["evaluation"]}
     summary["ok"] = all(c["ok"] for c in summary["checks"].values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    write_result(args.out, summary)
     return 0 if summary["ok"] else 1
 
 

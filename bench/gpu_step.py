@@ -17,10 +17,11 @@ the script). Prints one JSON object. Target: MFU ≥ 0.45 on an H100 (issue 8).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from record import write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -141,8 +142,7 @@ def main() -> None:
               "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "profile_top_ops": top_ops}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import write_result  # bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,8 +77,7 @@ def main() -> None:
         jobs = sorted({j.split("_")[0] for j in [*cell_jobs, *stage_jobs]})
         subprocess.run(["scancel", *jobs], env=env, check=False)  # the benchmark measures submission only
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

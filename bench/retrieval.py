@@ -13,7 +13,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from record import write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -140,8 +140,7 @@ def main() -> None:
                                            "smollm2_135m/sparse/cl")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

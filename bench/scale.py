@@ -19,33 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from record import write_result  # bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VOCAB = 128_256  # Llama-3's
 WORDS = 50_000  # synthetic word types
-
-
-def provenance() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit.strip(), "cpu": cpu,
-            "gpu": gpu, "threads": torch.get_num_threads()}
 
 
 def peak_rss_gb() -> float:
@@ -195,7 +183,7 @@ def main() -> None:
         paradigm, docs = args.child[0], int(args.child[1])
         print(json.dumps(eval_child(paradigm, docs, args.shard_size, docs == min(args.docs))))
         return
-    result = {**provenance(), "evaluation": [], "rss_growth": {}}
+    result = {"evaluation": [], "rss_growth": {}}
     for paradigm in ("sparse", "dense"):
         for docs in args.docs:
             child = ["--child", paradigm, str(docs), "--shard-size", str(args.shard_size),
@@ -210,8 +198,7 @@ def main() -> None:
     if args.search_docs:
         result["sparse_search"] = sparse_search(args.search_docs, args.search_queries, args.scipy_sample, 1000)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ changes). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from record import write_result  # bench/ is on sys.path when a script runs
 
 from retrieval_scaling.precision import use_bf16
 
@@ -290,8 +291,7 @@ def main() -> None:
               "peak_bf16_matmul_flops": peak_bf16, "bf16_autocast": BF16,
               "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
