@@ -65,7 +65,7 @@ def encoding_throughput(case: str, docs: int = 256, length: int = 128, batch: in
     sys.path.insert(0, str(ROOT / "bench"))
     from train_step import case_config
 
-    from retrieval_scaling.evaluate import inference_encoder
+    from retrieval_scaling.evaluation import inference_encoder
     from retrieval_scaling.flopcheck import RandomStep
 
     step = RandomStep(case_config(case), queries=1, passages_per_query=1)
@@ -87,7 +87,7 @@ def main() -> None:
 
     from retrieval_scaling.cell import load_trained_encoder
     from retrieval_scaling.data import load_collection
-    from retrieval_scaling.evaluate import encode_texts, inference_encoder
+    from retrieval_scaling.evaluation import encode_texts, inference_encoder
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense, to_csr
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -91,7 +91,7 @@ def eval_child(paradigm: str, n_docs: int, shard_size: int, check: bool) -> dict
 
     from retrieval_scaling.data import Collection
     from retrieval_scaling.distributed import configure_threads
-    from retrieval_scaling.evaluate import encoder_retriever, inference_encoder
+    from retrieval_scaling.evaluation import encoder_retriever, inference_encoder
     from retrieval_scaling.search import brute_force_sparse, top_k_rows
 
     configure_threads(torch.get_num_threads())

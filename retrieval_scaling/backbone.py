@@ -14,8 +14,6 @@ from typing import Any
 
 from .errors import ConfigError
 from .flops import Architecture
-from .identity import content_hash
-from .stages import recipe_key
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +52,6 @@ def llama_config(arch: Architecture, **extra: Any):
                        intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
                        num_attention_heads=arch.num_attention_heads, num_key_value_heads=arch.num_key_value_heads,
                        head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings, **extra)
-
-
-# Bumped when pretraining's code changes what it builds, so that cached backbones of older code are not reused.
-PRETRAIN_VERSION = 2
-
-
-def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
-    """Where the tiny backbone for this (architecture, pretraining recipe, corpus) lives."""
-    key = content_hash({"arch": model_cfg["arch"], "pretrain": recipe_key(model_cfg["pretrain"]), "corpus": corpus,
-                        "code": PRETRAIN_VERSION})
-    return Path(cache_root) / "backbones" / f"{model_cfg['name']}-{corpus}-{key}"
 
 
 def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):

@@ -17,22 +17,14 @@ from typing import Any
 
 from .cli import setup_logging
 from .faults import Faults
-from .identity import cell_id, content_hash, file_hash
-from .layout import DONE, read_done, write_json
+from .identity import cell_id, file_hash
+from .layout import DONE, FINAL, cell_dir, faults_path, read_done, write_json, write_via
 from .plan import plan_cell
 
 log = logging.getLogger(__name__)
 
 # Not logged as params: Hydra's own node, and the tracking URI (a server URI may carry credentials).
 NOT_PARAMS = ("hydra", "tracking")
-
-
-def cell_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "cells" / cell_id(cfg)
-
-
-def is_done(cfg: Mapping[str, Any]) -> bool:
-    return (cell_dir(cfg) / DONE).is_file()
 
 
 class Terminated(Exception):
@@ -216,9 +208,7 @@ def ensure_backbone(model_cfg: Mapping[str, Any], corpus, cache: Path,
 
 def stage_dirs(model_cfg: Mapping[str, Any], corpus: str, cache: Path) -> tuple[Path | None, Path | None]:
     """Where `ensure_backbone` put this backbone's stages (None where it has none); built or not."""
-    from .backbone import pretrained_dir
-    from .gguf import converted_dir
-    from .mntp import mntp_dir
+    from .layout import converted_dir, mntp_dir, pretrained_dir
 
     source = model_cfg.get("source")
     local_dir = (pretrained_dir(cache, model_cfg, corpus) if source == "pretrain"
@@ -251,7 +241,6 @@ def build_cell_encoder(cfg: Mapping[str, Any], local_dir: Path | None, adapter: 
     return build_encoder(cfg["paradigm"]["name"], backbone).to(device()), tokenizer
 
 
-FINAL = "final/trainable.safetensors"  # the trained parameters (LoRA, trained embeddings) of a DONE cell
 
 
 def save_trainable(encoder, path: Path) -> None:
@@ -261,9 +250,7 @@ def save_trainable(encoder, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().float().cpu().contiguous() for n, p in encoder.named_parameters() if p.requires_grad}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    write_via(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
@@ -298,25 +285,13 @@ def load_trained_encoder(cell_cfg: Mapping[str, Any], out: Path):
     return encoder.eval(), tokenizer
 
 
-def step0_key(cfg: Mapping[str, Any]) -> str:
-    """The step-0 evaluation's cache key: what decides a (backbone, paradigm)'s untrained scores."""
-    from .data import data_fingerprint
-    from .evaluate import EVAL_RUNTIME_KEYS
-
-    eval_cfg = cfg["eval"]
-    return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
-                         "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
-                         # the test sets' files, not only their names: another data root may hold other ones
-                         "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
-                                   for name, spec in eval_cfg["collections"].items()}})
-
-
 def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from .data import load_training_collection
     from .distributed import any_rank, barrier, init_distributed, world_size
-    from .evaluate import encoder_retriever, evaluate_all, inference_encoder
+    from .evaluation import encoder_retriever, evaluate_all, inference_encoder
+    from .layout import step0_dir
     from .prepare import ensure_training_data, load_examples, load_passages
     from .stages import holding_lock, is_built, write_stage
     from .train import BatchSampler, train
@@ -358,15 +333,14 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
 
     # At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
     # evaluate it once and share the result. Rank 0 holds the step-0 lock; all ranks evaluate if needed.
-    key = step0_key(cfg)
-    step0_dir = cache / "step0-evals" / key
-    with holding_lock(step0_dir, rank == 0):
-        if any_rank(rank == 0 and not is_built(step0_dir)):
-            computed = evaluate_now(out / "eval" / f"step0-{key}")
+    shared = step0_dir(cfg)
+    with holding_lock(shared, rank == 0):
+        if any_rank(rank == 0 and not is_built(shared)):
+            computed = evaluate_now(out / "eval" / f"step0-{shared.name}")
             if rank == 0:
-                write_stage(step0_dir, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))
+                write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))
     if rank == 0:
-        before = json.loads((step0_dir / "metrics.json").read_text())
+        before = json.loads((shared / "metrics.json").read_text())
         run.log_metrics(before, step=0)
         log.info("step 0: %s", before)
 
@@ -386,7 +360,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     encoder = train(encoder, loss_fn, sampler, plan["steps"], plan["flops_per_step"], plan["tokens_per_step"],
                     cfg["train"], cfg["paradigm"], deepspeed_config(cfg), out / "checkpoints",
                     int(cfg["log"]["every"]), run.log_metrics,
-                    Faults(Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"] / "faults.json", cid))
+                    Faults(faults_path(cfg["sweep"]["root"], cfg["sweep"]["name"]), cid))
     if rank == 0:
         save_trainable(encoder, out / FINAL)
     barrier()  # the final weights are on disk before any rank fingerprints them

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 from scipy import sparse
 
 from .distributed import barrier
+from .layout import write_via
 from .search import InvertedIndex, to_csr
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class EncodingStore:
             arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
         else:
             arrays["reps"] = np.ascontiguousarray(reps, dtype=np.float32)
-        tmp = self.root / f".{name}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.shard_path(name))
+        write_via(self.shard_path(name), lambda tmp: np.savez(tmp, **arrays))
 
     # ---- encoding ----
 
@@ -190,9 +188,7 @@ class EncodingStore:
             return pad_top_k(scores, positions, k)
         scratch.mkdir(parents=True, exist_ok=True)
         part = scratch / f"{view.label.replace('/', '_')}.rank{self.rank}.npz"
-        tmp = part.with_name(f".{part.name}.tmp.npz")
-        np.savez(tmp, scores=scores, positions=positions, doc_nnz=np.array(self.doc_nnz))
-        os.replace(tmp, part)
+        write_via(part, lambda tmp: np.savez(tmp, scores=scores, positions=positions, doc_nnz=np.array(self.doc_nnz)))
         barrier()
         if self.rank != 0:
             barrier()

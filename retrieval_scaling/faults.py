@@ -12,11 +12,11 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .layout import write_json
 from .requeue import REQUEUE
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ class Faults:
             fcntl.flock(lock, fcntl.LOCK_EX)
             faults = json.loads(self.path.read_text())
             faults.pop(self.cell, None)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(faults, indent=2))
-            os.replace(tmp, self.path)
+            write_json(self.path, faults)
         self.fault = None
 
     def at_step(self, step: int) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .identity import content_hash
 from .stages import build_once
 
 log = logging.getLogger(__name__)
@@ -39,13 +38,10 @@ def gguf_location(spec: Mapping[str, Any]) -> tuple[Path, str]:
     return directory, name
 
 
-def converted_dir(cache_root: Path, model_cfg: Mapping[str, Any]) -> Path:
-    key = content_hash({"gguf": model_cfg["gguf"]})
-    return Path(cache_root) / "backbones" / f"{model_cfg['name']}-gguf-{key}"
-
-
 def ensure_converted(model_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     """The cached HF directory of the model's GGUF file (built on first use)."""
+    from .layout import converted_dir
+
     return build_once(converted_dir(cache_root, model_cfg), lambda tmp: convert(model_cfg["gguf"], tmp),
                       f"convert {model_cfg['name']} from GGUF")
 

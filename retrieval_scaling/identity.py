@@ -13,8 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
-
+# How a teacher batches, caches and computes: its scores do not change with them.
+TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size", "bf16")
+# How an evaluation runs, not its results.
+EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings")
+# How a shared stage (pretraining, MNTP) runs, not what it builds.
+STAGE_RUNTIME_KEYS = ("checkpoint_every",)
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "eval.batch_size", "eval.keep_encodings",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,30 @@ def cell_path(root: str | os.PathLike, name: str, cell: str) -> Path:
     return sweep_dir(root, name) / "cells" / check_cell_id(cell)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole: a temporary file beside it, flushed, then renamed over it."""
+def write_via(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` into a temporary sibling of `path` (same suffix: numpy and safetensors keep it), then
+    rename it over `path`: a reader, a crash or a second writer never sees half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
-        with os.fdopen(fd, "w") as f:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` written to `path` whole (flushed to disk before the rename)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_via(path, write)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -75,3 +86,102 @@ def read_json(path: Path, fix: str) -> Any:
 def read_done(path: Path) -> Mapping[str, Any]:
     """A cell's DONE marker: the metrics its evaluation ended with."""
     return read_json(path, "delete it and resubmit the cell, which then re-evaluates from its final checkpoint")
+
+
+# --- the sweep's files ------------------------------------------------------------------------------
+
+def plan_path(root: str | os.PathLike, name: str) -> Path:
+    return sweep_dir(root, name) / "plan.json"
+
+
+def ledger_path(root: str | os.PathLike, name: str) -> Path:
+    return sweep_dir(root, name) / "ledger.json"
+
+
+def faults_path(root: str | os.PathLike, name: str) -> Path:
+    return sweep_dir(root, name) / "faults.json"
+
+
+def cell_dir(cfg: Mapping[str, Any]) -> Path:
+    """A cell's directory, from its config: `<sweep.root>/<sweep.name>/cells/<cell_id>`."""
+    from .identity import cell_id
+
+    return cell_path(cfg["sweep"]["root"], cfg["sweep"]["name"], cell_id(cfg))
+
+
+FINAL = "final/trainable.safetensors"  # a finished cell's trained parameters (LoRA, trained embeddings)
+
+
+# --- shared stages under sweep.cache_dir ------------------------------------------------------------
+# Each stage's key holds what decides its content: its config (less the keys that only say how it runs),
+# the content of the files it reads, and the version of the code that builds it. Bump a version when
+# a change to that code changes what the stage contains, so that cached copies are built again.
+STAGE_VERSIONS = {"training_data": 2, "pretrain": 2, "mntp": 2, "gguf": 1, "step0": 2}
+
+
+def recipe_key(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage recipe as its cache key sees it."""
+    from .identity import STAGE_RUNTIME_KEYS
+
+    return {k: v for k, v in recipe.items() if k not in STAGE_RUNTIME_KEYS}
+
+
+def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
+    """Mined negatives and teacher scores of a training collection."""
+    from .data import data_fingerprint, training_spec
+    from .identity import TEACHER_RUNTIME_KEYS, content_hash
+
+    teacher = {k: v for k, v in data_cfg["teacher"].items() if k not in TEACHER_RUNTIME_KEYS}
+    key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
+                        "teacher": teacher,
+                        # other files under the same name (another data root, a new split) are other data
+                        "files": data_fingerprint(training_spec(data_cfg), data_cfg.get("root")),
+                        "code": STAGE_VERSIONS["training_data"]})
+    return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"
+
+
+def pretrained_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
+    """A tiny backbone pretrained for this (architecture, pretraining recipe, corpus)."""
+    from .identity import content_hash
+
+    key = content_hash({"arch": model_cfg["arch"], "pretrain": recipe_key(model_cfg["pretrain"]), "corpus": corpus,
+                        "code": STAGE_VERSIONS["pretrain"]})
+    return Path(cache_root) / "backbones" / f"{model_cfg['name']}-{corpus}-{key}"
+
+
+def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
+    """A backbone's MNTP adapter."""
+    from .identity import content_hash
+
+    model = {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")}
+    model["mntp"] = recipe_key(model["mntp"])
+    if isinstance(model.get("pretrain"), Mapping):
+        model["pretrain"] = recipe_key(model["pretrain"])
+    key = content_hash({"model": model, "corpus": corpus, "code": STAGE_VERSIONS["mntp"]})
+    return Path(cache_root) / "mntp" / f"{model_cfg['name']}-{corpus}-{key}"
+
+
+def converted_dir(cache_root: Path, model_cfg: Mapping[str, Any]) -> Path:
+    """A GGUF backbone converted to a Hugging Face directory."""
+    from .identity import content_hash
+
+    key = content_hash({"gguf": model_cfg["gguf"], "code": STAGE_VERSIONS["gguf"]})
+    return Path(cache_root) / "backbones" / f"{model_cfg['name']}-gguf-{key}"
+
+
+def step0_key(cfg: Mapping[str, Any]) -> str:
+    """The step-0 evaluation's key: what decides a (backbone, paradigm)'s untrained scores."""
+    from .data import data_fingerprint
+    from .identity import EVAL_RUNTIME_KEYS, content_hash
+
+    eval_cfg = cfg["eval"]
+    return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
+                         "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
+                         # the test sets' files, not only their names: another data root may hold other ones
+                         "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
+                                   for name, spec in eval_cfg["collections"].items()},
+                         "code": STAGE_VERSIONS["step0"]})
+
+
+def step0_dir(cfg: Mapping[str, Any]) -> Path:
+    return Path(cfg["sweep"]["cache_dir"]) / "step0-evals" / step0_key(cfg)

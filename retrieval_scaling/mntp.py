@@ -19,11 +19,11 @@ import torch
 
 from .backbone import architecture, load_backbone, lora_config, lora_inputs_uncast
 from .data import Collection
-from .identity import content_hash
+from .layout import mntp_dir
 from .precision import AUTO
 from .pretrain import corpus_blocks, lm_head_loss
 from .stage_training import LossObjective, train_stage
-from .stages import build_resumable, recipe_key
+from .stages import build_resumable
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +67,6 @@ def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predic
     head = 4 * arch.hidden_size * arch.vocab_size
     attention = 12 * arch.num_hidden_layers * arch.hidden_size * block_len
     return tokens * (4 * n_lin + 6 * n_lora + attention) + predicted * head
-
-
-# Bumped when the stage's code changes what it builds, so that cached adapters of older code are not reused.
-MNTP_VERSION = 2
-
-
-def mntp_dir(cache_root: Path, model_cfg: Mapping[str, Any], corpus: str) -> Path:
-    model = {k: v for k, v in model_cfg.items() if k not in ("recipe", "train_embeddings")}
-    model["mntp"] = recipe_key(model["mntp"])
-    if isinstance(model.get("pretrain"), Mapping):
-        model["pretrain"] = recipe_key(model["pretrain"])
-    key = content_hash({"model": model, "corpus": corpus, "code": MNTP_VERSION})
-    return Path(cache_root) / "mntp" / f"{model_cfg['name']}-{corpus}-{key}"
 
 
 def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection,

@@ -13,67 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .bm25 import BM25Index
 from .data import Collection, load_training_collection, read_trec_run
 from .errors import ConfigError
-from .identity import content_hash
+from .layout import write_atomic
 from .stages import build_resumable
-from .teachers import RUNTIME_KEYS as TEACHER_RUNTIME_KEYS
 from .teachers import build_teacher
 
 log = logging.getLogger(__name__)
-
-
-class BM25Index:
-    """bm25s over a collection's documents; scores for every document of the corpus per query."""
-
-    def __init__(self, corpus: Mapping[str, str], k1: float = 1.5, b: float = 0.75):
-        import bm25s
-        import Stemmer
-        from bm25s.tokenization import Tokenizer
-
-        self.doc_ids = list(corpus)
-        self.position = {d: i for i, d in enumerate(self.doc_ids)}
-        self.tokenizer = Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
-        tokens = self.tokenizer.tokenize(list(corpus.values()), return_as="tuple", show_progress=False)
-        self.retriever = bm25s.BM25(k1=k1, b=b)
-        self.retriever.index(tokens, show_progress=False)
-
-    def scores(self, query: str) -> np.ndarray:
-        # Unknown terms are dropped; a query of unknown terms only becomes the empty token (score 0).
-        tokens = self.tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)[0]
-        if not tokens:
-            return np.zeros(len(self.doc_ids), dtype=np.float32)
-        return self.retriever.get_scores(tokens)
-
-    def top_k(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, corpus positions) of each query's k best documents, best first, ties by lower
-        position (exact: every document is scored)."""
-        from .search import top_k_rows  # numba: imported only where searched
-
-        k = min(k, len(self.doc_ids))
-        out_s = np.empty((len(queries), k), dtype=np.float32)
-        out_i = np.empty((len(queries), k), dtype=np.int64)
-        for row, query in enumerate(queries):
-            out_s[row], out_i[row] = (x[0] for x in top_k_rows(self.scores(query)[None, :], k))
-        return out_s, out_i
-
-
-def training_data_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
-    from .data import data_fingerprint, training_spec
-
-    teacher = {k: v for k, v in data_cfg["teacher"].items() if k not in TEACHER_RUNTIME_KEYS}
-    key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id", "split", "negatives")},
-                        "teacher": teacher,
-                        # other files under the same name (another data root, a new split) are other data
-                        "files": data_fingerprint(training_spec(data_cfg), data_cfg.get("root"))})
-    return Path(cache_root) / "training" / f"{data_cfg['name']}-{data_cfg['split']}-{key}"
 
 
 def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
@@ -84,6 +35,8 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
                           "file (data.negatives.miner=run data.negatives.run=<TREC run file>).")
     if miner == "run" and not data_cfg["negatives"].get("run"):
         raise ConfigError("data.negatives.miner=run needs data.negatives.run=<TREC run file>.")
+    from .layout import training_data_dir
+
     out = training_data_dir(data_cfg, cache_root)
     return build_resumable(out, lambda tmp, parts: _prepare(data_cfg, tmp, parts), f"prepare {data_cfg['name']}")
 
@@ -136,9 +89,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
             rows.append(json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
                                     "teacher": dict(zip(judged, teacher_scores, strict=True)),
                                     "in_run": run is None or qid in run}))
-        tmp = parts_dir / f".part-{start:09d}.tmp-{os.getpid()}"
-        tmp.write_text("".join(f"{r}\n" for r in rows))
-        os.replace(tmp, parts_dir / f"part-{start:09d}.jsonl")
+        write_atomic(parts_dir / f"part-{start:09d}.jsonl", "".join(f"{r}\n" for r in rows))
     barrier()  # every part is on disk before rank 0 joins them
     if rank != 0:
         return

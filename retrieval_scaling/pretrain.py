@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from .backbone import architecture, llama_config, pretrained_dir, train_bpe_tokenizer
+from .backbone import architecture, llama_config, train_bpe_tokenizer
 from .data import Collection
 from .encoders import weight_usable_directly
 from .flops import Architecture
+from .layout import pretrained_dir
 from .precision import AUTO, use_bf16
 from .stage_training import LossObjective, train_stage
 from .stages import build_resumable

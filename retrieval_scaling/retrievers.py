@@ -78,7 +78,7 @@ class BM25Retriever(Retriever):
         self.name, self.k1, self.b = "bm25", float(cfg.get("k1", 1.5)), float(cfg.get("b", 0.75))
 
     def search(self, coll, depth, query_max_len, passage_max_len, shard_size):  # noqa: ARG002 — lexical
-        from .prepare import BM25Index
+        from .bm25 import BM25Index
 
         index = BM25Index(coll.corpus, k1=self.k1, b=self.b)
         qids = list(coll.queries)

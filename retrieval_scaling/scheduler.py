@@ -18,9 +18,10 @@ from typing import Any
 
 import submitit
 
-from .cell import cell_dir, run_cell, stage_dirs
+from .cell import run_cell, stage_dirs
 from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root, training_spec
 from .errors import ConfigError, DataError
+from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
 from .plan import check_budget, plan_cell
 
@@ -39,10 +40,6 @@ class Job:
     stage: str | None = None  # the stage key this job builds
     needs: str | None = None  # the stage key of this sweep's stages job this cell waits for (SLURM: afterok)
     handle: Any = field(default=None, repr=False)
-
-
-def sweep_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(cfg["sweep"]["root"]) / cfg["sweep"]["name"]
 
 
 def normalise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -78,14 +75,11 @@ def plan_sweep(cfgs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_plan(cfgs: Sequence[dict[str, Any]], plans: Sequence[dict[str, Any]]) -> Path:
     """`plan.json` holds every cell the sweep has planned: a grid run again with a new model size adds
     its cells and keeps the earlier ones (their results are part of the same study)."""
-    out = sweep_dir(cfgs[0])
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "plan.json"
+    path = plan_path(cfgs[0]["sweep"]["root"], cfgs[0]["sweep"]["name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {p["cell_id"]: p for p in (json.loads(path.read_text()) if path.is_file() else [])}
     merged.update({p["cell_id"]: p for p in plans})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(list(merged.values()), indent=2))
-    os.replace(tmp, path)
+    write_json(path, list(merged.values()))
     return path
 
 
@@ -121,7 +115,7 @@ def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
 def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
     """The shared stages a cell needs: its training data, and its backbone's tiny pretraining or GGUF
     conversion and MNTP."""
-    from .prepare import training_data_dir
+    from .layout import training_data_dir
 
     cache = Path(cfg["sweep"]["cache_dir"])
     backbone = stage_dirs(cfg["model"], cfg["data"]["name"], cache)
@@ -318,7 +312,7 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
 
 
 def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, Any]],
-               states: Mapping[str, Mapping[str, Any]], plan_path: Path, totals: Mapping[str, float]) -> None:
+               states: Mapping[str, Mapping[str, Any]], plan_file: Path, totals: Mapping[str, float]) -> None:
     """The dry run's table and the study's GPU-hours."""
     from .status import RESUBMIT, print_table
 
@@ -343,7 +337,7 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
           f"MNTP {totals['mntp_gpu_hours']:.4g}, training {totals['train_gpu_hours']:.4g}, evaluation "
           f"{totals['eval_gpu_hours']:.4g}, total {totals['total_gpu_hours']:.4g}"
           + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
-    print(f"plan written to {plan_path} (dry run: nothing submitted)")
+    print(f"plan written to {plan_file} (dry run: nothing submitted)")
 
 
 def end_stale(ledger: Ledger, cells: Sequence[str]) -> None:
@@ -394,33 +388,33 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
         if cfg["tracking"].get("uri"):
             cfg["tracking"]["uri"] = hide_secret(uri)
     stale_after = float(sweep["stale_after_s"])
-    base = sweep_dir(first)
+    base = sweep_dir(sweep["root"], sweep["name"])
 
     def decide() -> tuple[Path, dict[str, dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
-        plan_path = write_plan(cfgs, plans)
+        plan_file = write_plan(cfgs, plans)
         states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, stale_after)}
         todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
-        return plan_path, states, todo
+        return plan_file, states, todo
 
     if sweep["dry_run"]:
         with holding_lock(base / "dispatch"):
-            plan_path, states, _ = decide()
-        print_plan(cfgs, plans, states, plan_path, totals)
+            plan_file, states, _ = decide()
+        print_plan(cfgs, plans, states, plan_file, totals)
         return 0
     check_inputs(cfgs)
     axes_values = {axis: sorted({p[axis] for p in plans}) for axis in ("model", "paradigm", "loss")}
     with holding_lock(base / "dispatch"):
-        plan_path = write_plan(cfgs, plans)
+        plan_file = write_plan(cfgs, plans)
     parent = open_parent_run(uri, sweep["name"], first["tracking"]["artifacts"],
                              {**{f"grid.{k}": ",".join(v) for k, v in axes_values.items()},
                               "grid.cells": len(plans), "budget.flops": first["budget"]["flops"],
                               "budget.match": first["budget"].get("match")},
-                             [plan_path])
+                             [plan_file])
     try:
         from .relog import relog_sweep
 
         relog_sweep(sweep["root"], sweep["name"], uri, first["tracking"]["artifacts"])
-        ledger = Ledger(base / "ledger.json")
+        ledger = Ledger(ledger_path(sweep["root"], sweep["name"]))
         with holding_lock(base / "dispatch"):  # two sweeps of one name decide one after the other
             _, states, todo = decide()
             log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))

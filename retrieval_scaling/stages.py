@@ -11,21 +11,13 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
 COMPLETE = ".complete"
-# Recipe keys that change how a stage is built (how often it checkpoints), not what: kept out of its cache key.
-STAGE_RUNTIME_KEYS = ("checkpoint_every",)
-
-
-def recipe_key(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage recipe as its cache key sees it."""
-    return {k: v for k, v in recipe.items() if k not in STAGE_RUNTIME_KEYS}
 
 
 def is_built(path: Path) -> bool:

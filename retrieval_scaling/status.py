@@ -83,17 +83,17 @@ def job_states(ledger: Mapping[str, Any]) -> dict[str, str | None]:
 
 def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
                stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
-    from .layout import read_done, read_json, sweep_dir
+    from .layout import ledger_path, plan_path, read_done, read_json, sweep_dir
     from .ledger import Ledger
     from .tracking import cell_runs, store_exists
 
     base = sweep_dir(root, sweep)
-    plan_path = base / "plan.json"
-    if not plan_path.is_file():
-        raise UserError(f"no sweep '{sweep}' under {root} (no {plan_path}); pass root=<sweeps dir> or sweep=<a name "
+    plan_file = plan_path(root, sweep)
+    if not plan_file.is_file():
+        raise UserError(f"no sweep '{sweep}' under {root} (no {plan_file}); pass root=<sweeps dir> or sweep=<a name "
                         "that `ls` shows there>")
-    plans = read_json(plan_path, "rerun the sweep's command with sweep.dry_run=true to write it again")
-    ledger = Ledger(base / "ledger.json").cells
+    plans = read_json(plan_file, "rerun the sweep's command with sweep.dry_run=true to write it again")
+    ledger = Ledger(ledger_path(root, sweep)).cells
     jobs = job_states(ledger)
     runs = cell_runs(uri, sweep) if store_exists(uri) else {}
     now = time.time()

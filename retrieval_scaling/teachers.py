@@ -15,10 +15,6 @@ from .errors import ConfigError
 # Scores of one query against some of the corpus's documents, in their order.
 TeacherFn = Callable[[str, Sequence[str]], list[float]]
 
-# Teacher settings that change how it batches, caches and rounds, not what it scores: they name neither
-# the prepared training data nor a cell.
-RUNTIME_KEYS = ("batch_size", "cache_size", "bf16")
-
 
 def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> TeacherFn:
     """An HF sequence-classification model with one output: its logit for (query, passage)."""

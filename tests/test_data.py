@@ -63,7 +63,7 @@ def test_a_corrupted_copy_of_real_scifact_is_caught(data_root, tmp_path):
 
 def test_evaluation_subset_is_declared_seeded_and_keeps_judged_documents(data_root):
     from retrieval_scaling.data import load_collection
-    from retrieval_scaling.evaluate import subset_collection
+    from retrieval_scaling.evaluation import subset_collection
 
     full = load_collection(data_root, "scifact", "test")
     sub = subset_collection(full, queries=10, bm25_depth=5, seed=0)

@@ -85,7 +85,7 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retrieval_scaling.encoders import build_encoder
-    from retrieval_scaling.evaluate import encode_texts
+    from retrieval_scaling.evaluation import encode_texts
 
     class Tok:
         bos_token_id, pad_token_id = 1, 0
@@ -98,13 +98,13 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
                                          num_attention_heads=2, num_key_value_heads=2))
     encoder = build_encoder("sparse", model).eval()
     widest = []
-    real_batch_csr = __import__("retrieval_scaling.evaluate", fromlist=["batch_csr"]).batch_csr
+    real_batch_csr = __import__("retrieval_scaling.evaluation", fromlist=["batch_csr"]).batch_csr
 
     def spy(reps):
         widest.append(reps.shape[0])
         return real_batch_csr(reps)
 
-    monkeypatch.setattr("retrieval_scaling.evaluate.batch_csr", spy)
+    monkeypatch.setattr("retrieval_scaling.evaluation.batch_csr", spy)
     texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
     out = encode_texts(encoder, Tok(), texts, 16, 8, "docs")
     assert sparse.issparse(out) and out.shape == (50, 5000) and max(widest) == 8 and len(widest) == 7

@@ -212,8 +212,7 @@ def test_a_damaged_ledger_is_a_data_error_naming_it(tmp_path):
 # --- 8: the data's content in cache keys ----------------------------------------------------------------
 
 def test_the_step0_and_training_data_keys_follow_the_files_not_the_name(compose, data_root, tmp_path):
-    from retrieval_scaling.cell import step0_key
-    from retrieval_scaling.prepare import training_data_dir
+    from retrieval_scaling.layout import step0_key, training_data_dir
 
     copy = tmp_path / "copy" / "scifact"
     (copy / "qrels").mkdir(parents=True)
@@ -240,7 +239,7 @@ def test_status_says_when_the_store_lost_done_cells_and_relog_brings_them_back(s
     """A DONE cell made as a cell leaves it (config.yaml, DONE, a run file), then its store deleted."""
     from mlflow.tracking import MlflowClient
 
-    from retrieval_scaling.cell import cell_dir
+    from retrieval_scaling.layout import cell_dir
 
     args = ["model=tiny_s", "paradigm=dense", "loss=cl", "sweep.name=lost", "budget.flops=3e11"]
     assert run_cli("sweep", *args, "sweep.dry_run=true", env_extra=sweeps).returncode == 0

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from retrieval_scaling.backbone import load_backbone
-from retrieval_scaling.gguf import converted_dir, ensure_converted, gguf_location
+from retrieval_scaling.gguf import ensure_converted, gguf_location
+from retrieval_scaling.layout import converted_dir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

