@@ -81,8 +81,7 @@ def print_table(metrics: Mapping[str, float], title: str) -> None:
     Console(file=sys.stdout, width=200).print(table)
 
 
-def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir: Path,
-                  cell: str | None, cell_cfg: Mapping[str, Any] | None) -> str:
+def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir: Path, cell: str | None) -> str:
     """Metrics and run files into the cell's own run, or a new run of experiment `baselines`."""
     import time
 
@@ -129,7 +128,6 @@ def evaluate_verb(argv: Sequence[str]) -> int:
     cell, baseline = cfg.get("cell"), cfg.get("baseline")
     if (cell is None) == (baseline is None):
         raise ConfigError("evaluate needs one of cell=<cell_id> or baseline=bm25|sbert.")
-    cell_cfg = None
     if cell is not None:
         retriever, cell_cfg = cell_retriever(cfg, str(cell))
         title = f"cell {cell} ({cell_cfg['model']['name']}, {cell_cfg['paradigm']['name']}, {cell_cfg['loss']['name']})"
@@ -148,7 +146,7 @@ def evaluate_verb(argv: Sequence[str]) -> int:
     print_table(metrics, title)
     log.info("run files in %s", runs_dir)
     if cfg.get("track", True):
-        run_id = log_to_mlflow(cfg, metrics, runs_dir, None if cell is None else str(cell), cell_cfg)
+        run_id = log_to_mlflow(cfg, metrics, runs_dir, None if cell is None else str(cell))
         log.info("logged to MLflow run %s", run_id)
     single = len(collection_specs(cfg["eval"])) == 1
     out = {k.rsplit("/", 1)[1]: v for k, v in metrics.items()} if single else dict(metrics)

@@ -55,11 +55,6 @@ def stage_resources_for(launcher_cfg: Mapping[str, Any], model: str) -> dict[str
     return res
 
 
-def ranks(launcher_cfg: Mapping[str, Any], model: str) -> int:
-    res = resources_for(launcher_cfg, model)
-    return int(res["nodes"]) * int(res["tasks_per_node"])
-
-
 def executor(folder: Path, launcher_cfg: Mapping[str, Any], res: Mapping[str, Any], name: str,
              dependency: str | None = None):
     """A submitit SLURM executor for one resource shape."""
