@@ -4,42 +4,22 @@ A dry run stops after the first phase."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import pickle
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import submitit
-
-from .cell import run_cell, stage_dirs
-from .data import DATA_ROOT_ENV, load_training_collection, resolve_data_root, training_spec
+from .cell import run_cell
+from .data import DATA_ROOT_ENV, resolve_data_root, training_spec
 from .errors import ConfigError, DataError
+from .jobs import Job, stage_jobs, stage_key, stage_targets
 from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
 from .plan import check_budget, plan_cell
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """A unit of work for the executor: a shared stage or a cell."""
-
-    name: str
-    fn: Callable[..., Any]
-    args: tuple
-    folder: Path
-    cell: str | None = None
-    stage: str | None = None  # the stage key this job builds
-    needs: str | None = None  # the stage key of this sweep's stages job this cell waits for (SLURM: afterok)
-    handle: Any = field(default=None, repr=False)
 
 
 def normalise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -112,205 +92,6 @@ def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
         raise DataError(f"collection {spec['name']}: ir_datasets has no dataset '{spec['id']}'.") from None
 
 
-def stage_targets(cfg: Mapping[str, Any]) -> tuple[Path, ...]:
-    """The shared stages a cell needs: its training data, and its backbone's tiny pretraining or GGUF
-    conversion and MNTP."""
-    from .layout import training_data_dir
-
-    cache = Path(cfg["sweep"]["cache_dir"])
-    backbone = stage_dirs(cfg["model"], cfg["data"]["name"], cache)
-    return (training_data_dir(cfg["data"], cache), *(d for d in backbone if d is not None))
-
-
-def stage_key(targets: Sequence[Path]) -> str:
-    return "+".join(t.name for t in targets)
-
-
-def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
-    """One job per backbone whose shared stages (training data, tiny pretraining, MNTP) are not all
-    built, to run before the cells that need them (a dependency, not a per-cell redo)."""
-    from .stages import is_built
-
-    jobs, seen = [], set()
-    for cfg in cfgs:
-        targets = stage_targets(cfg)
-        key = stage_key(targets)
-        if key in seen or all(is_built(t) for t in targets):
-            continue
-        seen.add(key)
-        jobs.append(Job(f"stages {cfg['model']['name']}", run_stages_job, (cfg,),
-                        folder / f"{cfg['model']['name']}", cell=None, stage=key))
-    return jobs
-
-
-def local_order(jobs: Sequence[Job], params: Mapping[str, float]) -> list[Job]:
-    """The order local workers take jobs in (a cell also waits for its stages job, see `dispatch_local`):
-    the biggest backbones first, stages before cells, because the biggest backbone's stages and then its
-    cells are the sweep's longest chain — begun last, they would end the sweep alone on one worker.
-    Within a backbone, cells alternate over paradigms (sparse/cl, dense/cl, sparse/kd, …): the cells of
-    one (backbone, paradigm) share one step-0 evaluation, and the second of two started together would
-    only wait for the first to build it. `params`: backbone (model name) → its parameter count."""
-    turn: dict[int, int] = {}  # id(job) → its place among its (backbone, paradigm)'s cells
-    counts: dict[tuple[str, str], int] = {}
-    for job in jobs:
-        if job.cell:
-            group = (job.args[0]["model"]["name"], job.args[0]["paradigm"]["name"])
-            turn[id(job)] = counts.get(group, 0)
-            counts[group] = turn[id(job)] + 1
-    return sorted(jobs, key=lambda j: (j.cell is not None, -params[j.args[0]["model"]["name"]], turn.get(id(j), 0)))
-
-
-def run_stages_job(cfg: Mapping[str, Any]) -> None:
-    from .cell import deepspeed_config, ensure_backbone
-    from .cli import setup_logging
-    from .distributed import configure_threads, init_distributed
-    from .prepare import ensure_training_data
-
-    setup_logging()
-    configure_threads(int(cfg["launcher"]["threads_per_job"] or 1))
-    init_distributed()  # every rank of the stages job builds the stages together (parts of the data, DeepSpeed)
-    ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
-    corpus = load_training_collection(cfg["data"])
-    ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]), deepspeed_config(cfg))
-
-
-class JobCall:
-    """`fn(*args)` as a submitit job whose process ends as soon as submitit has saved its successful
-    result (see `end_after_saved_result`)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self.fn, self.args = fn, args
-
-    def __call__(self) -> Any:
-        end_after_saved_result()
-        return self.fn(*self.args)
-
-
-class Requeueable(JobCall, submitit.helpers.Checkpointable):
-    """A `JobCall` SLURM may requeue: on its warning signal, `checkpoint()` (inherited) resubmits this
-    same call. A cell then resumes from the checkpoint its training loop took at the signal (see
-    `requeue`); a stages job rebuilds only what is not built yet."""
-
-
-def end_after_saved_result() -> None:
-    """In a submitit job process: at exit, once submitit has saved a *successful* result, end the
-    process at once (status 0) instead of tearing the interpreter down, which took a cell job 1.2-2 s
-    here (its models, data and thousands of modules) while the next job waited for the worker. A failed
-    job exits as usual. Registered when the job starts, before it imports torch, MLflow & co., so their
-    exit hooks, registered later, still run first (atexit is last-in, first-out); logging's and the
-    standard streams' flushes come from earlier and are done here. Outside a submitit job: nothing."""
-    if "SUBMITIT_FOLDER" not in os.environ:
-        return
-    atexit.register(_exit_if_succeeded, submitit.JobEnvironment().paths.result_pickle)
-
-
-def _exit_if_succeeded(result_pickle: Path) -> None:
-    try:
-        with result_pickle.open("rb") as f:
-            succeeded = pickle.load(f)[0] == "success"
-    except Exception:  # noqa: BLE001 — no readable result: leave the exit to Python
-        return
-    if succeeded:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger: Ledger,
-                   axes: Mapping[str, Mapping[str, str]],
-                   on_cell_failed: Callable[[str], Any] = lambda cell: None,
-                   earlier: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
-    """Run jobs as local submitit processes, at most `max_parallel` at once, each free worker taking the
-    first job in `jobs`' order whose stages job (`needs`) has ended, as SLURM's afterok would let it.
-    A cell whose stages job failed still runs: it tries to build them itself and fails with the cause in
-    its own log and run. `earlier`: ledger attempts of jobs an earlier sweep process started, which hold
-    a worker while they live. Returns job name → COMPLETED / FAILED."""
-    import submitit
-
-    from . import local_jobs
-
-    threads = str(launcher_cfg["threads_per_job"] or 1)
-    cap = launcher_cfg.get("max_parallel") or (os.cpu_count() or 1) // int(threads)
-    cap = max(1, int(cap))
-    os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
-    queue, running, outcome, ended_stages = list(jobs), [], {}, set()
-    while queue or running:
-        earlier = [a for a in earlier if local_jobs.alive(a["job_id"], a)]
-        while len(running) + len(earlier) < cap:
-            job = next((j for j in queue if j.needs is None or j.needs in ended_stages), None)
-            if job is None:
-                break
-            queue.remove(job)
-            executor = submitit.LocalExecutor(folder=job.folder)
-            executor.update_parameters(timeout_min=int(launcher_cfg["timeout_min"]))
-            job.handle = executor.submit(JobCall(job.fn, *job.args))
-            log.info("started %s (job %s)", job.name, job.handle.job_id)
-            if job.cell:
-                ledger.submitted(job.cell, str(job.handle.job_id), axes[job.cell], "local",
-                                 **local_jobs.identity(int(job.handle.job_id)))
-            running.append(job)
-        time.sleep(0.25)  # a finished job frees its worker within a quarter second
-        for job in [j for j in running if j.handle.done()]:
-            running.remove(job)
-            error = job.handle.exception()
-            state = "FAILED" if error else "COMPLETED"
-            outcome[job.name] = state
-            if job.stage:
-                ended_stages.add(job.stage)
-            if job.cell:
-                ledger.ended(job.cell, state, str(error) if error else None)
-                if error:
-                    on_cell_failed(job.cell)
-            if error:
-                log.error("%s failed: %s (log: %s)", job.name, str(error).strip().splitlines()[-1],
-                          job.handle.paths.stderr)
-            else:
-                log.info("%s done", job.name)
-    return outcome
-
-
-def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], launcher_cfg: Mapping[str, Any],
-                 ledger: Ledger, axes: Mapping[str, Mapping[str, str]], folder: Path, sweep: str) -> list[str]:
-    """Stage jobs first (one per backbone, unless an earlier one is still queued or running), then the
-    cells as array jobs, one per (resource shape, stage dependency). Returns the array job ids."""
-    from . import slurm
-
-    live_stage = {}
-    earlier = {k: v["job_id"] for k, v in ledger.stages.items()}
-    states = slurm.job_states(earlier.values())
-    for job in (j for j in jobs if j.stage):
-        cfg = job.args[0]
-        old = earlier.get(job.stage)
-        if old and slurm.SACCT_TO_CELL.get(states.get(old, "")) in ("PENDING", "RUNNING"):
-            live_stage[job.stage] = old
-            continue
-        # Stages under their own resources: every rank of them trains the stages (DeepSpeed), see run_stages_job.
-        res = slurm.stage_resources_for(launcher_cfg, cfg["model"]["name"])
-        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
-        (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [Requeueable(run_stages_job, cfg)])
-        ledger.stage_submitted(job.stage, job_id)
-        live_stage[job.stage] = job_id
-        log.info("submitted %s as job %s", job.name, job_id)
-    groups: dict[tuple[str, str | None], list[Job]] = {}
-    for job in (j for j in jobs if j.cell):
-        cfg = cfg_of[job.cell]
-        res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
-        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
-        dep = live_stage[job.needs] if job.needs else None
-        groups.setdefault((json.dumps(res, sort_keys=True), dep), []).append(job)
-    arrays = []
-    for (res_json, dep), group in groups.items():
-        calls = [Requeueable(run_cell, cfg_of[j.cell]) for j in group]
-        ids = slurm.submit(folder, launcher_cfg, json.loads(res_json), f"rs-{sweep}", calls,
-                           dependency=f"afterok:{dep}" if dep else None)
-        for job, job_id in zip(group, ids, strict=True):
-            ledger.submitted(job.cell, job_id, axes[job.cell], "slurm")
-        arrays.append(ids[0].split("_")[0])
-        log.info("submitted %d cells as job %s%s", len(group), arrays[-1], f" (after stages job {dep})" if dep else "")
-    return arrays
-
-
 def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, Any]],
                states: Mapping[str, Mapping[str, Any]], plan_file: Path, totals: Mapping[str, float]) -> None:
     """The dry run's table and the study's GPU-hours."""
@@ -352,13 +133,126 @@ def end_stale(ledger: Ledger, cells: Sequence[str]) -> None:
             log.warning("cell %s: killed its stalled local job %s", cell, attempt["job_id"])
 
 
-def live_local_attempts(ledger: Ledger) -> list[dict[str, Any]]:
-    """Local attempts whose process still runs: earlier sweeps' jobs that keep using a worker."""
-    from . import local_jobs
+def cell_jobs(todo: Sequence[tuple[dict[str, Any], dict[str, Any]]], stages_folder: Path) -> list[Job]:
+    """The stages jobs still needed, then one job per cell, each waiting for its backbone's stages job."""
+    jobs = stage_jobs([c for c, _ in todo], stages_folder)
+    pending = {j.stage for j in jobs}
+    for cfg, plan in todo:
+        needs = stage_key(stage_targets(cfg))
+        jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}", run_cell, (cfg,),
+                        cell_dir(cfg) / "logs", cell=plan["cell_id"], needs=needs if needs in pending else None))
+    return jobs
 
-    attempts = [e["attempts"][-1] for e in ledger.cells.values() if e.get("attempts")]
-    return [a for a in attempts if a.get("launcher") == "local" and a.get("state") == "SUBMITTED"
-            and local_jobs.alive(a.get("job_id"), a)]
+
+class Sweep:
+    """One invocation of a sweep over its composed cells: checked, planned and priced on creation."""
+
+    def __init__(self, cfgs: list[dict[str, Any]]):
+        from .config_checks import check_cell
+        from .pricing import price_study
+        from .tracking import hide_secret, tracking_uri
+
+        for cfg in cfgs:
+            check_cell(cfg)
+        self.cfgs = [normalise_paths(c) for c in cfgs]
+        self.first = self.cfgs[0]
+        self.sweep, self.launcher = self.first["sweep"], self.first["launcher"]
+        self.plans = plan_sweep(self.cfgs)
+        self.totals = price_study(self.cfgs, self.plans)  # each plan gets its GPU-hours, written into plan.json
+        self.uri = tracking_uri(self.first["tracking"], self.sweep["root"])
+        for cfg in self.cfgs:  # jobs' configs, pickles and artifacts hold the URI without its secret
+            if cfg["tracking"].get("uri"):
+                cfg["tracking"]["uri"] = hide_secret(self.uri)
+        self.base = sweep_dir(self.sweep["root"], self.sweep["name"])
+        self.ledger = Ledger(ledger_path(self.sweep["root"], self.sweep["name"]))
+
+    def rows(self) -> list[dict[str, Any]]:
+        from .status import sweep_rows
+
+        return sweep_rows(self.sweep["name"], self.sweep["root"], self.uri, float(self.sweep["stale_after_s"]))
+
+    def decide(self) -> tuple[Path, dict[str, dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
+        """(plan.json, cell → its status row, the (config, plan) of each cell to submit)."""
+        from .status import RESUBMIT
+
+        plan_file = write_plan(self.cfgs, self.plans)
+        states = {r["cell_id"]: r for r in self.rows()}
+        todo = [(c, p) for c, p in zip(self.cfgs, self.plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
+        return plan_file, states, todo
+
+    def open_parent(self, plan_file: Path) -> str:
+        from .tracking import open_parent_run
+
+        axes = {axis: sorted({p[axis] for p in self.plans}) for axis in ("model", "paradigm", "loss")}
+        budget = self.first["budget"]
+        return open_parent_run(self.uri, self.sweep["name"], self.first["tracking"]["artifacts"],
+                               {**{f"grid.{k}": ",".join(v) for k, v in axes.items()}, "grid.cells": len(self.plans),
+                                "budget.flops": budget["flops"], "budget.match": budget.get("match")}, [plan_file])
+
+    def commit(self, states: Mapping[str, Mapping[str, Any]], todo: Sequence[tuple[dict[str, Any], dict[str, Any]]],
+               axes: Mapping[str, Mapping[str, str]]) -> list[Job]:
+        """Under the sweep's lock: end stale jobs, close dead runs, then submit to SLURM, or record the
+        cells as QUEUED by this process for the local workers. Returns the jobs."""
+        from . import local_jobs
+        from .slurm_dispatch import submit_slurm
+        from .tracking import fail_if_running
+
+        end_stale(self.ledger, [p["cell_id"] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"])
+        for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
+            fail_if_running(self.uri, self.sweep["name"], plan["cell_id"])
+        jobs = cell_jobs(todo, self.base / "stages")
+        if self.launcher["name"] == "slurm":
+            arrays = submit_slurm(jobs, {p["cell_id"]: c for c, p in todo}, self.launcher, self.ledger, axes,
+                                  self.base / "slurm", self.sweep["name"])
+            print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
+                  f"`python -m retrieval_scaling.status sweep={self.sweep['name']}`, resubmit with this same command")
+        else:
+            me = {"pid": os.getpid(), **local_jobs.identity(os.getpid())}
+            for cell in axes:
+                self.ledger.queued(cell, axes[cell], owner=me)
+        return jobs
+
+    def run(self) -> int:
+        """Submit (and locally, run) every cell that is not DONE, RUNNING or PENDING."""
+        from .local_dispatch import dispatch_local, live_local_attempts, local_order
+        from .relog import relog_sweep
+        from .stages import holding_lock
+        from .tracking import close_run, fail_if_running
+
+        check_inputs(self.cfgs)
+        with holding_lock(self.base / "dispatch"):
+            plan_file = write_plan(self.cfgs, self.plans)
+        parent = self.open_parent(plan_file)
+        try:
+            relog_sweep(self.sweep["root"], self.sweep["name"], self.uri, self.first["tracking"]["artifacts"])
+            with holding_lock(self.base / "dispatch"):  # two sweeps of one name decide one after the other
+                _, states, todo = self.decide()
+                log.info("%d cells: %d to submit, the others done, running or pending", len(self.cfgs), len(todo))
+                axes = {p["cell_id"]: {k: p[k] for k in ("model", "paradigm", "loss")} for _, p in todo}
+                jobs = self.commit(states, todo, axes) if todo else []
+            if not todo:
+                print("nothing to submit: every cell is done, running or pending")
+            elif self.launcher["name"] == "local":
+                dispatch_local(local_order(jobs, {p["model"]: p["params_total"] for p in self.plans}), self.launcher,
+                               self.ledger, axes, earlier=live_local_attempts(self.ledger),
+                               on_cell_failed=lambda cell: fail_if_running(self.uri, self.sweep["name"], cell))
+        except BaseException:
+            close_run(self.uri, parent, "FAILED")
+            raise
+        close_run(self.uri, parent)  # reopened by the next invocation (resubmission, widened grid)
+        return self.report()
+
+    def report(self) -> int:
+        from .credentials import redact
+        from .status import print_table
+
+        rows = self.rows()
+        print_table(rows, title=f"sweep '{self.sweep['name']}'")
+        print(f"results: {self.base}  ·  MLflow store: {redact(self.uri)}  ·  UI: make ui "
+              f"(mlflow ui --backend-store-uri {redact(self.uri)})")
+        if self.launcher["name"] == "slurm":
+            return 0
+        return 0 if all(r["state"] == "DONE" for r in rows) else 1
 
 
 def run_sweep(cfgs: list[dict[str, Any]]) -> int:
@@ -367,94 +261,12 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
     Deciding and submitting happen under the sweep's lock, and a local sweep records the cells it will
     run as QUEUED before it lets go: a second sweep of the same name, started at the same time, sees
     them taken and runs none of them again."""
-    from . import local_jobs
-    from .config_checks import check_cell
-    from .credentials import redact
     from .stages import holding_lock
-    from .status import RESUBMIT, print_table, sweep_rows
-    from .tracking import close_run, fail_if_running, hide_secret, open_parent_run, tracking_uri
 
-    for cfg in cfgs:
-        check_cell(cfg)
-    cfgs = [normalise_paths(c) for c in cfgs]
-    first = cfgs[0]
-    sweep, launcher = first["sweep"], first["launcher"]
-    plans = plan_sweep(cfgs)
-    from .pricing import price_study
-
-    totals = price_study(cfgs, plans)  # each plan gets its GPU-hours, written into plan.json
-    uri = tracking_uri(first["tracking"], sweep["root"])
-    for cfg in cfgs:  # jobs' configs, pickles and artifacts hold the URI without its secret
-        if cfg["tracking"].get("uri"):
-            cfg["tracking"]["uri"] = hide_secret(uri)
-    stale_after = float(sweep["stale_after_s"])
-    base = sweep_dir(sweep["root"], sweep["name"])
-
-    def decide() -> tuple[Path, dict[str, dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any]]]]:
-        plan_file = write_plan(cfgs, plans)
-        states = {r["cell_id"]: r for r in sweep_rows(sweep["name"], sweep["root"], uri, stale_after)}
-        todo = [(c, p) for c, p in zip(cfgs, plans, strict=True) if states[p["cell_id"]]["state"] in RESUBMIT]
-        return plan_file, states, todo
-
-    if sweep["dry_run"]:
-        with holding_lock(base / "dispatch"):
-            plan_file, states, _ = decide()
-        print_plan(cfgs, plans, states, plan_file, totals)
+    sweep = Sweep(cfgs)
+    if sweep.sweep["dry_run"]:
+        with holding_lock(sweep.base / "dispatch"):
+            plan_file, states, _ = sweep.decide()
+        print_plan(sweep.cfgs, sweep.plans, states, plan_file, sweep.totals)
         return 0
-    check_inputs(cfgs)
-    axes_values = {axis: sorted({p[axis] for p in plans}) for axis in ("model", "paradigm", "loss")}
-    with holding_lock(base / "dispatch"):
-        plan_file = write_plan(cfgs, plans)
-    parent = open_parent_run(uri, sweep["name"], first["tracking"]["artifacts"],
-                             {**{f"grid.{k}": ",".join(v) for k, v in axes_values.items()},
-                              "grid.cells": len(plans), "budget.flops": first["budget"]["flops"],
-                              "budget.match": first["budget"].get("match")},
-                             [plan_file])
-    try:
-        from .relog import relog_sweep
-
-        relog_sweep(sweep["root"], sweep["name"], uri, first["tracking"]["artifacts"])
-        ledger = Ledger(ledger_path(sweep["root"], sweep["name"]))
-        with holding_lock(base / "dispatch"):  # two sweeps of one name decide one after the other
-            _, states, todo = decide()
-            log.info("%d cells: %d to submit, the others done, running or pending", len(cfgs), len(todo))
-            jobs: list[Job] = []
-            axes = {p["cell_id"]: {k: p[k] for k in ("model", "paradigm", "loss")} for _, p in todo}
-            if todo:
-                end_stale(ledger, [p["cell_id"] for _, p in todo if states[p["cell_id"]]["state"] == "STALE"])
-                for _, plan in todo:  # a dead attempt's run must not stay RUNNING; the new attempt reopens it
-                    fail_if_running(uri, sweep["name"], plan["cell_id"])
-                jobs = stage_jobs([c for c, _ in todo], base / "stages")
-                pending_stages = {j.stage for j in jobs}
-                cfg_of = {p["cell_id"]: c for c, p in todo}
-                for cfg, plan in todo:
-                    needs = stage_key(stage_targets(cfg))
-                    jobs.append(Job(f"cell {plan['cell_id']} {plan['model']}/{plan['paradigm']}/{plan['loss']}",
-                                    run_cell, (cfg,), cell_dir(cfg) / "logs", cell=plan["cell_id"],
-                                    needs=needs if needs in pending_stages else None))
-                if launcher["name"] == "slurm":
-                    arrays = submit_slurm(jobs, cfg_of, launcher, ledger, axes, base / "slurm", sweep["name"])
-                    print(f"submitted {len(todo)} cells to SLURM (jobs {', '.join(arrays)}); follow them with "
-                          f"`python -m retrieval_scaling.status sweep={sweep['name']}`, resubmit with this same "
-                          "command")
-                else:
-                    me = {"pid": os.getpid(), **local_jobs.identity(os.getpid())}
-                    for cell in axes:
-                        ledger.queued(cell, axes[cell], owner=me)
-            else:
-                print("nothing to submit: every cell is done, running or pending")
-        if todo and launcher["name"] == "local":
-            dispatch_local(local_order(jobs, {p["model"]: p["params_total"] for p in plans}), launcher, ledger, axes,
-                           on_cell_failed=lambda cell: fail_if_running(uri, sweep["name"], cell),
-                           earlier=live_local_attempts(ledger))
-    except BaseException:
-        close_run(uri, parent, "FAILED")
-        raise
-    close_run(uri, parent)  # reopened by the next invocation (resubmission, widened grid)
-    rows = sweep_rows(sweep["name"], sweep["root"], uri, stale_after)
-    print_table(rows, title=f"sweep '{sweep['name']}'")
-    print(f"results: {base}  ·  MLflow store: {redact(uri)}  ·  UI: make ui "
-          f"(mlflow ui --backend-store-uri {redact(uri)})")
-    if launcher["name"] == "slurm":
-        return 0
-    return 0 if all(r["state"] == "DONE" for r in rows) else 1
+    return sweep.run()

@@ -12,8 +12,9 @@ import submitit
 import torch
 
 from retrieval_scaling.faults import Faults, InjectedFault
+from retrieval_scaling.jobs import Job, JobCall
 from retrieval_scaling.ledger import Ledger
-from retrieval_scaling.scheduler import Job, JobCall, dispatch_local, local_order
+from retrieval_scaling.local_dispatch import dispatch_local, local_order
 from retrieval_scaling.slurm import _expand
 from retrieval_scaling.status import RESUBMIT, STATES, reconcile
 from retrieval_scaling.train import BatchSampler, linear_schedule, shard
