@@ -80,7 +80,7 @@ def main() -> None:
     from train_step import compose, peak_matmul_flops, timed_steps
 
     from retrieval_scaling.backbone import lora_inputs_uncast
-    from retrieval_scaling.cell import deepspeed_config
+    from retrieval_scaling.cell_model import deepspeed_config
     from retrieval_scaling.distributed import init_distributed
     from retrieval_scaling.plan import plan_cell
 

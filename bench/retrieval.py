@@ -85,7 +85,7 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from retrieval_scaling.cell import load_trained_encoder
+    from retrieval_scaling.cell_model import load_trained_encoder
     from retrieval_scaling.data import load_collection
     from retrieval_scaling.evaluation import encode_texts, inference_encoder
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense, to_csr

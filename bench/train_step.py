@@ -180,7 +180,7 @@ def time_case(case: str, cfg: dict, step, bare_step, steps: int, profile: bool, 
     import deepspeed
     import torch
 
-    from retrieval_scaling.cell import deepspeed_config
+    from retrieval_scaling.cell_model import deepspeed_config
     from retrieval_scaling.plan import plan_cell
     from retrieval_scaling.train import compiled_layers
 

@@ -44,8 +44,8 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     """The trained encoder of a finished cell (its config and final weights, from the cell's directory)."""
     from omegaconf import OmegaConf
 
-    from .cell import DONE, load_trained_encoder
-    from .layout import cell_path
+    from .cell_model import load_trained_encoder
+    from .layout import DONE, cell_path
 
     out = cell_path(cfg["sweep"]["root"], cfg["sweep"]["name"], cell)
     if not (out / DONE).is_file():

@@ -15,7 +15,7 @@ from typing import Any
 
 import submitit
 
-from .cell import stage_dirs
+from .cell_model import stage_dirs
 from .data import load_training_collection
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
 
 
 def run_stages_job(cfg: Mapping[str, Any]) -> None:
-    from .cell import deepspeed_config, ensure_backbone
+    from .cell_model import deepspeed_config, ensure_backbone
     from .cli import setup_logging
     from .distributed import configure_threads, init_distributed
     from .prepare import ensure_training_data

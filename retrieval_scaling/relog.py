@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import DataError, UserError
 from .layout import DONE, read_done, sweep_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def relog_cell(uri: str, artifacts: str | os.PathLike, out: Path) -> str:
     from .plan import plan_cell
     from .tracking import CellRun
 
+    if not (out / "config.yaml").is_file():
+        raise DataError(f"{out / 'config.yaml'} is missing: the cell cannot be logged again without its config")
     cfg = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"), resolve=True)
     done = read_done(out / DONE)
     plan = plan_cell(cfg)
@@ -54,12 +57,18 @@ def relog_cell(uri: str, artifacts: str | os.PathLike, out: Path) -> str:
 
 
 def relog_sweep(root: str | os.PathLike, sweep: str, uri: str, artifacts: str | os.PathLike) -> list[str]:
-    """Relog every lost cell of a sweep; returns their ids."""
-    cells = lost_cells(root, sweep, uri)
-    for cell in cells:
-        run_id = relog_cell(uri, artifacts, sweep_dir(root, sweep) / "cells" / cell)
+    """Relog every lost cell of a sweep that can be; returns their ids. A cell whose directory cannot
+    say what it was is reported and left (it stays DONE; the sweep goes on)."""
+    done = []
+    for cell in lost_cells(root, sweep, uri):
+        try:
+            run_id = relog_cell(uri, artifacts, sweep_dir(root, sweep) / "cells" / cell)
+        except UserError as exc:
+            log.warning("cell %s: DONE but missing from the tracking store, and not logged again: %s", cell, exc)
+            continue
         log.info("cell %s: DONE but missing from the tracking store; logged again as run %s", cell, run_id)
-    return cells
+        done.append(cell)
+    return done
 
 
 def relog(argv: Sequence[str]) -> int:

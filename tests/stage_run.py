@@ -30,7 +30,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     import retrieval_scaling.train as train_module
-    from retrieval_scaling.cell import ensure_backbone
+    from retrieval_scaling.cell_model import ensure_backbone
     from retrieval_scaling.data import load_collection
     from retrieval_scaling.distributed import configure_threads, device
 

@@ -124,7 +124,7 @@ def test_the_kl_only_variant_composes_with_the_cl_kd_batch_and_no_in_batch_term(
 
 
 def test_the_models_deepspeed_overlay_is_merged_over_the_group(compose):
-    from retrieval_scaling.cell import deepspeed_config
+    from retrieval_scaling.cell_model import deepspeed_config
 
     tiny = deepspeed_config(compose("model=tiny_s"))
     big = deepspeed_config(compose("model=llama3_8b", "model.deepspeed.zero_optimization.stage=3"))
