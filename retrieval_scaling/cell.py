@@ -75,7 +75,8 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     from .distributed import configure_threads, device, launched_ranks
     from .precision import resolved as resolved_precision
     from .requeue import REQUEUE
-    from .tracking import CellRun, tracking_uri
+    from .tracking import CellRun
+    from .tracking_client import tracking_uri
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"]))

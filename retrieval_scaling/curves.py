@@ -187,7 +187,8 @@ def write_curves(uri: str, sweep: str, metric: str, out_dir: Path, bootstrap: in
 
 
 def log_to_parent(uri: str, sweep: str, files: Sequence[Path]) -> str | None:
-    from .tracking import client, find_parent_run
+    from .tracking import find_parent_run
+    from .tracking_client import client
 
     c = client(uri)
     exp = c.get_experiment_by_name(sweep)
@@ -208,7 +209,7 @@ def main(argv: Sequence[str]) -> int:
 def fit(argv: Sequence[str]) -> int:
     from .cli import key_value_args
     from .config_checks import check_number
-    from .tracking import tracking_uri
+    from .tracking_client import tracking_uri
 
     args = key_value_args(argv, DEFAULTS, USAGE)
     root = Path(args["root"] or os.environ.get("RS_SWEEPS_DIR", "sweeps"))

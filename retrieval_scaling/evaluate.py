@@ -87,7 +87,8 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
 
     from mlflow.entities import Metric
 
-    from .tracking import KIND, client, ensure_experiment, find_cell_run, flatten, log_param_batches, tracking_uri
+    from .tracking import KIND, ensure_experiment, find_cell_run, flatten, log_param_batches
+    from .tracking_client import client, tracking_uri
 
     uri = tracking_uri(cfg["tracking"], cfg["sweep"]["root"])
     c = client(uri)

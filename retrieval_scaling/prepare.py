@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .bm25 import BM25Index
-from .data import Collection, load_training_collection, read_trec_run
+from .data import Collection, load_training_collection
 from .errors import ConfigError
 from .layout import write_atomic
+from .readers import read_trec_run
 from .stages import build_resumable
 from .teachers import build_teacher
 
@@ -52,12 +53,10 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
     from tqdm import tqdm
 
     from .distributed import barrier, launched_ranks
-    from .search import top_k_rows
 
     rank, world = launched_ranks()
     coll: Collection = load_training_collection(data_cfg)
     neg = data_cfg["negatives"]
-    depth, keep = int(neg["depth"]), int(neg["keep"])
     qids = list(coll.queries)
     parts = range(0, len(qids), QUERIES_PER_PART)
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -65,34 +64,54 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
     todo = [p for p in mine if not (parts_dir / f"part-{p:09d}.jsonl").is_file()]
     if len(todo) < len(mine):
         log.info("prepare: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo), len(mine))
-    if todo:
-        index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
-        run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
-        teacher = build_teacher(data_cfg["teacher"], coll.corpus)
+    miner = Miner(data_cfg, coll) if todo else None
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
     for start in tqdm(todo, desc=desc, mininterval=10):
-        rows = []
-        for qid in qids[start:start + QUERIES_PER_PART]:
-            query = coll.queries[qid]
-            positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
-            if not positives:
-                continue
-            scores = index.scores(query) if index is not None else None
-            if run is not None:
-                ranked = [d for d in run.get(qid, [])[:depth] if d in coll.corpus]
-            else:
-                ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], depth)[1][0]]
-            negatives = [d for d in ranked if d not in positives][:keep]
-            judged = [*positives, *negatives]
-            teacher_scores = ([float(scores[index.position[d]]) for d in judged] if teacher is None
-                              else teacher(query, judged))
-            rows.append(json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
-                                    "teacher": dict(zip(judged, teacher_scores, strict=True)),
-                                    "in_run": run is None or qid in run}))
+        rows = [row for qid in qids[start:start + QUERIES_PER_PART] if (row := miner.example(qid)) is not None]
         write_atomic(parts_dir / f"part-{start:09d}.jsonl", "".join(f"{r}\n" for r in rows))
     barrier()  # every part is on disk before rank 0 joins them
-    if rank != 0:
-        return
+    if rank == 0:
+        _join_parts(data_cfg, coll, out, parts_dir, parts)
+
+
+class Miner:
+    """A training query's example: its positives, hard negatives (bm25s or a run file) and the teacher's
+    scores of all of them."""
+
+    def __init__(self, data_cfg: Mapping[str, Any], coll: Collection):
+        neg = data_cfg["negatives"]
+        self.coll, self.depth, self.keep = coll, int(neg["depth"]), int(neg["keep"])
+        self.index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
+        self.run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
+        self.teacher = build_teacher(data_cfg["teacher"], coll.corpus)
+
+    def example(self, qid: str) -> str | None:
+        """The example as a JSON line, None for a query without a positive judgement."""
+        from .search import top_k_rows
+
+        coll, index, run = self.coll, self.index, self.run
+        query = coll.queries[qid]
+        positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
+        if not positives:
+            return None
+        scores = index.scores(query) if index is not None else None
+        if run is not None:
+            ranked = [d for d in run.get(qid, [])[:self.depth] if d in coll.corpus]
+        else:
+            ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], self.depth)[1][0]]
+        negatives = [d for d in ranked if d not in positives][:self.keep]
+        judged = [*positives, *negatives]
+        teacher_scores = ([float(scores[index.position[d]]) for d in judged] if self.teacher is None
+                          else self.teacher(query, judged))
+        return json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
+                           "teacher": dict(zip(judged, teacher_scores, strict=True)),
+                           "in_run": run is None or qid in run})
+
+
+def _join_parts(data_cfg: Mapping[str, Any], coll: Collection, out: Path, parts_dir: Path, parts: range) -> None:
+    """Rank 0: the parts joined into `examples.jsonl`, the passages they name, and `meta.json`."""
+    neg = data_cfg["negatives"]
+    keep = int(neg["keep"])
     lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order
     for start in parts:
         for line in (parts_dir / f"part-{start:09d}.jsonl").read_text().splitlines():
@@ -109,7 +128,7 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
         for d in used:
             handle.write(json.dumps({"_id": d, "text": coll.corpus[d]}) + "\n")
     meta = {"queries": len(lines), "queries_with_fewer_negatives": short, "queries_missing_from_run": unranked,
-            "depth": depth, "keep": keep, "miner": neg["miner"], "teacher": dict(data_cfg["teacher"]),
+            "depth": int(neg["depth"]), "keep": keep, "miner": neg["miner"], "teacher": dict(data_cfg["teacher"]),
             "collection": coll.name, "split": data_cfg["split"]}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info("prepared %d training queries (%d with < %d negatives, %d not in the run)", len(lines), short, keep,

@@ -128,6 +128,30 @@ def ensure_pretrained(model_cfg: Mapping[str, Any], corpus: Collection, cache_ro
                            f"pretrain {model_cfg['name']}")
 
 
+def pretraining_blocks(model_cfg: Mapping[str, Any], corpus: Collection):
+    """(tokenizer, held-out blocks, training blocks): a BPE trained on the corpus, the corpus cut into
+    `block_len`-token blocks, one in fifty held out (seeded)."""
+    recipe = model_cfg["pretrain"]
+    torch.manual_seed(int(recipe["seed"]))
+    texts = list(corpus.corpus.values())
+    tokenizer = train_bpe_tokenizer(texts, architecture(model_cfg).vocab_size)
+    blocks = corpus_blocks(tokenizer, texts, int(recipe["block_len"]))
+    perm = torch.randperm(len(blocks))
+    n_heldout = max(1, len(blocks) // 50)
+    return tokenizer, blocks[perm[:n_heldout]].long(), blocks[perm[n_heldout:]]
+
+
+def optimizer_and_schedule(model, recipe: Mapping[str, Any]):
+    """AdamW (weight decay 0.1, β 0.9/0.95), linear warm-up then cosine decay over the recipe's steps."""
+    steps = int(recipe["steps"])
+    warmup = max(1, int(steps * float(recipe.get("warmup_fraction", 0.05))))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(recipe["lr"]), weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    return opt, sched
+
+
 def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, ckpt_dir: Path,
               ds_cfg: Mapping[str, Any] | None) -> None:
     import torch.distributed as dist
@@ -137,17 +161,8 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, ckpt_
 
     recipe = model_cfg["pretrain"]
     arch = architecture(model_cfg)
-    seed = int(recipe["seed"])
-    torch.manual_seed(seed)
-    texts = list(corpus.corpus.values())
-    tokenizer = train_bpe_tokenizer(texts, arch.vocab_size)
-    block = int(recipe["block_len"])
-    blocks = corpus_blocks(tokenizer, texts, block)
-    n_blocks = len(blocks)
-    perm = torch.randperm(n_blocks)
-    n_heldout = max(1, n_blocks // 50)
-    heldout, train = blocks[perm[:n_heldout]].long(), blocks[perm[n_heldout:]]
-
+    seed, block = int(recipe["seed"]), int(recipe["block_len"])
+    tokenizer, heldout, train = pretraining_blocks(model_cfg, corpus)
     config = llama_config(
         arch, max_position_embeddings=int(recipe.get("max_position_embeddings", 512)),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -155,12 +170,8 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, ckpt_
         attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
     )
     model = LlamaForCausalLM(config).to(device())
-    steps, batch, lr = int(recipe["steps"]), int(recipe["batch_size"]), float(recipe["lr"])
-    warmup = max(1, int(steps * float(recipe.get("warmup_fraction", 0.05))))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    )
+    steps, batch = int(recipe["steps"]), int(recipe["batch_size"])
+    opt, sched = optimizer_and_schedule(model, recipe)
     bf16 = use_bf16(recipe.get("bf16", AUTO), device(), "model.pretrain.bf16")
 
     def heldout_loss() -> float:

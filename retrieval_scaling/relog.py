@@ -24,7 +24,8 @@ USAGE = "usage: python -m retrieval_scaling.relog sweep=<name> [root=<sweeps dir
 
 def lost_cells(root: str | os.PathLike, sweep: str, uri: str) -> list[str]:
     """Cells with a DONE marker and no run in the store."""
-    from .tracking import cell_runs, store_exists
+    from .tracking import cell_runs
+    from .tracking_client import store_exists
 
     cells = sweep_dir(root, sweep) / "cells"
     done = sorted(p.parent.name for p in cells.glob(f"*/{DONE}")) if cells.is_dir() else []
@@ -74,7 +75,8 @@ def relog_sweep(root: str | os.PathLike, sweep: str, uri: str, artifacts: str | 
 def relog(argv: Sequence[str]) -> int:
     from .cli import key_value_args
     from .credentials import redact
-    from .tracking import ensure_experiment, tracking_uri
+    from .tracking import ensure_experiment
+    from .tracking_client import tracking_uri
 
     args = key_value_args(argv, {"sweep": None, "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None},
                           USAGE)

@@ -150,7 +150,7 @@ class Sweep:
     def __init__(self, cfgs: list[dict[str, Any]]):
         from .config_checks import check_cell
         from .pricing import price_study
-        from .tracking import hide_secret, tracking_uri
+        from .tracking_client import hide_secret, tracking_uri
 
         for cfg in cfgs:
             check_cell(cfg)

@@ -174,6 +174,58 @@ def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
     return size + 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights, dense_cols, dense_slot,
+              n_docs):  # pragma: no cover
+    """Most documents share a term with query `qi`: accumulate without bookkeeping, then scan them all.
+    Returns the heap's size; `acc` is left zeroed."""
+    for p in range(q_indptr[qi], q_indptr[qi + 1]):
+        t, w = q_terms[p], q_weights[p]
+        if dense_slot[t] >= 0:
+            col = dense_cols[dense_slot[t]]
+            for d in range(n_docs):
+                acc[d] += w * col[d]
+        else:
+            for j in range(indptr[t], indptr[t + 1]):
+                acc[doc_ids[j]] += w * weights[j]
+    size = 0
+    for d in range(n_docs):
+        size = _heap_push(hs, hi, size, acc[d], d)
+        acc[d] = 0.0
+    return size
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights, n_docs,
+                  k):  # pragma: no cover
+    """Few documents share a term with query `qi`: score only those, then let documents sharing none
+    (score 0) fill the k hits in index order while there are fewer than k or the worst kept hit scores
+    below 0. Returns the heap's size; `acc` and `hit` are left cleared."""
+    n_touched = 0
+    for p in range(q_indptr[qi], q_indptr[qi + 1]):
+        t, w = q_terms[p], q_weights[p]
+        for j in range(indptr[t], indptr[t + 1]):
+            d = doc_ids[j]
+            if not hit[d]:
+                hit[d] = True
+                touched[n_touched] = d
+                n_touched += 1
+            acc[d] += w * weights[j]
+    size = 0
+    for x in range(n_touched):
+        d = touched[x]
+        size = _heap_push(hs, hi, size, acc[d], d)
+    d = 0
+    while d < n_docs and (size < k or hs[0] < 0):
+        if not hit[d]:
+            size = _heap_push(hs, hi, size, np.float32(0.0), d)
+        d += 1
+    for x in range(n_touched):
+        acc[touched[x]] = 0.0
+        hit[touched[x]] = False
+    return size
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, q_terms, q_weights, k,
             n_chunks):  # pragma: no cover
@@ -191,45 +243,12 @@ def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, 
             for p in range(q_indptr[qi], q_indptr[qi + 1]):
                 t = q_terms[p]
                 work += n_docs if dense_slot[t] >= 0 else indptr[t + 1] - indptr[t]
-            size = 0
             if work >= n_docs // 4:
-                # Most documents share a term: accumulate without bookkeeping, then scan them all.
-                for p in range(q_indptr[qi], q_indptr[qi + 1]):
-                    t, w = q_terms[p], q_weights[p]
-                    if dense_slot[t] >= 0:
-                        col = dense_cols[dense_slot[t]]
-                        for d in range(n_docs):
-                            acc[d] += w * col[d]
-                    else:
-                        for j in range(indptr[t], indptr[t + 1]):
-                            acc[doc_ids[j]] += w * weights[j]
-                for d in range(n_docs):
-                    size = _heap_push(hs, hi, size, acc[d], d)
-                    acc[d] = 0.0
+                size = _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights,
+                                 dense_cols, dense_slot, n_docs)
             else:
-                n_touched = 0
-                for p in range(q_indptr[qi], q_indptr[qi + 1]):
-                    t, w = q_terms[p], q_weights[p]
-                    for j in range(indptr[t], indptr[t + 1]):
-                        d = doc_ids[j]
-                        if not hit[d]:
-                            hit[d] = True
-                            touched[n_touched] = d
-                            n_touched += 1
-                        acc[d] += w * weights[j]
-                for x in range(n_touched):
-                    d = touched[x]
-                    size = _heap_push(hs, hi, size, acc[d], d)
-                # Documents sharing no term with the query score 0: they fill the k hits, in index
-                # order, while there are fewer than k or the worst kept hit scores below 0.
-                d = 0
-                while d < n_docs and (size < k or hs[0] < 0):
-                    if not hit[d]:
-                        size = _heap_push(hs, hi, size, np.float32(0.0), d)
-                    d += 1
-                for x in range(n_touched):
-                    acc[touched[x]] = 0.0
-                    hit[touched[x]] = False
+                size = _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids,
+                                     weights, n_docs, k)
             # pop the heap worst-first into the output, back to front
             for r in range(size - 1, -1, -1):
                 out_s[qi, r] = hs[0]

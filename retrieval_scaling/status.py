@@ -85,7 +85,8 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
                stale_after: float = STALE_AFTER_S) -> list[dict[str, Any]]:
     from .layout import ledger_path, plan_path, read_done, read_json, sweep_dir
     from .ledger import Ledger
-    from .tracking import cell_runs, store_exists
+    from .tracking import cell_runs
+    from .tracking_client import store_exists
 
     base = sweep_dir(root, sweep)
     plan_file = plan_path(root, sweep)
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def show(args: Mapping[str, str]) -> int:
     from .config_checks import check_number
     from .credentials import redact
-    from .tracking import RETRY_ENV, tracking_uri
+    from .tracking_client import RETRY_ENV, tracking_uri
 
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
     stale_after = check_number("stale_after", args["stale_after"], float, 1.0, False)

@@ -154,6 +154,42 @@ def compiled_layers(encoder: Encoder, on: bool) -> Iterator[None]:
             layer._compiled_call_impl = None  # what nn.Module.compile set; no public way to undo it
 
 
+def build_engine(encoder: Encoder, micro_batch: int, steps: int, train_cfg: Mapping[str, Any],
+                 ds_cfg: Mapping[str, Any]):
+    """(DeepSpeed engine, LR scheduler): AdamW over the trainable parameters, linear warm-up and decay."""
+    import deepspeed
+
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
+    warmup = max(1, math.ceil(steps * float(train_cfg["warmup_fraction"])))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
+    config = {**ds_cfg, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "gradient_clipping": float(train_cfg["grad_clip"]), "zero_allow_untested_optimizer": True}
+    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine, scheduler
+
+
+class StepLoss:
+    """One step's loss over the rank-gathered reps: the objective, plus the FLOPS regulariser (sparse)
+    with its quadratic warm-up over optimizer steps."""
+
+    def __init__(self, loss_fn: Callable[..., LossOutput], group: int, paradigm_cfg: Mapping[str, Any], steps: int):
+        self.loss_fn, self.group = loss_fn, group
+        self.temperature = float(paradigm_cfg["temperature"])
+        self.reg = paradigm_cfg.get("flops")
+        self.reg_warmup = math.ceil(steps * float(self.reg["warmup_fraction"])) if self.reg else 0
+
+    def __call__(self, q: torch.Tensor, p: torch.Tensor, teacher, step: int) -> tuple[torch.Tensor, dict]:
+        out = self.loss_fn(q, p, teacher, self.group, self.temperature)
+        loss, parts = out.total, dict(out.parts)
+        if self.reg:
+            lam_q = quadratic_warmup(float(self.reg["lambda_q"]), step, self.reg_warmup)
+            lam_d = quadratic_warmup(float(self.reg["lambda_d"]), step, self.reg_warmup)
+            parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
+            loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
+        return loss, parts
+
+
 def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
           flops_per_step: int, tokens_per_step: int, train_cfg: Mapping[str, Any],
           paradigm_cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
@@ -162,38 +198,20 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     tokens per step come from the cell's plan, the one place they are counted. Over several ranks,
     each encodes its share of the global batch and the loss is taken over the gathered reps, so
     in-batch negatives and the FLOPS term see the whole batch whatever the number of ranks."""
-    import deepspeed
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), world_size()
     if sampler.queries_per_step % world:
         raise ConfigError(f"{sampler.queries_per_step} queries per step do not split over {world} ranks; make "
                           "train.queries_per_step a multiple of the ranks (launcher.resources tasks × nodes)")
-
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
-    warmup = max(1, math.ceil(steps * float(train_cfg["warmup_fraction"])))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
-    config = {
-        **ds_cfg,
-        "train_micro_batch_size_per_gpu": sampler.queries_per_step // world,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": float(train_cfg["grad_clip"]),
-        "zero_allow_untested_optimizer": True,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config)
+    engine, scheduler = build_engine(encoder, sampler.queries_per_step // world, steps, train_cfg, ds_cfg)
     start, real_tokens = 0, 0  # real: without padding (the budget counts padded tokens: `tokens_seen`)
     client = resume(engine, ckpt_dir, "the cell")
     if client is not None:
-        start = int(client["step"])
-        real_tokens = int(client.get("real_tokens", 0))
+        start, real_tokens = int(client["step"]), int(client.get("real_tokens", 0))
         log.info("resumed from checkpoint at step %d", start)
         log_metrics({"resumed_from_step": float(start)}, start)
-
-    temperature = float(paradigm_cfg["temperature"])
-    reg = paradigm_cfg.get("flops")
-    reg_warmup = math.ceil(steps * float(reg["warmup_fraction"])) if reg else 0
+    step_loss = StepLoss(loss_fn, sampler.group, paradigm_cfg, steps)
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     bf16 = use_bf16(train_cfg.get("bf16", AUTO), device, "train.bf16")
     engine.train()
@@ -208,13 +226,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                 q = engine(local.query_ids, local.query_mask).float()
                 p = engine(local.passage_ids, local.passage_mask).float()
             q, p = gather_rows(q), gather_rows(p)
-            out = loss_fn(q, p, batch.teacher, sampler.group, temperature)
-            loss, parts = out.total, dict(out.parts)
-            if reg:
-                lam_q = quadratic_warmup(float(reg["lambda_q"]), step, reg_warmup)
-                lam_d = quadratic_warmup(float(reg["lambda_d"]), step, reg_warmup)
-                parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
-                loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
+            loss, parts = step_loss(q, p, batch.teacher, step)
             engine.backward(loss)
             engine.step()
             done = step + 1
@@ -225,9 +237,8 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                     "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
                     "tokens_seen": float(done * tokens_per_step), "tokens_real_seen": float(real_tokens),
                     "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
+                    **({"train/query_nnz": sparsity(q), "train/doc_nnz": sparsity(p)} if encoder.sparse else {}),
                 }
-                if encoder.sparse:
-                    metrics["train/query_nnz"], metrics["train/doc_nnz"] = sparsity(q), sparsity(p)
                 log_metrics(metrics, done)
                 log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])
                 tick = time.time()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from retrieval_scaling.curves import main, write_curves
-from retrieval_scaling.tracking import CellRun, client, close_run, open_parent_run
+from retrieval_scaling.tracking import CellRun, close_run, open_parent_run
+from retrieval_scaling.tracking_client import client
 
 SIZES = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9, "m4": 6.4e9}
 ALPHA = {("sparse", "cl"): 0.25, ("dense", "cl"): 0.2, ("sparse", "kd"): 0.0, ("dense", "kd"): 0.0,

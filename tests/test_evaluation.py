@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from retrieval_scaling.data import Collection, load_source, read_trec_qrels, read_trec_topics
+from retrieval_scaling.data import Collection, load_source
 from retrieval_scaling.errors import DataError
 from retrieval_scaling.evaluation import evaluate_all, group_means, rank_collection, score_run
+from retrieval_scaling.readers import read_trec_qrels, read_trec_topics
 from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from test_cli import SUBSET, run_cli
 from retrieval_scaling.credentials import redact, redact_config
 from retrieval_scaling.errors import DataError
 from retrieval_scaling.ledger import Ledger
-from retrieval_scaling.tracking import TrackingUnavailable, retrying, tracking_uri
+from retrieval_scaling.tracking_client import TrackingUnavailable, retrying, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_a_redacted_uri_in_a_job_config_gets_its_secret_back_from_the_environmen
 
 
 def test_a_sqlite_uri_with_a_query_string_is_the_same_store(tmp_path):
-    from retrieval_scaling.tracking import sqlite_path, store_exists
+    from retrieval_scaling.tracking_client import sqlite_path, store_exists
 
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"")

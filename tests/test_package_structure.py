@@ -95,3 +95,16 @@ def _name(requirement: str) -> str:
     for sep in "<>=!~[; ":
         requirement = requirement.split(sep)[0]
     return requirement.strip().lower().replace("_", "-")
+
+
+def test_modules_and_functions_stay_small_enough_to_read():
+    """No module over 300 lines and no function over 60: a concept that outgrows them gets its own module."""
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 300:
+            long_modules.append(path.name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long_functions.append(f"{path.stem}.{node.name}")
+    assert (long_modules, long_functions) == ([], [])

@@ -14,7 +14,8 @@ import time
 import pytest
 from servers import mlflow_server, postgres
 
-from retrieval_scaling.tracking import client, ensure_experiment, fail_if_running
+from retrieval_scaling.tracking import ensure_experiment, fail_if_running
+from retrieval_scaling.tracking_client import client
 
 pytestmark = pytest.mark.slow
 

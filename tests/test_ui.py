@@ -9,7 +9,8 @@ import time
 import pytest
 from servers import mlflow_server
 
-from retrieval_scaling.tracking import CellRun, client, close_run, open_parent_run
+from retrieval_scaling.tracking import CellRun, close_run, open_parent_run
+from retrieval_scaling.tracking_client import client
 
 pytestmark = pytest.mark.slow
 
