@@ -386,10 +386,15 @@ def test_orphaned_jobs_hold_their_cells_and_a_hung_one_is_killed_not_scancelled(
     for pid in job:
         os.kill(pid, signal.SIGSTOP)  # hung: no progress, no heartbeat
     wait_until(lambda: status_row(sweeps, "hung", "stale_after=5")["state"] == "STALE", 60, "the cell to go STALE")
-    env = {**sweeps, "PATH": "/usr/bin:/bin"}  # a login node with SLURM tools would have scancel here
+    # A login node with SLURM's tools: a scancel that records what it was asked to cancel.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scancelled"}\n')
+    (tmp_path / "bin" / "scancel").chmod(0o755)
+    env = {**sweeps, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     again = run_cli("sweep", *CELL, "sweep.name=hung", "sweep.stale_after_s=5", env_extra=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"cell {cell}: killed its stalled local job {attempt['job_id']}" in again.stdout
+    assert not (tmp_path / "scancelled").exists()  # a local PID never reaches scancel
     assert not any(local_jobs.alive(pid, {}) for pid in job)
     _, run = cell_run(sweeps, "hung")
     assert run.data.metrics["resumed_from_step"] == 20 and status_row(sweeps, "hung")["state"] == "DONE"
