@@ -110,8 +110,9 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     docs_text, queries_text = list(coll.corpus.values()), list(coll.queries.values())
-    t_docs, docs = best_of(1, lambda: encode_texts(encoder, tokenizer, docs_text, 128, 256, "docs").numpy())
-    queries = encode_texts(encoder, tokenizer, queries_text, 32, 256, "queries").numpy()
+    # a sparse encoder's reps come back as CSR (evaluation never builds the dense corpus array)
+    t_docs, docs = best_of(1, lambda: encode_texts(encoder, tokenizer, docs_text, 128, 256, "docs"))
+    queries = encode_texts(encoder, tokenizer, queries_text, 32, 256, "queries")
     d_csr, q_csr = to_csr(docs), to_csr(queries)
 
     t_build, index = best_of(args.repeats, lambda: InvertedIndex(d_csr))
