@@ -23,10 +23,6 @@ def redact(text: str) -> str:
     return _QUERY.sub(lambda m: f"{m['head']}{MASK}", text)
 
 
-def has_secret(text: str) -> bool:
-    return redact(text) != text
-
-
 def redact_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a (nested) config with every string value redacted."""
     def walk(value: Any) -> Any:
