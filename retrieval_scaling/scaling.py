@@ -1,16 +1,17 @@
 """Scaling-law fits: a saturating power law per line, Huber loss on logs, bootstrap intervals.
 
-The quantity fitted is an *error* that falls with scale, e = 1 − metric for a metric in [0, 1] such as
-nDCG@10: e(x) = E + A·x^(−α), x the non-embedding parameters (or training FLOPs), E ≥ 0 the
-irreducible error, α the exponent. As in Hoffmann et al. (2022), the fit minimises a Huber loss of
-log-residuals, log e − log(E + A·x^−α), from a grid of starting points (L-BFGS).
+The quantity fitted is an *error* that falls with scale: e(x) = E + A·x^(−α), x the non-embedding
+parameters, E ≥ 0 the irreducible error, α the exponent. A `Target` says how a metric maps to its
+error and back, so that a prediction stays inside the metric's range: a loss (contrastive entropy,
+≥ 0) is its own error; a score in [0, 1] (nDCG, MRR, recall) is fitted as the odds of missing it,
+(1 − m)/m, whose law maps back to m = 1/(1 + e) ∈ (0, 1) at every x. As in Hoffmann et al. (2022),
+the fit minimises a Huber loss of log-residuals, log e − log(E + A·x^−α), from a grid of starting
+points (L-BFGS).
 
 Three parameters need more than three distinct x: with three sizes (the paper's grid) the saturating
 law interpolates any three points, so the fit falls back to a pure power law (E = 0) and says so.
-The exponent's 95 % interval comes from a bootstrap over the points (replicates — seeds — included);
-with one point per size it is wide, and the summary says when it cannot pin the exponent down.
-Percentile intervals from few points run narrow: on 20 synthetic points (5 sizes × 4 seeds, 1 %
-noise) the 95 % interval held the true exponent in 16 of 20 draws.
+Intervals come from bootstrap replicates of the data: `resampling` draws them from per-query values
+(and seeds) when the cells kept them; otherwise the points themselves are resampled here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,38 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 HUBER_DELTA = 0.05  # on log-residuals: quadratic up to ~5 % relative error, linear (robust) beyond
+
+
+@dataclass(frozen=True)
+class Target:
+    """How a metric maps to the error a law is fitted to, and back."""
+
+    name: str
+    bounded: bool  # True: a score in [0, 1], higher is better; False: a loss ≥ 0, lower is better
+
+    def error(self, metric: np.ndarray) -> np.ndarray:
+        m = np.asarray(metric, dtype=float)
+        if not self.bounded:
+            return m
+        with np.errstate(divide="ignore"):
+            return (1.0 - m) / m
+
+    def metric(self, error: np.ndarray) -> np.ndarray:
+        e = np.asarray(error, dtype=float)
+        return 1.0 / (1.0 + e) if self.bounded else e
+
+    def clip(self, metric: np.ndarray) -> np.ndarray:
+        return np.clip(metric, 0.0, 1.0) if self.bounded else np.clip(metric, 0.0, None)
+
+    @property
+    def law(self) -> str:
+        return "(1 - m)/m = E + A*N^-alpha" if self.bounded else "m = E + A*N^-alpha"
+
+
+def target_for(metric: str) -> Target:
+    """A contrastive entropy is a loss; every other metric we log per collection is a score in [0, 1]."""
+    leaf = metric.rsplit("/", 1)[-1]
+    return Target(metric, bounded=not leaf.startswith("contrastive_entropy"))
 
 
 @dataclass
@@ -62,12 +95,18 @@ def _huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def _objective(theta: np.ndarray, logx: np.ndarray, loge: np.ndarray, saturating: bool) -> float:
-    # theta = (a, alpha, b) with A = e^a, E = e^b: log(E + A x^-α) = logsumexp(a − α log x, b)
+def _objective(theta: np.ndarray, logx: np.ndarray, loge: np.ndarray, saturating: bool) -> tuple[float, np.ndarray]:
+    """The Huber loss of log-residuals and its gradient in θ = (a, α, b), A = e^a, E = e^b:
+    log(E + A x^-α) = logaddexp(a − α log x, b)."""
     a, alpha = theta[0], theta[1]
     terms = a - alpha * logx
     pred = np.logaddexp(terms, theta[2]) if saturating else terms
-    return float(_huber(loge - pred).sum())
+    r = loge - pred
+    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r
+    share = np.exp(terms - pred) if saturating else np.ones_like(terms)  # d pred / d a
+    grad = np.array([-(psi * share).sum(), (psi * share * logx).sum(),
+                     -(psi * np.exp(theta[2] - pred)).sum() if saturating else 0.0])
+    return float(_huber(r).sum()), grad
 
 
 def _fit_once(x: np.ndarray, e: np.ndarray, saturating: bool,
@@ -86,7 +125,7 @@ def _fit_once(x: np.ndarray, e: np.ndarray, saturating: bool,
                   if saturating or b0 == loge.min() - 3]
     best, best_val = starts[0], math.inf
     for theta0 in starts:
-        res = minimize(_objective, theta0, args=(logx, loge, saturating), method="L-BFGS-B",
+        res = minimize(_objective, theta0, args=(logx, loge, saturating), method="L-BFGS-B", jac=True,
                        options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})  # the α–E valley is flat
         if res.fun < best_val:
             best, best_val = res.x, res.fun
@@ -94,8 +133,9 @@ def _fit_once(x: np.ndarray, e: np.ndarray, saturating: bool,
     return best, float(alpha), float(math.exp(a)), float(math.exp(b)) if saturating else 0.0
 
 
-def fit_scaling_law(x, error, bootstrap: int = 1000, seed: int = 0) -> Fit:
-    """Fit e(x) = E + A·x^(−α) to positive errors; bootstrap the exponent's 95 % interval."""
+def fit_scaling_law(x, error, bootstrap: int = 1000, seed: int = 0, resamples=None) -> Fit:
+    """Fit e(x) = E + A·x^(−α) to positive errors; bootstrap the exponent's 95 % interval.
+    `resamples`: replicates (x_b, e_b) of the data (`resampling.replicates`); None resamples the points."""
     x, e = np.asarray(x, dtype=float), np.asarray(error, dtype=float)
     if x.shape != e.shape or x.ndim != 1:
         raise ValueError("x and error must be 1-D arrays of the same length")
@@ -111,24 +151,26 @@ def fit_scaling_law(x, error, bootstrap: int = 1000, seed: int = 0) -> Fit:
                      "law, E = 0")
     theta, alpha, amp, floor = _fit_once(x, e, saturating)
     fit = Fit(alpha=alpha, A=amp, E=floor, saturating=saturating, n_points=len(x), n_sizes=sizes, notes=notes)
-    if bootstrap:
+    if resamples is None and bootstrap:
         rng = np.random.default_rng(seed)
+        resamples = [(x[idx], e[idx]) for idx in (rng.integers(0, len(x), len(x)) for _ in range(bootstrap))]
+        if len(x) <= sizes:
+            notes.append(f"one point per size ({sizes} in all): the interval reflects which sizes a resample "
+                         "drew, not seed noise; run more seeds, or keep per-query metrics, for an honest interval")
+    if resamples is not None:
         samples = []
-        for _ in range(bootstrap):
-            idx = rng.integers(0, len(x), len(x))
-            if len(np.unique(x[idx])) < 2:  # a resample with one size says nothing about the slope
+        for xb, eb in resamples:
+            xb, eb = np.asarray(xb, dtype=float), np.asarray(eb, dtype=float)
+            if len(np.unique(xb)) < 2 or np.any(eb <= 0):  # one size says nothing of the slope
                 continue
             # from the full fit's optimum: a resample is a small perturbation of the data
-            samples.append(_fit_once(x[idx], e[idx], saturating and len(np.unique(x[idx])) >= 4, theta)[1:])
+            samples.append(_fit_once(xb, eb, saturating and len(np.unique(xb)) >= 4, theta)[1:])
         fit.samples = samples
         alphas = [a for a, _, _ in samples]
         fit.bootstrap_samples = len(alphas)
         if len(alphas) >= 20:
             lo, hi = np.percentile(alphas, [2.5, 97.5])
             fit.alpha_ci = (float(lo), float(hi))
-        if len(x) <= sizes:
-            notes.append(f"one point per size ({sizes} in all): the interval reflects which sizes a resample "
-                         "drew, not seed noise; run more seeds for an honest interval")
         if fit.alpha_ci is None:
             notes.append("too few usable bootstrap resamples for an interval")
         elif fit.alpha_ci[0] <= 0 <= fit.alpha_ci[1]:
