@@ -50,11 +50,12 @@ def write_process_info(out: Path, attempt: int) -> None:
 
 
 def cell_tags(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """A cell run's tags: its axes, its sweep, a readable run name."""
+    """A cell run's tags: its axes, its FLOP budget, its sweep, a readable run name."""
     from .tracking import AXES
 
     tags = {axis: cfg[axis]["name"] for axis in AXES}
-    return {**tags, "sweep": cfg["sweep"]["name"], "run_name": f"{tags['model']}-{tags['paradigm']}-{tags['loss']}"}
+    return {**tags, "sweep": cfg["sweep"]["name"], "budget": f"{float(cfg['budget']['flops']):.3g}",
+            "run_name": f"{tags['model']}-{tags['paradigm']}-{tags['loss']}"}
 
 
 def cell_params(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -148,12 +149,12 @@ class Evaluator:
         self.cfg, self.cid, self.rank, self.world = cfg, cid, rank, world_size()
 
     def __call__(self, encoder, tokenizer, store_dir: Path, runs_dir: Path | None = None) -> dict[str, float]:
-        from .evaluation import encoder_retriever, evaluate_all, inference_encoder
+        from .evaluation import encoder_retriever, entropy_spec, evaluate_all, inference_encoder
 
         eval_cfg = self.cfg["eval"]
         inference = inference_encoder(encoder, eval_cfg["dtype"], self.cfg["model"].get("eval_attn_implementation"))
         retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), f"cell-{self.cid}",
-                                      store_dir, self.rank, self.world)
+                                      store_dir, self.rank, self.world, entropy_spec(eval_cfg, self.cfg["paradigm"]))
         metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, self.rank)
         if self.rank == 0 and not eval_cfg.get("keep_encodings"):
             shutil.rmtree(store_dir, ignore_errors=True)
@@ -224,7 +225,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     if rank != 0:
         return {}
     run.log_metrics(after, step=plan["steps"])
-    for run_file in sorted((out / "runs").glob("*.trec.gz")):
+    for run_file in sorted((out / "runs").glob("*.gz")):  # run files and the per-query measures
         run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)
     return after

@@ -169,6 +169,24 @@ class EncodingStore:
         if fresh:
             self.known = np.sort(np.concatenate([self.known, *fresh]))
 
+    def gather(self, view: CorpusView, positions: np.ndarray) -> np.ndarray | sparse.csr_matrix:
+        """The reps of the documents at corpus `positions`, in that order (read by this rank alone)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        back = {p: first for first, later in view.repeats.items() for p in later}  # a repeat → its first position
+        firsts = np.array([back.get(int(p), int(p)) for p in positions], dtype=np.int64)
+        parts, where = [], []
+        for name, (rows, first) in sorted(view.rows.items()):
+            at = np.minimum(np.searchsorted(first, firsts), len(first) - 1)
+            found = np.flatnonzero(first[at] == firsts)
+            if len(found):
+                parts.append(self.read_reps(name)[rows[at[found]]])
+                where.append(found)
+        order = np.argsort(np.concatenate(where), kind="stable") if where else np.empty(0, dtype=np.int64)
+        if len(order) != len(positions):
+            raise ValueError(f"{view.label}: {len(positions) - len(order)} positions asked for are not in the store")
+        stacked = sparse.vstack(parts, format="csr") if self.sparse else np.concatenate(parts)
+        return stacked[order]
+
     # ---- search ----
 
     def search(self, view: CorpusView, queries, k: int, scratch: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UserError
-from .evaluation import collection_specs, encoder_retriever, evaluate_all, inference_encoder
+from .evaluation import collection_specs, encoder_retriever, entropy_spec, evaluate_all, inference_encoder
 from .retrievers import EncoderRetriever, Retriever
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     # Encodings of these weights at this precision, kept in the cell's directory until the evaluation is
     # done: an interrupted `evaluate` resumes from them.
     store = out / "eval" / f"verb-{file_hash(out / FINAL)}-{cfg['eval']['dtype']}"
-    return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), f"cell-{cell}", store), cell_cfg
+    return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), f"cell-{cell}", store,
+                             entropy=entropy_spec(cfg["eval"], cell_cfg["paradigm"])), cell_cfg
 
 
 def print_table(metrics: Mapping[str, float], title: str) -> None:

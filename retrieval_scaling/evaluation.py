@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -83,14 +84,25 @@ def batch_csr(reps: torch.Tensor) -> sparse.csr_matrix:
 
 
 def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
-                      store_root: Path | None = None, rank: int = 0, world: int = 1) -> EncoderRetriever:
+                      store_root: Path | None = None, rank: int = 0, world: int = 1,
+                      entropy: Mapping[str, Any] | None = None) -> EncoderRetriever:
     """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
     encodings persist under `store_root` (see `EncoderRetriever`)."""
     def encode(texts: list[str], max_len: int, desc: str):
         reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc)
         return reps if encoder.sparse else reps.numpy()
 
-    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world)
+    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy)
+
+
+def entropy_spec(eval_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the contrastive entropy of a cell's evaluation needs: the sample (`eval.contrastive_entropy`)
+    and the paradigm's temperature; None when the evaluation turns it off."""
+    spec = eval_cfg.get("contrastive_entropy")
+    if not spec:
+        return None
+    return {"negatives": int(spec["negatives"]), "seed": int(spec["seed"]),
+            "temperature": float(paradigm_cfg.get("temperature") or 1.0)}
 
 
 def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any],
@@ -113,9 +125,7 @@ def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, A
     return run
 
 
-def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-              measures: Mapping[str, str], prefix: str) -> dict[str, float]:
-    """Mean of each measure over the judged queries (a query without hits scores 0)."""
+def parse_measures(measures: Mapping[str, str]) -> dict:
     import ir_measures
 
     parsed = {}
@@ -124,9 +134,33 @@ def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mappin
             parsed[name] = ir_measures.parse_measure(text)
         except (ValueError, NameError, SyntaxError) as exc:
             raise ConfigError(f"measure {name}: {text!r} is not an ir_measures measure ({exc}).") from None
+    return parsed
+
+
+def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
+              measures: Mapping[str, str], prefix: str) -> dict[str, float]:
+    """Mean of each measure over the judged queries (a query without hits scores 0)."""
+    import ir_measures
+
+    parsed = parse_measures(measures)
     full = {q: dict(run.get(q) or {}) for q in qrels}
     agg = ir_measures.calc_aggregate(list(parsed.values()), qrels, full)
     return {f"{prefix}/{name}": float(agg[m]) for name, m in parsed.items()}
+
+
+def per_query_scores(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
+                     measures: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """{measure name: {query id: value}} over every judged query (0 where a query has no hits): what
+    `score_run` averages, kept so that intervals can resample queries."""
+    import ir_measures
+
+    parsed = parse_measures(measures)
+    names = {m: name for name, m in parsed.items()}
+    out: dict[str, dict[str, float]] = {name: dict.fromkeys(qrels, 0.0) for name in parsed}
+    for row in ir_measures.iter_calc(list(parsed.values()), qrels, {q: dict(h) for q, h in run.items() if h}):
+        if row.query_id in qrels:
+            out[names[row.measure]][row.query_id] = float(row.value)
+    return out
 
 
 def write_run(run: Run, path: Path, tag: str) -> Path:
@@ -187,16 +221,22 @@ def group_means(metrics: Mapping[str, float], specs: Sequence[Mapping[str, Any]]
                 names: Sequence[str]) -> dict[str, float]:
     """`<group>/<metric>`: the unweighted mean over a group's collections (BEIR-13's average);
     `names`: each spec's collection name as its metrics are prefixed."""
-    groups: dict[str, list[tuple[Mapping[str, Any], str]]] = {}
+    out = {}
+    for group, members in group_members(specs, names).items():
+        shared = set.intersection(*({k[len(c) + 1:] for k in metrics if k.startswith(f"{c}/")}
+                                    - {"doc_nnz", "query_nnz"} for c in members))
+        for measure in sorted(shared):
+            out[f"{group}/{measure}"] = float(np.mean([metrics[f"{c}/{measure}"] for c in members]))
+    return out
+
+
+def group_members(specs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, list[str]]:
+    """Each group's collections, by their metric names."""
+    groups: dict[str, list[str]] = {}
     for spec, name in zip(specs, names, strict=True):
         if spec.get("group"):
-            groups.setdefault(spec["group"], []).append((spec, name))
-    out = {}
-    for group, members in groups.items():
-        shared = set.intersection(*(set(spec["measures"]) for spec, _ in members))
-        for measure in sorted(shared):
-            out[f"{group}/{measure}"] = float(np.mean([metrics[f"{c}/{measure}"] for _, c in members]))
-    return out
+            groups.setdefault(spec["group"], []).append(name)
+    return groups
 
 
 def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None, eval_cfg: Mapping[str, Any],
@@ -209,6 +249,8 @@ def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None,
     specs = collection_specs(eval_cfg)
     metrics: dict[str, float] = {}
     names: list[str] = []
+    per_query: dict[str, dict[str, dict[str, float]]] = {}
+    entropy = eval_cfg.get("contrastive_entropy")
     source = iter_eval_collections(eval_cfg) if collections is None else iter(collections)
     for spec in specs:
         coll = next(source)
@@ -217,6 +259,12 @@ def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None,
         if rank != 0:
             continue
         metrics.update(score_run(run, coll.qrels, spec["measures"], coll.name))
+        per_query[coll.name] = per_query_scores(run, coll.qrels, spec["measures"])
+        if entropy and getattr(retriever, "per_query_entropy", None):
+            from .contrastive_entropy import metric_name
+
+            per_query[coll.name][metric_name(entropy)] = retriever.per_query_entropy
+            metrics[f"{coll.name}/{metric_name(entropy)}"] = float(np.mean(list(retriever.per_query_entropy.values())))
         nnz = getattr(retriever, "nnz", None) if retriever.sparse else None
         if nnz:
             metrics.update({f"{coll.name}/{k}": float(v) for k, v in nnz.items()})
@@ -227,6 +275,11 @@ def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None,
     if rank != 0:
         return {}
     metrics.update(group_means(metrics, specs, names))
+    if runs_dir is not None:
+        from .layout import PER_QUERY, write_via
+
+        payload = json.dumps({"collections": per_query, "groups": group_members(specs, names)})
+        write_via(Path(runs_dir) / PER_QUERY, lambda tmp: tmp.write_bytes(gzip.compress(payload.encode())))
     return metrics
 
 

@@ -22,6 +22,8 @@ STAGE_RUNTIME_KEYS = ("checkpoint_every",)
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "eval.batch_size", "eval.keep_encodings",
+                # its name carries K and the seed: a cell evaluated another way logs another metric
+                "eval.contrastive_entropy",
                 "model.pretrain.checkpoint_every", "model.mntp.checkpoint_every", "planner", "train.compile",
                 # how a teacher batches and caches (its scores do not change), wherever the teacher sits
                 *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),

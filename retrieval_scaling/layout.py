@@ -102,6 +102,11 @@ def faults_path(root: str | os.PathLike, name: str) -> Path:
     return sweep_dir(root, name) / "faults.json"
 
 
+def predictions_dir(root: str | os.PathLike, name: str) -> Path:
+    """Predictions stored before training, one `<cell>.json` each (see `predictions`)."""
+    return sweep_dir(root, name) / "predictions"
+
+
 def cell_dir(cfg: Mapping[str, Any]) -> Path:
     """A cell's directory, from its config: `<sweep.root>/<sweep.name>/cells/<cell_id>`."""
     from .identity import cell_id
@@ -109,6 +114,7 @@ def cell_dir(cfg: Mapping[str, Any]) -> Path:
     return cell_path(cfg["sweep"]["root"], cfg["sweep"]["name"], cell_id(cfg))
 
 
+PER_QUERY = "per_query.json.gz"  # beside a cell's run files: every measure of every judged query
 FINAL = "final/trainable.safetensors"  # a finished cell's trained parameters (LoRA, trained embeddings)
 
 

@@ -41,13 +41,16 @@ class Retriever:
 class EncoderRetriever(Retriever):
     """An encoder behind the retriever interface. Its corpus encodings go to an `EncodingStore` under
     `store_root` (kept: a later collection with the same documents, or a later attempt, reuses them;
-    None: a temporary directory per search), encoded and searched over `world` ranks."""
+    None: a temporary directory per search), encoded and searched over `world` ranks. With `entropy`
+    ({negatives, seed, temperature}), each search also gives the contrastive entropy of every judged
+    query (`contrastive_entropy`), from the encodings the search used."""
 
     def __init__(self, name: str, encode: EncodeFn, sparse: bool, store_root: Path | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, entropy: Mapping[str, Any] | None = None):
         self.name, self.encode, self.sparse = name, encode, sparse
-        self.store_root, self.rank, self.world = store_root, rank, world
+        self.store_root, self.rank, self.world, self.entropy = store_root, rank, world, entropy
         self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last search's queries and docs
+        self.per_query_entropy: dict[str, float] = {}  # of the last search, by query id
         self.store: EncodingStore | None = None
 
     def search(self, coll, depth, query_max_len, passage_max_len, shard_size):
@@ -67,6 +70,12 @@ class EncoderRetriever(Retriever):
         if result is None:  # a rank > 0: rank 0 holds the merged run
             return qids, None, None
         scores, idx = result
+        if self.entropy:
+            from .contrastive_entropy import contrastive_entropy
+
+            self.per_query_entropy = contrastive_entropy(
+                queries, qids, coll.qrels, list(coll.corpus), lambda positions: self.store.gather(view, positions),
+                self.entropy, float(self.entropy["temperature"]))
         if self.sparse:
             q = to_csr(queries)
             self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}

@@ -184,10 +184,11 @@ class Sweep:
         from .tracking import open_parent_run
 
         axes = {axis: sorted({p[axis] for p in self.plans}) for axis in ("model", "paradigm", "loss")}
-        budget = self.first["budget"]
+        budgets = ",".join(f"{b:.6g}" for b in sorted({float(p["flops_budget"]) for p in self.plans}))
         return open_parent_run(self.uri, self.sweep["name"], self.first["tracking"]["artifacts"],
                                {**{f"grid.{k}": ",".join(v) for k, v in axes.items()}, "grid.cells": len(self.plans),
-                                "budget.flops": budget["flops"], "budget.match": budget.get("match")}, [plan_file])
+                                "budget.flops": budgets, "budget.match": self.first["budget"].get("match")},
+                               [plan_file])
 
     def commit(self, states: Mapping[str, Mapping[str, Any]], todo: Sequence[tuple[dict[str, Any], dict[str, Any]]],
                axes: Mapping[str, Mapping[str, str]]) -> list[Job]:
@@ -215,6 +216,7 @@ class Sweep:
     def run(self) -> int:
         """Submit (and locally, run) every cell that is not DONE, RUNNING or PENDING."""
         from .local_dispatch import dispatch_local, live_local_attempts, local_order
+        from .predictions import store_predictions
         from .relog import relog_sweep
         from .stages import holding_lock
         from .tracking import close_run, fail_if_running
@@ -229,6 +231,7 @@ class Sweep:
                 _, states, todo = self.decide()
                 log.info("%d cells: %d to submit, the others done, running or pending", len(self.cfgs), len(todo))
                 axes = {p["cell_id"]: {k: p[k] for k in ("model", "paradigm", "loss")} for _, p in todo}
+                store_predictions(self.uri, Path(self.sweep["root"]), self.sweep["name"], todo, parent)
                 jobs = self.commit(states, todo, axes) if todo else []
             if not todo:
                 print("nothing to submit: every cell is done, running or pending")
@@ -244,6 +247,7 @@ class Sweep:
 
     def report(self) -> int:
         from .credentials import redact
+        from .curves import sweep_curves
         from .status import print_table
 
         rows = self.rows()
@@ -252,6 +256,9 @@ class Sweep:
               f"(mlflow ui --backend-store-uri {redact(self.uri)})")
         if self.launcher["name"] == "slurm":
             return 0
+        png = sweep_curves(self.uri, self.sweep["name"], Path(self.sweep["root"]), self.first)
+        if png is not None:
+            print(f"scaling curves: {png}  ·  summary: {png.with_name('summary.md')}")
         return 0 if all(r["state"] == "DONE" for r in rows) else 1
 
 

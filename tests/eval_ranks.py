@@ -38,6 +38,7 @@ def eval_cfg(root: Path, shard_size: int) -> dict:
     spec = {"source": "beir", "split": "test", "depth": 50, "drop_self_hits": False,
             "measures": {"ndcg_10": "nDCG@10", "recall_50": "R@50"}}
     return {"root": str(root), "query_max_len": 32, "passage_max_len": 64, "batch_size": 16,
+            "contrastive_entropy": {"negatives": 100, "seed": 0},
             "shard_size": shard_size, "collections": {c: {**spec, "name": c} for c in COLLECTIONS}}
 
 
@@ -58,7 +59,8 @@ def main() -> None:
     rank, world = init_distributed()
     texts = [json.loads(line)["text"] for line in (args.root / "dev" / "corpus.jsonl").open()]
     encoder, tokenizer = tiny_encoder(args.paradigm, texts)
-    retriever = encoder_retriever(encoder, tokenizer, 16, "tiny", args.store, rank, world)
+    retriever = encoder_retriever(encoder, tokenizer, 16, "tiny", args.store, rank, world,
+                                  {"negatives": 100, "seed": 0, "temperature": 0.05})
     if args.die_after_shards:  # SIGKILL once this many shards are on disk: what an OOM kill or node loss does
         encode, calls = retriever.encode, [0]
 

@@ -188,7 +188,8 @@ def test_paper_shaped_evaluation_encodes_each_document_once_on_one_or_two_ranks(
     # Counted, not inferred: the shared corpus once for dev, DL19 and DL20, the other one's new texts once.
     assert one["result"]["encoded_docs"] == distinct
     metrics = one["result"]["metrics"]
-    assert {f"{c}/ndcg_10" for c in ("dev", "dl19", "dl20", "other")} <= set(metrics)
+    assert {f"{c}/{m}" for c in ("dev", "dl19", "dl20", "other")
+            for m in ("ndcg_10", "contrastive_entropy_k100_seed0")} <= set(metrics)
 
     two = run_ranks(root, tmp_path / "store2", tmp_path / "runs2", paradigm, 2)
     assert all(r["returncode"] == 0 for r in two), [r["stderr"][-3000:] for r in two]

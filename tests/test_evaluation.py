@@ -306,3 +306,66 @@ def test_sparse_retriever_reports_mean_non_zeros_of_queries_and_documents():
     qids, scores, idx = retriever.search(coll, 4, 8, 8, shard_size=2)
     assert retriever.nnz["doc_nnz"] == pytest.approx(8 / 4)
     assert idx.tolist() == [[1, 0, 2, 3]] and scores.tolist() == [[3.0, 2.0, 2.0, 2.0]]
+
+
+# ---- contrastive entropy -----------------------------------------------------------------------------
+
+def test_contrastive_entropy_of_three_queries_by_hand():
+    from retrieval_scaling.contrastive_entropy import per_query
+
+    # temperature 1; q0: positive 2 against negatives 0, 0 → −log(e²/(e² + 2)) = log(1 + 2e⁻²)
+    # q1: positives 1 and 3, negatives 1, 2, the second excluded (its own relevant doc) →
+    #     mean of log(1 + e⁰) and log(1 + e⁻²)
+    # q2: positive 0 against one negative at ln 3, temperature 0.5 → log(1 + 9)
+    positive = [np.array([2.0]), np.array([1.0, 3.0]), np.array([0.0])]
+    negative = np.array([[0.0, 0.0], [1.0, 2.0], [math.log(3) / 2, -np.inf]])
+    excluded = np.array([[False, False], [False, True], [False, True]])
+    got = per_query(positive, negative * np.array([[1], [1], [2]]), excluded, 1.0)
+    assert got[0] == pytest.approx(math.log(1 + 2 * math.exp(-2)))
+    assert got[1] == pytest.approx((math.log(2) + math.log(1 + math.exp(-2))) / 2)
+    assert got[2] == pytest.approx(math.log(1 + 3))  # ln 3 at τ=1 after the ×2 above: log(1 + e^{ln 3})
+    assert per_query([np.array([0.0])], np.array([[math.log(3) / 2]]), np.array([[False]]), 0.5)[0] == \
+        pytest.approx(math.log(1 + 3))
+
+
+@pytest.mark.parametrize("sparse_reps", [False, True])
+def test_a_retriever_logs_contrastive_entropy_per_query_from_its_stored_encodings(tmp_path, sparse_reps):
+    import gzip
+
+    from retrieval_scaling.contrastive_entropy import sample_negatives
+    from retrieval_scaling.retrievers import EncoderRetriever
+
+    vec = {"doc a": [1, 0, 2, 0], "doc b": [0, 3, 0, 0], "doc c": [1, 1, 1, 0], "doc d": [0, 0, 0, 1],
+           "q1": [0, 1, 1, 0], "q2": [1, 0, 0, 1], "q3": [0, 0, 1, 0]}
+
+    def encode(texts, max_len, desc):
+        reps = np.array([vec[t] for t in texts], dtype=np.float32)
+        return sparse.csr_matrix(reps) if sparse_reps else reps
+
+    corpus = {"a": "doc a", "b": "doc b", "c": "doc c", "d": "doc d", "a2": "doc a"}  # a repeated text
+    coll = Collection("c", corpus, {"1": "q1", "2": "q2", "3": "q3"},
+                      {"1": {"c": 1, "b": 0}, "2": {"d": 2, "a2": 1}, "3": {"x": 0}})  # query 3: nothing relevant
+    spec = {"negatives": 3, "seed": 7, "temperature": 0.5}
+    retriever = EncoderRetriever("fake", encode, sparse_reps, tmp_path / "store", entropy=spec)
+    cfg = {"query_max_len": 8, "passage_max_len": 8, "shard_size": 2, "contrastive_entropy": spec,
+           "collections": {"c": {"name": "c", "depth": 5, "measures": {"ndcg_10": "nDCG@10"}}}}
+    metrics = evaluate_all(retriever, [coll], cfg, tmp_path / "runs")
+    # by hand, from the same sample of 3 of the 5 positions
+    sample = sample_negatives(5, 3, 7).tolist()
+    ids = list(corpus)
+    dense = {d: np.array(vec[t], dtype=float) for d, t in corpus.items()}
+
+    def ce(q, positives):
+        qv = np.array(vec[q], dtype=float)
+        negs = [dense[ids[p]] @ qv / 0.5 for p in sample if ids[p] not in positives]
+        return np.mean([math.log(math.exp(dense[d] @ qv / 0.5) + sum(math.exp(n) for n in negs))
+                        - dense[d] @ qv / 0.5 for d in positives])
+
+    want = {"1": ce("q1", ["c"]), "2": ce("q2", ["d", "a2"])}
+    assert retriever.per_query_entropy == pytest.approx(want)
+    assert metrics["c/contrastive_entropy_k3_seed7"] == pytest.approx((want["1"] + want["2"]) / 2)
+    stored = json.loads(gzip.decompress((tmp_path / "runs" / "per_query.json.gz").read_bytes()))
+    assert stored["collections"]["c"]["contrastive_entropy_k3_seed7"] == pytest.approx(want)
+    assert set(stored["collections"]["c"]["ndcg_10"]) == {"1", "2", "3"}  # every judged query, 0 for query 3
+    per_query_ndcg = stored["collections"]["c"]["ndcg_10"]
+    assert np.mean(list(per_query_ndcg.values())) == pytest.approx(metrics["c/ndcg_10"])

@@ -84,3 +84,57 @@ def test_the_ui_shows_the_sweep_with_grid_axes_as_columns(tmp_path):
         assert f"{model}-{paradigm}-{loss}" in lines
     assert lines.count("tiny_m") == 4 and lines.count("sparse") == 4 and lines.count("kd") == 4  # cell values
     assert f"{len(CELLS) + 1} matching runs" in text
+
+
+def test_the_experiment_page_shows_the_sweep_description_with_its_results_and_curves(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from retrieval_scaling.curves import curves_for_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = open_parent_run(uri, "story", tmp_path / "art", {"grid.cells": 8}, [])
+    sizes = {"tiny_s": 4e5, "tiny_m": 8e5}
+    for (model, n), paradigm, loss in ((s, p, lo) for s in sizes.items() for p in ("sparse", "dense") for lo in ("cl", "kd")):
+        run = CellRun(uri, "story", tmp_path / "art", f"{model}-{paradigm}-{loss}",
+                      {"model": model, "paradigm": paradigm, "loss": loss, "run_name": f"{model}-{paradigm}-{loss}"},
+                      {"params_non_embedding": str(n), "flops_total": "2e12", "flops_budget": "2e12", "seed": "45"})
+        run.log_metrics({"scifact/ndcg_10": 0.1 + (0.05 if model == "tiny_m" else 0) + (0.02 if paradigm == "sparse" else 0)},
+                        step=10)
+        run.finish("FINISHED")
+    close_run(uri, parent)
+    curves_for_sweep(uri, "story", "scifact/ndcg_10", tmp_path, bootstrap=50)
+    experiment = client(uri).get_experiment_by_name("story").experiment_id
+
+    binary, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    options.binary_location = binary
+    with mlflow_server(uri, tmp_path / "art", tmp_path / "server.log", workers=1) as url:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get(f"{url}/#/experiments/{experiment}/runs")
+            wait = WebDriverWait(driver, 60)
+            wait.until(ec.presence_of_element_located((By.XPATH, "//a[normalize-space()='sweep story']")))
+            # the description shows its first line; the button after its edit pencil expands it
+            first_line = "//*[text()[contains(., 'refreshes this text')]]"
+            wait.until(ec.element_to_be_clickable((By.XPATH, f"({first_line}/following::button)[2]"))).click()
+            wait.until(ec.presence_of_element_located((By.XPATH, "//*[contains(text(), 'non-embedding params')]")))
+            for close in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):  # assistant panel
+                close.click()
+            time.sleep(2)  # the curves image loads
+            shot = tmp_path / "mlflow-description.png"
+            driver.save_screenshot(str(shot))
+            text = driver.find_element(By.TAG_NAME, "body").text
+            images = driver.execute_script(
+                "return [...document.images].filter(i => i.src.includes('get-artifact')).map(i => i.naturalWidth)")
+        finally:
+            driver.quit()
+    shutil.copy(shot, os.environ.get("RS_UI_SHOT", tmp_path / "kept.png"))
+    assert "Sweep story" in text or "Sweep `story`" in text, text[:2000]
+    assert "non-embedding params" in text and "sparse cl" in text and "0.1700" in text  # the results table
+    assert images and all(w > 0 for w in images)  # the curves image loaded from the parent run's artifacts
