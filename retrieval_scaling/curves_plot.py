@@ -64,15 +64,19 @@ def _size_panel(ax, lines: Mapping, optima: Mapping, judged: Sequence[Mapping], 
 
 
 def _flops_panel(ax, lines: Mapping) -> None:
-    budgets = sorted({b for _, _, b in lines})
+    import matplotlib
+
     series: dict[tuple[str, str, str], list] = defaultdict(list)
     for (paradigm, loss, _), entry in lines.items():
         for p in entry["points"]:
             series[paradigm, loss, p["model"]].append((p["flops"], p["metric"]))
-    for (paradigm, loss, model), pts in sorted(series.items()):
+    sizes = sorted({(p["params_non_embedding"], p["model"]) for e in lines.values() for p in e["points"]})
+    rank = {model: i for i, (_, model) in enumerate(sizes)}
+    for (paradigm, loss, model), pts in sorted(series.items(), key=lambda kv: (kv[0][:2], rank[kv[0][2]])):
         pts.sort()
+        shade = 0.35 + 0.6 * rank[model] / max(len(sizes) - 1, 1)  # darker: larger
         ax.plot(*zip(*pts, strict=True), marker=MARKERS.get(loss, "x"), linestyle=STYLES.get(loss, "-"),
-                color=_color(paradigm, budgets[-1], budgets), alpha=0.8, label=f"{model} {paradigm} {loss}")
+                color=matplotlib.colormaps[COLORS.get(paradigm, "Greys")](shade), label=f"{model} {paradigm} {loss}")
         ax.annotate(model, pts[-1], textcoords="offset points", xytext=(4, 0), fontsize=7)
     ax.set_xlabel("training FLOPs")
     ax.set_title("metric vs training FLOPs, per model size", fontsize=9)

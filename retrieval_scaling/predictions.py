@@ -76,8 +76,15 @@ def predict_before_training(uri: str, root: Path, sweep: str, todo: Sequence[tup
         if path.is_file():
             continue
         metrics = {m: predict_metric(uri, root, sweep, m, plan) for m in primary_metrics(cfg)}
-        if any("has finished cells" in v.get("why", "") for v in metrics.values()):
-            continue  # a size the line knows: a resubmission, not a new size
+        for metric, p in metrics.items():
+            if "why" in p:
+                log.info("cell %s (%s): no prediction of %s: %s", plan["cell_id"], plan["model"], metric, p["why"])
+            else:
+                interval = "" if p["low"] is None else f" [{p['low']:.4f}, {p['high']:.4f}]"
+                log.info("cell %s (%s): %s predicted %.4f%s from sizes %s", plan["cell_id"], plan["model"], metric,
+                         p["predicted"], interval, p["from_sizes"])
+        if all("why" in p for p in metrics.values()):
+            continue  # nothing to store: a later submission may predict it, once its line has two sizes
         record = {"cell_id": plan["cell_id"], "model": plan["model"], "line": line_of(plan),
                   "x": float(plan["params_non_embedding"]), "made_at": time.time(), "parent_run": parent,
                   "predictions": metrics}
@@ -85,12 +92,6 @@ def predict_before_training(uri: str, root: Path, sweep: str, todo: Sequence[tup
         if parent:
             client(uri).log_artifact(parent, str(path), artifact_path="predictions")
         made.append(record)
-        for metric, p in metrics.items():
-            if "why" in p:
-                log.info("cell %s (%s): no prediction of %s: %s", plan["cell_id"], plan["model"], metric, p["why"])
-            else:
-                log.info("cell %s (%s): %s predicted %.4f [%.4f, %.4f] from sizes %s", plan["cell_id"], plan["model"],
-                         metric, p["predicted"], p["low"] or float("nan"), p["high"] or float("nan"), p["from_sizes"])
     return made
 
 
