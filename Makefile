@@ -60,6 +60,7 @@ bench: setup  ## every CPU benchmark, each writing bench/results/<name>.json (af
 	$(PY) bench/train_step.py
 	$(PY) bench/orchestration.py
 	$(PY) bench/demo.py
+	$(PY) bench/extrapolation.py
 	$(PY) bench/report.py
 
 benchmarks-doc: setup  ## docs/benchmarks.md from bench/results/*.json

@@ -59,13 +59,18 @@ def _interval(low: float | None, high: float | None, fmt: str = ".3f") -> str:
     return "–" if low is None else f"[{low:{fmt}}, {high:{fmt}}]"
 
 
+def table_head(title: str, *columns: str) -> list[str]:
+    """A titled markdown table's first lines."""
+    return ["", f"## {title}", "", f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+
+
 def summary_markdown(sweep: str, metric: str, lines: Mapping, optima: Mapping, judged: Sequence[Mapping],
                      found: Sequence[Mapping[str, str]]) -> str:
     out = [f"# Scaling curves of sweep `{sweep}` — {metric}", "",
            "| finding | paper | this sweep |", "|---|---|---|"]
     out += [f"| {f['finding']} | {f['paper']} | {f['this sweep']} |" for f in found]
-    out += ["", "## Fits", "", "| paradigm | loss | budget | points | sizes | α | 95% interval | E | "
-            "residual RMSE | interval from | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += table_head("Fits", "paradigm", "loss", "budget", "points", "sizes", "α", "95% interval", "E",
+                      "residual RMSE", "interval from", "notes")
     for (paradigm, loss, budget), entry in lines.items():
         fit: Fit | None = entry["fit"]
         sizes = len({p["params_non_embedding"] for p in entry["points"]})
@@ -77,9 +82,8 @@ def summary_markdown(sweep: str, metric: str, lines: Mapping, optima: Mapping, j
         out.append(f"{head} {fit.alpha:.3f} | {ci} | {fit.E:.3f} | {entry['residuals']['rmse']:.4f} | "
                    f"{entry['resampled']} | {'; '.join(fit.notes)} |")
     checks = [(k, e["extrapolation"]) for k, e in lines.items() if e["fit"] is not None]
-    out += ["", "## Extrapolation check: fit on all sizes but the largest, predict the largest", "",
-            "| paradigm | loss | budget | largest size | predicted | 95% interval | measured | error | covered |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += table_head("Extrapolation check: fit on all sizes but the largest, predict the largest", "paradigm",
+                      "loss", "budget", "largest size", "predicted", "95% interval", "measured", "error", "covered")
     for (paradigm, loss, budget), x in checks:
         if "why" in x:
             out.append(f"| {paradigm} | {loss} | {budget_label(budget)} | – | – | – | – | – | {x['why']} |")
@@ -88,9 +92,8 @@ def summary_markdown(sweep: str, metric: str, lines: Mapping, optima: Mapping, j
         out.append(f"| {paradigm} | {loss} | {budget_label(budget)} | {x['x']:.3g} | {x['predicted']:.4f} | "
                    f"{_interval(x['low'], x['high'], '.4f')} | {x['observed']:.4f} | {x['error']:+.4f} | {covered} |")
     if optima:
-        out += ["", "## Compute-optimal size per budget (isoFLOP)", "",
-                "| paradigm | loss | budget | optimal size | 95% interval | sizes tried | note |",
-                "|---|---|---|---|---|---|---|"]
+        out += table_head("Compute-optimal size per budget (isoFLOP)", "paradigm", "loss", "budget", "optimal size",
+                          "95% interval", "sizes tried", "note")
         for (paradigm, loss), rows in optima.items():
             for r in rows:
                 note = "at the edge of the sizes tried: the optimum may lie beyond" if r["at_edge"] else ""
@@ -98,9 +101,8 @@ def summary_markdown(sweep: str, metric: str, lines: Mapping, optima: Mapping, j
                 out.append(f"| {paradigm} | {loss} | {budget_label(r['budget'])} | {r['size']:.3g} | "
                            f"{_interval(r['low'], r['high'], '.3g')} | {tried} | {note} |")
     if judged:
-        out += ["", "## Predictions stored before training", "",
-                "| cell | model | line | predicted | 95% interval | measured | verdict | stored in |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += table_head("Predictions stored before training", "cell", "model", "line", "predicted", "95% interval",
+                          "measured", "verdict", "stored in")
         for p in judged:
             measured = "–" if p["observed"] is None else f"{p['observed']:.4f}"
             out.append(f"| {p['cell_id']} | {p['model']} | {p['line']} | {p['predicted']:.4f} | "
@@ -160,3 +162,18 @@ def description(sweep: str, metric: str, points: Sequence[Mapping[str, Any]], fo
            "Fits, extrapolation checks and predictions: the artifact `curves/summary.md` of the parent run."]
     text = "\n".join(out)
     return text if len(text) <= NOTE_LIMIT else text[:NOTE_LIMIT - 40] + "\n\n… (cut: see curves/summary.md)"
+
+
+def describe_sweep(uri: str, sweep: str, parent: str, grid: Mapping[str, str], cells: int) -> None:
+    """The first description of a sweep, until `curves` writes its results: what it sweeps."""
+    from .tracking_client import client
+
+    c = client(uri)
+    if NOTE in c.get_run(parent).data.tags:
+        return
+    axes = " × ".join(f"{k.removeprefix('grid.')} {v}" for k, v in grid.items())
+    text = (f"**Sweep `{sweep}`**: {cells} cells, {axes}. Cells are nested under the run `sweep {sweep}`. Once "
+            f"cells finish, `python -m retrieval_scaling.curves sweep={sweep}` (run by a local sweep when it ends) "
+            "puts the results table, the findings and the scaling curves here.")
+    c.set_tag(parent, NOTE, text)
+    c.set_experiment_tag(c.get_experiment_by_name(sweep).experiment_id, NOTE, text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,15 @@ def line_of(plan: Mapping[str, Any]) -> str:
     return f"{plan['paradigm']}/{plan['loss']}/{float(plan['flops_budget']):.6g}"
 
 
-def predict_metric(uri: str, root: Path, sweep: str, metric: str, plan: Mapping[str, Any]) -> dict[str, Any]:
-    """The prediction of one cell's `metric` from its line's finished sizes, or why there is none."""
+def predict_metric(finished: Sequence[Mapping[str, Any]], root: Path, sweep: str, metric: str,
+                   plan: Mapping[str, Any]) -> dict[str, Any]:
+    """The prediction of one cell's `metric` from its line's `finished` cells (`gather_points`), or why
+    there is none."""
     from .resampling import fit_line, measurement_noise, predict
     from .scaling import target_for
-    from .sweep_results import gather_points, line_cells, read_per_query
+    from .sweep_results import line_cells, read_per_query
 
-    points = [p for p in gather_points(uri, sweep, metric)
+    points = [p for p in finished
               if (p["paradigm"], p["loss"]) == (plan["paradigm"], plan["loss"])
               and abs(p["budget"] - float(plan["flops_budget"])) <= 1e-9 * p["budget"]]
     sizes = sorted({p["params_non_embedding"] for p in points})
@@ -68,17 +71,21 @@ def predict_before_training(uri: str, root: Path, sweep: str, todo: Sequence[tup
                             parent: str | None) -> list[dict[str, Any]]:
     """Store a prediction for each cell about to be submitted that has none yet; returns the new ones."""
     from .layout import predictions_dir, write_json
+    from .sweep_results import gather_points
     from .tracking_client import client
 
-    made = []
+    made, finished, reasons = [], {}, defaultdict(set)
     for cfg, plan in todo:
         path = predictions_dir(root, sweep) / f"{plan['cell_id']}.json"
         if path.is_file():
             continue
-        metrics = {m: predict_metric(uri, root, sweep, m, plan) for m in primary_metrics(cfg)}
+        for m in primary_metrics(cfg):
+            if m not in finished:
+                finished[m] = gather_points(uri, sweep, m)
+        metrics = {m: predict_metric(finished[m], root, sweep, m, plan) for m in primary_metrics(cfg)}
         for metric, p in metrics.items():
             if "why" in p:
-                log.info("cell %s (%s): no prediction of %s: %s", plan["cell_id"], plan["model"], metric, p["why"])
+                reasons[line_of(plan), p["why"]].add(metric)
             else:
                 interval = "" if p["low"] is None else f" [{p['low']:.4f}, {p['high']:.4f}]"
                 log.info("cell %s (%s): %s predicted %.4f%s from sizes %s", plan["cell_id"], plan["model"], metric,
@@ -92,6 +99,8 @@ def predict_before_training(uri: str, root: Path, sweep: str, todo: Sequence[tup
         if parent:
             client(uri).log_artifact(parent, str(path), artifact_path="predictions")
         made.append(record)
+    for (line, why), metrics in sorted(reasons.items()):  # once per line, not per cell
+        log.info("line %s: no prediction of %s before training: %s", line, ", ".join(sorted(metrics)), why)
     return made
 
 

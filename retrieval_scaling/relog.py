@@ -51,7 +51,7 @@ def relog_cell(uri: str, artifacts: str | os.PathLike, out: Path) -> str:
                   attempt_tags={"relogged_from": str(out)})
     run.log_metrics({"flops_spent": plan["flops_total"], **done["metrics"]}, step=plan["steps"])
     run.log_artifact(out / "config.yaml")
-    for run_file in sorted((out / "runs").glob("*.trec.gz")):
+    for run_file in sorted((out / "runs").glob("*.gz")):
         run.log_artifact(run_file, "runs")
     run.finish("FINISHED")
     return run.run_id

@@ -181,14 +181,17 @@ class Sweep:
         return plan_file, states, todo
 
     def open_parent(self, plan_file: Path) -> str:
+        from .curves_summary import describe_sweep
         from .tracking import open_parent_run
 
         axes = {axis: sorted({p[axis] for p in self.plans}) for axis in ("model", "paradigm", "loss")}
         budgets = ",".join(f"{b:.6g}" for b in sorted({float(p["flops_budget"]) for p in self.plans}))
-        return open_parent_run(self.uri, self.sweep["name"], self.first["tracking"]["artifacts"],
-                               {**{f"grid.{k}": ",".join(v) for k, v in axes.items()}, "grid.cells": len(self.plans),
-                                "budget.flops": budgets, "budget.match": self.first["budget"].get("match")},
-                               [plan_file])
+        grid = {f"grid.{k}": ",".join(v) for k, v in axes.items()}
+        parent = open_parent_run(self.uri, self.sweep["name"], self.first["tracking"]["artifacts"],
+                                 {**grid, "grid.cells": len(self.plans), "budget.flops": budgets,
+                                  "budget.match": self.first["budget"].get("match")}, [plan_file])
+        describe_sweep(self.uri, self.sweep["name"], parent, {**grid, "budget.flops": budgets}, len(self.plans))
+        return parent
 
     def commit(self, states: Mapping[str, Mapping[str, Any]], todo: Sequence[tuple[dict[str, Any], dict[str, Any]]],
                axes: Mapping[str, Mapping[str, str]]) -> list[Job]:

@@ -129,3 +129,38 @@ def test_a_prediction_stored_before_training_is_judged_inside_or_outside(tmp_pat
     assert verdicts == {"0c000000": "inside", "0b000000": "**outside**", "0d000000": "pending (not finished)"}
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| 0c000000 | l | dense/cl/1e+12 | 0.4000 | [0.3500, 0.4500] | 0.4000 | inside |" in summary
+
+
+def test_a_new_size_is_predicted_before_it_trains_stored_once_and_judged_after(tmp_path):
+    from retrieval_scaling.predictions import predict_before_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = open_parent_run(uri, "iso", tmp_path / "art", {"grid.cells": 3}, [])
+    difficulty = np.random.default_rng(9).normal(0, 0.1, 60)
+    difficulty -= difficulty.mean()  # the cells' means are exactly the law's
+    law = {1e6: 0.30, 4e6: 0.40}  # odds 7/3 then 3/2: α = log(14/9)/log(4); at 1.6e7 odds 27/28, nDCG ≈ 0.509
+    for i, (n, mean) in enumerate(law.items()):
+        log_cell(uri, tmp_path, f"0{i}000000", f"m{i}", n, 1e12, mean + difficulty)
+    cfg = {"eval": {"contrastive_entropy": {"negatives": 1000, "seed": 0},
+                    "collections": {"scifact": {"name": "scifact", "measures": {"ndcg_10": "nDCG@10"}}}}}
+
+    def plan(cell, n):
+        return {"cell_id": cell, "model": "m", "paradigm": "dense", "loss": "cl", "flops_budget": 1e12,
+                "params_non_embedding": n}
+
+    todo = [(cfg, plan("0c000000", 1.6e7)), (cfg, plan("0d000000", 4e6))]  # a new size; a size the line has
+    made = predict_before_training(uri, tmp_path, "iso", todo, parent)
+    assert [r["cell_id"] for r in made] == ["0c000000"]
+    ndcg = made[0]["predictions"]["scifact/ndcg_10"]
+    assert ndcg["predicted"] == pytest.approx(1 / (1 + 27 / 28), abs=1e-3)
+    assert ndcg["low"] < ndcg["predicted"] < ndcg["high"] and ndcg["interval_from"] == "queries"
+    assert "a law needs 2" in made[0]["predictions"]["scifact/contrastive_entropy_k1000_seed0"]["why"]
+    stored = tmp_path / "iso" / "predictions" / "0c000000.json"
+    assert json.loads(stored.read_text())["parent_run"] == parent
+    assert {a.path for a in client(uri).list_artifacts(parent, "predictions")} == {"predictions/0c000000.json"}
+    before = stored.read_bytes()
+    assert predict_before_training(uri, tmp_path, "iso", todo, parent) == []  # written once, never again
+    assert stored.read_bytes() == before
+    log_cell(uri, tmp_path, "0c000000", "m", 1.6e7, 1e12, 0.509 + difficulty)
+    judged = write_curves(uri, "iso", "scifact/ndcg_10", tmp_path / "out", bootstrap=100, root=tmp_path)["predictions"]
+    assert [(p["cell_id"], p["verdict"]) for p in judged] == [("0c000000", "inside")]
