@@ -109,12 +109,35 @@ def _objective(theta: np.ndarray, logx: np.ndarray, loge: np.ndarray, saturating
     return float(_huber(r).sum()), grad
 
 
+def _power_law(logx: np.ndarray, loge: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """θ = (a, α, ·) of log e = a − α·log x under the Huber loss, by iteratively reweighted least squares
+    (the M-estimator's own algorithm): each step a 2-parameter weighted fit, exact where L-BFGS crawls."""
+    u = logx - logx.mean()  # centred: the 2×2 normal equations stay well conditioned
+    weights, coef = np.ones_like(logx), np.zeros(2)
+    for _ in range(iterations):
+        sw, swu, swuu = weights.sum(), weights @ u, weights @ (u * u)
+        swy, swuy = weights @ loge, weights @ (u * loge)
+        det = sw * swuu - swu * swu
+        slope = (sw * swuy - swu * swy) / det if det > 0 else 0.0
+        new_coef = np.array([(swy - slope * swu) / sw, slope])
+        r = np.abs(loge - new_coef[0] - slope * u)
+        weights = np.where(r <= HUBER_DELTA, 1.0, HUBER_DELTA / np.maximum(r, 1e-300))
+        if np.abs(new_coef - coef).max() < 1e-13:
+            break
+        coef = new_coef
+    # log e = c + slope·(log x − mean) = (c − slope·mean) − α·log x with α = −slope
+    return np.array([new_coef[0] - new_coef[1] * logx.mean(), -new_coef[1], 0.0])
+
+
 def _fit_once(x: np.ndarray, e: np.ndarray, saturating: bool,
               start: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
     """(θ, α, A, E) of the best fit from a grid of starting points (or from `start` alone)."""
     from scipy.optimize import minimize
 
     logx, loge = np.log(x), np.log(e)
+    if not saturating:
+        theta = _power_law(logx, loge)
+        return theta, float(theta[1]), float(math.exp(theta[0])), 0.0
     if start is not None:
         starts = [start]
     else:
