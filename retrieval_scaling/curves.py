@@ -49,7 +49,9 @@ def fit_lines(points: Sequence[Mapping[str, Any]], target: Target, bootstrap: in
         if len({c.x for c in cells}) < 2:
             entry["why"] = "1 size: nothing to fit"
         elif not np.all(np.isfinite(errors) & (errors > 0)):
-            entry["why"] = f"a metric at the edge of its range ({target.name}): its law is undefined there"
+            edge = ", ".join(sorted({p["model"] for p, e in zip(pts, errors, strict=True) if not 0 < e < np.inf}))
+            entry["why"] = (f"{edge} at the edge of the metric's range (0 or 1): no law of the odds of missing fits "
+                            "there; try the contrastive entropy")
         else:
             entry["fit"], entry["resampled"] = fit_line(cells, target, bootstrap, seed)
             entry["residuals"] = residuals(entry["fit"], cells, target)

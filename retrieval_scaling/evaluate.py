@@ -110,7 +110,7 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
         step = 0
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-    for f in sorted(runs_dir.glob("*.trec.gz")):
+    for f in sorted(runs_dir.glob("*.gz")):  # run files and the per-query measures
         c.log_artifact(run_id, str(f), artifact_path="runs")
     if cell is None:
         c.set_terminated(run_id, "FINISHED")

@@ -132,7 +132,11 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert parent.data.params["grid.model"] == "tiny_s" and parent.data.params["grid.cells"] == "1"
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["plan.json"]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml", "runs"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == [f"runs/{EVALUATED}.trec.gz"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == [
+        "runs/per_query.json.gz", f"runs/{EVALUATED}.trec.gz"]  # every judged query's measures, and the run
+    entropy = client.get_metric_history(run.info.run_id, f"{EVALUATED}/contrastive_entropy_k1000_seed0")
+    assert sorted(m.step for m in entropy) == [0, plan["steps"]] and all(m.value > 0 for m in entropy)
+    assert "Sweep `e2e`" in parent.data.tags["mlflow.note.content"]  # what the sweep is, in the MLflow UI
     assert run.data.tags["git_commit"] and "slurm_job_id" in run.data.tags
     assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
         "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
@@ -167,5 +171,7 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
     assert scores["ndcg_10"] == pytest.approx(done["metrics"][f"{EVALUATED}/ndcg_10"], abs=1e-6)
+    assert scores["contrastive_entropy_k1000_seed0"] == pytest.approx(
+        done["metrics"][f"{EVALUATED}/contrastive_entropy_k1000_seed0"], rel=1e-3)
     # bf16 encoding: other thread counts move a few weights across zero
     assert scores["doc_nnz"] == pytest.approx(done["metrics"][f"{EVALUATED}/doc_nnz"], rel=1e-4)

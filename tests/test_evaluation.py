@@ -266,7 +266,8 @@ def test_bm25_baseline_on_scifact_through_the_verb(tmp_path, data_root):
     client = MlflowClient(f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("baselines").experiment_id])
     assert run.data.tags["baseline"] == "bm25" and run.data.metrics["scifact/ndcg_10"] == metrics["ndcg_10"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == ["runs/scifact.trec.gz"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "runs")] == ["runs/per_query.json.gz",
+                                                                                "runs/scifact.trec.gz"]
 
 
 def test_evaluate_needs_a_cell_or_a_baseline(tmp_path, data_root):
