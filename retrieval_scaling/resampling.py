@@ -107,6 +107,9 @@ def predict(fit: Fit, target: Target, x_new: float, noise: np.ndarray | None = N
         return out
     alpha, amp, floor = np.array(fit.samples).T
     draws = target.metric(floor + amp * float(x_new) ** (-alpha))
+    draws = draws[np.isfinite(draws)]
+    if len(draws) < 20:
+        return out
     if noise is not None and len(noise):
         draws = draws + np.random.default_rng(seed).choice(noise, size=len(draws))
     tail = (100 - LEVEL) / 2

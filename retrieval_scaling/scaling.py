@@ -184,7 +184,8 @@ def fit_scaling_law(x, error, bootstrap: int = 1000, seed: int = 0, resamples=No
         samples = []
         for xb, eb in resamples:
             xb, eb = np.asarray(xb, dtype=float), np.asarray(eb, dtype=float)
-            if len(np.unique(xb)) < 2 or np.any(eb <= 0):  # one size says nothing of the slope
+            # one size says nothing of the slope; a replicate whose queries all scored 0 has infinite odds
+            if len(np.unique(xb)) < 2 or not np.all(np.isfinite(eb) & (eb > 0)):
                 continue
             # from the full fit's optimum: a resample is a small perturbation of the data
             samples.append(_fit_once(xb, eb, saturating and len(np.unique(xb)) >= 4, theta)[1:])

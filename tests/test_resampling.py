@@ -113,3 +113,17 @@ def test_compute_optimal_size_is_the_parabola_vertex_inside_the_sizes():
                                                                    + rng.normal(0, 0.01, 50)]) for n in sizes]
     out = compute_optimal(cells, NDCG, 200)
     assert out["low"] <= math.exp(2.2) <= out["high"] and not out["at_edge"]
+
+
+def test_replicates_where_every_drawn_query_scored_zero_are_left_out_not_fitted():
+    # a sparse tiny model: 2 of 40 queries score at all, so many replicates draw neither (infinite odds)
+    def cell(n, value):
+        per_query = np.zeros(40)
+        per_query[[3, 17]] = value
+        return Cell(n, float(per_query.mean()), [per_query])
+
+    cells = [cell(1e5, 0.2), cell(3e5, 0.15), cell(8e5, 0.1)]
+    out = leave_largest_out(cells, NDCG, 200)
+    assert 0 <= out["low"] <= out["high"] <= 1 and isinstance(out["covered"], bool)
+    fit, _ = fit_line(cells, NDCG, 200)
+    assert np.all(np.isfinite(np.array(fit.samples))) and fit.alpha_ci is not None
