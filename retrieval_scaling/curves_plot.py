@@ -98,6 +98,6 @@ def plot(lines: Mapping, optima: Mapping, judged: Sequence[Mapping], target: Tar
         ax.set_xscale("log")
         ax.set_ylabel(target.name)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: never over a curve
     fig.savefig(out, dpi=130)
     plt.close(fig)
