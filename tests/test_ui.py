@@ -58,18 +58,21 @@ def test_the_ui_tells_the_sweeps_story_and_shows_its_cells_with_the_axes_as_colu
     from retrieval_scaling.curves import curves_for_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = open_parent_run(uri, "ui", tmp_path / "art", {"grid.cells": len(CELLS)}, [])
     sizes = {"tiny_s": 4e5, "tiny_m": 8e5}
-    for model, paradigm, loss in CELLS:
-        ndcg = 0.1 + (0.05 if model == "tiny_m" else 0) + (0.02 if paradigm == "sparse" else 0)
-        run = CellRun(uri, "ui", tmp_path / "art", f"{model}-{paradigm}-{loss}",
-                      {"model": model, "paradigm": paradigm, "loss": loss, "run_name": f"{model}-{paradigm}-{loss}"},
-                      {"params_non_embedding": str(sizes[model]), "flops_total": "2e12", "flops_budget": "2e12"})
-        run.log_metrics({"scifact/ndcg_10": ndcg}, step=10)
-        run.finish("FINISHED")
-    close_run(uri, parent)
-    curves_for_sweep(uri, "ui", "scifact/ndcg_10", tmp_path, bootstrap=50)  # writes the description
+    for sweep in ("ui", "story"):  # the same cells: the columns on one page, the description on the other
+        parent = open_parent_run(uri, sweep, tmp_path / "art", {"grid.cells": len(CELLS)}, [])
+        for model, paradigm, loss in CELLS:
+            ndcg = 0.1 + (0.05 if model == "tiny_m" else 0) + (0.02 if paradigm == "sparse" else 0)
+            run = CellRun(uri, sweep, tmp_path / "art", f"{model}-{paradigm}-{loss}",
+                          {"model": model, "paradigm": paradigm, "loss": loss,
+                           "run_name": f"{model}-{paradigm}-{loss}"},
+                          {"params_non_embedding": str(sizes[model]), "flops_total": "2e12", "flops_budget": "2e12"})
+            run.log_metrics({"scifact/ndcg_10": ndcg}, step=10)
+            run.finish("FINISHED")
+        close_run(uri, parent)
+    curves_for_sweep(uri, "story", "scifact/ndcg_10", tmp_path, bootstrap=50)  # writes the description
     experiment = client(uri).get_experiment_by_name("ui").experiment_id
+    story_experiment = client(uri).get_experiment_by_name("story").experiment_id
 
     with browser(uri, tmp_path) as (driver, url):
         driver.get(f"{url}/#/experiments/{experiment}/runs")
@@ -90,6 +93,8 @@ def test_the_ui_tells_the_sweeps_story_and_shows_its_cells_with_the_axes_as_colu
         time.sleep(1)
         driver.save_screenshot(str(tmp_path / "mlflow-ui.png"))
         table = driver.find_element(By.TAG_NAME, "body").text
+        driver.get(f"{url}/#/experiments/{story_experiment}/runs")
+        wait.until(ec.presence_of_element_located((By.XPATH, "//a[normalize-space()='sweep story']")))
         # the description shows its first line; the button after its edit pencil unfolds the rest
         first_line = "//*[text()[contains(., 'refreshes this text')]]"
         wait.until(ec.element_to_be_clickable((By.XPATH, f"({first_line}/following::button)[2]"))).click()
