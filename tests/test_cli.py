@@ -1,6 +1,7 @@
 """The real CLI in subprocesses: dry-run plan, bad input stopping before anything runs, and one
 tiny cell end to end (slow) with a second sweep that runs nothing."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from retrieval_scaling.identity import cell_id
+from retrieval_scaling.layout import PER_QUERY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,12 +168,23 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert "nothing to submit" in again.stdout and "1 cells: 0 to submit" in again.stdout
     assert len(client.search_runs([exp.experiment_id])) == 2  # the sweep's parent run and the cell's
 
-    # The evaluate verb rebuilds the cell from its config and final weights: same run, same metrics.
-    ev = run_cli("evaluate", f"cell={plan['cell_id']}", "sweep.name=e2e", SUBSET, env_extra=sweeps)
+    # The evaluate verb rebuilds the cell from its config and final weights: the same encoder, so the
+    # same scores up to CPU kernel noise, which is not bitwise reproducible across processes (see
+    # docs/evaluation.md). The noise may swap two nearly tied documents of this barely trained model, so
+    # a query's measure may move; every other query's must be the cell's exactly.
+    verb_runs = root.parent / "verb-runs"
+    ev = run_cli("evaluate", f"cell={plan['cell_id']}", "sweep.name=e2e", SUBSET, f"runs_dir={verb_runs}",
+                 env_extra=sweeps)
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert scores["ndcg_10"] == pytest.approx(done["metrics"][f"{EVALUATED}/ndcg_10"], abs=1e-6)
+    cell_queries, verb_queries = (
+        json.loads(gzip.decompress(path.read_bytes()))["collections"][EVALUATED]
+        for path in (root / "e2e" / "cells" / plan["cell_id"] / "runs" / PER_QUERY, verb_runs / PER_QUERY))
+    for measure in ("ndcg_10", "mrr_10", "recall_100"):
+        assert verb_queries[measure].keys() == cell_queries[measure].keys()
+        moved = [q for q, value in verb_queries[measure].items() if value != cell_queries[measure][q]]
+        assert len(moved) <= 2, (measure, moved)
+        assert scores[measure] == pytest.approx(sum(verb_queries[measure].values()) / len(verb_queries[measure]))
     assert scores["contrastive_entropy_k1000_seed0"] == pytest.approx(
         done["metrics"][f"{EVALUATED}/contrastive_entropy_k1000_seed0"], rel=1e-3)
-    # bf16 encoding: other thread counts move a few weights across zero
     assert scores["doc_nnz"] == pytest.approx(done["metrics"][f"{EVALUATED}/doc_nnz"], rel=1e-4)
