@@ -225,9 +225,9 @@ class Sweep:
         from .tracking import close_run, fail_if_running
 
         check_inputs(self.cfgs)
-        with holding_lock(self.base / "dispatch"):
+        with holding_lock(self.base / "dispatch"):  # one parent run and one description, however many start
             plan_file = write_plan(self.cfgs, self.plans)
-        parent = self.open_parent(plan_file)
+            parent = self.open_parent(plan_file)
         try:
             relog_sweep(self.sweep["root"], self.sweep["name"], self.uri, self.first["tracking"]["artifacts"])
             with holding_lock(self.base / "dispatch"):  # two sweeps of one name decide one after the other

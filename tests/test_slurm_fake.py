@@ -55,8 +55,7 @@ def submit(fake: FakeSlurm) -> str:
     return proc.stdout
 
 
-def test_a_grid_goes_out_as_a_stages_job_per_backbone_then_one_array_after_each(fake):
-    out = submit(fake)
+def check_grid_went_out_as_a_stages_job_per_backbone_then_one_array_after_each(fake: FakeSlurm, out: str) -> None:
     jobs = fake.data()["jobs"]
     stages = {j: v for j, v in jobs.items() if v["name"] == "rs-fk-stages"}
     arrays = {j: v for j, v in jobs.items() if v["name"] == "rs-fk"}
@@ -74,7 +73,7 @@ def test_a_grid_goes_out_as_a_stages_job_per_backbone_then_one_array_after_each(
     by_model = {m: {c["attempts"][0]["job_id"].split("_")[0] for c in cells.values() if c["model"] == m}
                 for m in ("tiny_s", "tiny_m")}
     assert all(len(ids) == 1 for ids in by_model.values())  # a backbone's cells share one array
-    assert "submitted 12 cells to SLURM" in out  # (what a second sweep does with each state: the next test)
+    assert "submitted 12 cells to SLURM" in out
 
 
 # state sacct reports → what status makes of it, and whether a second sweep resubmits the cell
@@ -88,10 +87,11 @@ CASES = {
 }
 
 
-def test_each_job_state_is_resubmitted_or_left_as_it_should_be(fake):
+# One test, not two: each submission is a CLI process that composes 12 cells (seconds).
+def test_a_grid_goes_out_as_arrays_then_each_job_state_is_resubmitted_or_left_as_it_should_be(fake):
     from retrieval_scaling.tracking import CellRun
 
-    submit(fake)
+    check_grid_went_out_as_a_stages_job_per_backbone_then_one_array_after_each(fake, submit(fake))
     cells = fake.ledger()["cells"]
     expected, states, stale_job = {}, {}, None
     for model, cases in CASES.items():
