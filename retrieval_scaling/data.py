@@ -34,9 +34,17 @@ class Collection:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
+def beside_checkout() -> Path | None:
+    """`shared/data` next to the checkout (or one level up), as the Makefile finds it; None if absent."""
+    checkout = Path(__file__).resolve().parent.parent
+    return next((d for d in (checkout.parent / "shared" / "data", checkout.parent.parent / "shared" / "data")
+                 if d.is_dir()), None)
+
+
 def resolve_data_root(root: str | os.PathLike | None) -> Path:
-    """The data root from config, else $RS_DATA_DIR; a clear error when neither points anywhere."""
-    value = root or os.environ.get(DATA_ROOT_ENV)
+    """The data root from config, else $RS_DATA_DIR, else `shared/data` beside the checkout; a clear
+    error when none points anywhere."""
+    value = root or os.environ.get(DATA_ROOT_ENV) or beside_checkout()
     if not value:
         raise DataError(
             f"No data root: set {DATA_ROOT_ENV}=<directory of BEIR-format collections> "

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+from retrieval_scaling import data
 from retrieval_scaling.data import load_collection, resolve_data_root
 from retrieval_scaling.errors import DataError
 
@@ -47,8 +48,20 @@ def test_missing_collection_and_root_say_what_to_set(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="RS_DATA_DIR"):
         load_collection(tmp_path, "nowhere", "test")
     monkeypatch.delenv("RS_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "beside_checkout", lambda: None)
     with pytest.raises(DataError, match="set RS_DATA_DIR"):
         resolve_data_root(None)
+
+
+def test_unset_the_data_root_is_shared_data_beside_the_checkout_or_one_level_up(tmp_path, monkeypatch):
+    monkeypatch.delenv("RS_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "work" / "main" / "retrieval_scaling" / "data.py"))
+    assert data.beside_checkout() is None
+    (tmp_path / "shared" / "data").mkdir(parents=True)  # beside the checkout's parent: /tmp/x/work/main
+    assert resolve_data_root(None) == tmp_path / "shared" / "data"
+    (tmp_path / "work" / "shared" / "data").mkdir(parents=True)  # beside the checkout: the nearer one wins
+    assert resolve_data_root(None) == tmp_path / "work" / "shared" / "data"
+    assert resolve_data_root(tmp_path) == tmp_path  # a configured root still comes first
 
 
 def test_a_corrupted_copy_of_real_scifact_is_caught(data_root, tmp_path):
