@@ -57,7 +57,7 @@ def test_unset_the_data_root_is_shared_data_beside_the_checkout_or_one_level_up(
     monkeypatch.delenv("RS_DATA_DIR", raising=False)
     monkeypatch.setattr(data, "__file__", str(tmp_path / "work" / "main" / "retrieval_scaling" / "data.py"))
     assert data.beside_checkout() is None
-    (tmp_path / "shared" / "data").mkdir(parents=True)  # beside the checkout's parent: /tmp/x/work/main
+    (tmp_path / "shared" / "data").mkdir(parents=True)  # one level up: beside the directory that holds the checkout
     assert resolve_data_root(None) == tmp_path / "shared" / "data"
     (tmp_path / "work" / "shared" / "data").mkdir(parents=True)  # beside the checkout: the nearer one wins
     assert resolve_data_root(None) == tmp_path / "work" / "shared" / "data"
