@@ -17,7 +17,7 @@ import time
 import numpy as np
 from record import write_result  # bench/ is on sys.path when a script runs
 
-from retrieval_scaling.resampling import Cell, leave_largest_out
+from retrieval_scaling.resampling import leave_largest_out, synthetic_line
 from retrieval_scaling.scaling import Target
 
 SETTINGS = {  # name: (sizes, seeds per size, E, A, α)
@@ -27,18 +27,7 @@ SETTINGS = {  # name: (sizes, seeds per size, E, A, α)
     "5 sizes, 1 seed (saturating fit)": ([1e6, 3e6, 1e7, 3e7, 1e8], 1, 0.3, 40.0, 0.3),
 }
 QUERIES = 300
-
-
-def draw_line(rng: np.random.Generator, sizes, seeds: int, E: float, A: float, alpha: float) -> list[Cell]:
-    target = Target("ndcg", bounded=True)
-    difficulty = rng.normal(0, 0.15, QUERIES)
-    cells = []
-    for n in sizes:
-        mean = float(target.metric(E + A * n ** -alpha))
-        for s in range(seeds):
-            values = mean + difficulty + rng.normal(0, 0.05, QUERIES)
-            cells.append(Cell(float(n), float(values.mean()), [values], str(s)))
-    return cells
+NDCG = Target("ndcg", bounded=True)
 
 
 def main() -> None:
@@ -50,8 +39,9 @@ def main() -> None:
     results = {}
     for name, (sizes, seeds, E, A, alpha) in SETTINGS.items():
         rng, start = np.random.default_rng(0), time.time()
-        checks = [leave_largest_out(draw_line(rng, sizes, seeds, E, A, alpha), Target("ndcg", True), args.bootstrap, i)
-                  for i in range(args.draws)]
+        lines = (synthetic_line(rng, sizes, target=NDCG, E=E, A=A, alpha=alpha, queries=QUERIES, seeds=seeds)
+                 for _ in range(args.draws))
+        checks = [leave_largest_out(cells, NDCG, args.bootstrap, i) for i, cells in enumerate(lines)]
         results[name] = {"coverage": float(np.mean([c["covered"] for c in checks])),
                          "median_abs_error": float(np.median([abs(c["error"]) for c in checks])),
                          "median_interval_width": float(np.median([c["high"] - c["low"] for c in checks])),

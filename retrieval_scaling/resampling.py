@@ -163,3 +163,18 @@ def compute_optimal(cells: Sequence[Cell], target: Target, bootstrap: int, seed:
             out.update(low=float(low), high=float(high))
     out["at_edge"] = point in (out["sizes_tried"][0], out["sizes_tried"][-1])
     return out
+
+
+def synthetic_line(rng: np.random.Generator, sizes: Sequence[float], *, target: Target, E: float, A: float,
+                   alpha: float, queries: int = 300, seeds: int = 1) -> list[Cell]:
+    """Cells on a known law, for checking the intervals' coverage (tests, bench/extrapolation.py): each
+    size's mean metric follows it exactly, and every cell scores the same queries, whose shared difficulty
+    (sd 0.15) plus the cell's own noise (sd 0.05) make the per-query values."""
+    difficulty = rng.normal(0, 0.15, queries)
+    cells = []
+    for n in sizes:
+        mean = float(target.metric(E + A * n ** -alpha))
+        for s in range(seeds):
+            values = mean + difficulty + rng.normal(0, 0.05, queries)
+            cells.append(Cell(float(n), float(values.mean()), [values], str(s)))
+    return cells

@@ -1,11 +1,13 @@
 """Replicates, bounded predictions, the leave-largest-out check and compute-optimal sizes, on synthetic
 laws whose truth is known."""
 
+import functools
 import math
 
 import numpy as np
 import pytest
 
+from retrieval_scaling import resampling
 from retrieval_scaling.resampling import (
     Cell,
     best_size,
@@ -21,16 +23,7 @@ from retrieval_scaling.scaling import Target, target_for
 NDCG = Target("scifact/ndcg_10", bounded=True)
 
 
-def synthetic_line(rng, sizes, E=0.3, A=40.0, alpha=0.3, queries=300, seeds=1, target=NDCG):
-    """Cells whose mean metric follows the target's law; per-query values share a query difficulty."""
-    difficulty = rng.normal(0, 0.15, queries)
-    cells = []
-    for n in sizes:
-        mean = float(target.metric(E + A * n ** -alpha))
-        for s in range(seeds):
-            values = mean + difficulty + rng.normal(0, 0.05, queries)
-            cells.append(Cell(float(n), float(values.mean()), [values], str(s)))
-    return cells
+synthetic_line = functools.partial(resampling.synthetic_line, target=NDCG, E=0.3, A=40.0, alpha=0.3)
 
 
 def test_targets_map_metrics_to_errors_and_back():
