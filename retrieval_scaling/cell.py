@@ -18,7 +18,7 @@ from .cell_model import build_cell_encoder, deepspeed_config, ensure_backbone, s
 from .cli import setup_logging
 from .faults import Faults
 from .identity import cell_id, file_hash
-from .layout import DONE, FINAL, cell_dir, faults_path, read_done, write_json
+from .layout import DONE, FINAL, cell_dir, faults_path, read_done, run_artifacts, write_json
 from .monitoring import Heartbeat, NullRun, SystemMetrics
 from .plan import plan_cell
 
@@ -225,7 +225,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     if rank != 0:
         return {}
     run.log_metrics(after, step=plan["steps"])
-    for run_file in sorted((out / "runs").glob("*.gz")):  # run files and the per-query measures
+    for run_file in run_artifacts(out / "runs"):
         run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)
     return after

@@ -21,10 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .resampling import compute_optimal, fit_line, leave_largest_out, residuals
-from .scaling import Target, target_for
+from .scaling import Target, fittable, target_for
 from .sweep_results import gather_points, line_cells, read_per_query
 
 DEFAULTS = {"sweep": None, "metric": "scifact/ndcg_10", "root": None, "uri": None, "bootstrap": "1000", "seed": "0"}
@@ -45,11 +43,11 @@ def fit_lines(points: Sequence[Mapping[str, Any]], target: Target, bootstrap: in
     for key, pts in sorted(lines.items()):
         cells = line_cells(pts, per_query or {})
         entry: dict[str, Any] = {"points": pts, "cells": cells, "fit": None, "why": None}
-        errors = target.error([c.value for c in cells])
+        ok = fittable(target.error([c.value for c in cells]))
         if len({c.x for c in cells}) < 2:
             entry["why"] = "1 size: nothing to fit"
-        elif not np.all(np.isfinite(errors) & (errors > 0)):
-            edge = ", ".join(sorted({p["model"] for p, e in zip(pts, errors, strict=True) if not 0 < e < np.inf}))
+        elif not ok.all():
+            edge = ", ".join(sorted({p["model"] for p, good in zip(pts, ok, strict=True) if not good}))
             entry["why"] = (f"{edge} at the edge of the metric's range (0 or 1): no law of the odds of missing fits "
                             "there; try the contrastive entropy")
         else:
@@ -126,16 +124,15 @@ def log_to_parent(uri: str, sweep: str, files: Sequence[Path]) -> str | None:
 def curves_for_sweep(uri: str, sweep: str, metric: str, root: Path, bootstrap: int = 1000, seed: int = 0) -> dict:
     """Write the curves under `<root>/<sweep>/curves`, log them to the parent run and make them the
     description of the parent run and the experiment; the result of `write_curves` with "parent" added."""
-    from .curves_summary import NOTE, description
+    from .curves_summary import description, set_description
+    from .layout import curves_dir
     from .tracking_client import client
 
-    result = write_curves(uri, sweep, metric, root / sweep / "curves", bootstrap, seed, root)
+    result = write_curves(uri, sweep, metric, curves_dir(root, sweep), bootstrap, seed, root)
     result["parent"] = log_to_parent(uri, sweep, result["files"])
     if result["parent"]:
         text = description(sweep, metric, result["points"], result["findings"], result["parent"])
-        c = client(uri)
-        c.set_tag(result["parent"], NOTE, text)
-        c.set_experiment_tag(c.get_experiment_by_name(sweep).experiment_id, NOTE, text)
+        set_description(client(uri), sweep, result["parent"], text)
     return result
 
 
@@ -162,6 +159,7 @@ def main(argv: Sequence[str]) -> int:
 def fit(argv: Sequence[str]) -> int:
     from .cli import key_value_args
     from .config_checks import check_number
+    from .layout import curves_dir
     from .tracking_client import tracking_uri
 
     args = key_value_args(argv, DEFAULTS, USAGE)
@@ -170,7 +168,7 @@ def fit(argv: Sequence[str]) -> int:
     result = curves_for_sweep(uri, args["sweep"], args["metric"], root,
                               check_number("bootstrap", args["bootstrap"], int, 0, False),
                               check_number("seed", args["seed"], int, 0, False))
-    out = root / args["sweep"] / "curves"
+    out = curves_dir(root, args["sweep"])
     print((out / "summary.md").read_text())
     where = f"logged to parent run {result['parent']}" if result["parent"] else "no parent run to log to"
     print(f"curves: {out / 'scaling.png'} ({len(result['points'])} cells; {where})")

@@ -175,5 +175,10 @@ def describe_sweep(uri: str, sweep: str, parent: str, grid: Mapping[str, str], c
     text = (f"**Sweep `{sweep}`**: {cells} cells, {axes}. Cells are nested under the run `sweep {sweep}`. Once "
             f"cells finish, `python -m retrieval_scaling.curves sweep={sweep}` (run by a local sweep when it ends) "
             "puts the results table, the findings and the scaling curves here.")
+    set_description(c, sweep, parent, text)
+
+
+def set_description(c, sweep: str, parent: str, text: str) -> None:
+    """`text` as the description of the sweep's parent run and of its experiment, as the UI shows both."""
     c.set_tag(parent, NOTE, text)
     c.set_experiment_tag(c.get_experiment_by_name(sweep).experiment_id, NOTE, text)

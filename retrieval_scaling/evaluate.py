@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import ConfigError, UserError
 from .evaluation import collection_specs, encoder_retriever, entropy_spec, evaluate_all, inference_encoder
+from .layout import run_artifacts
 from .retrievers import EncoderRetriever, Retriever
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def log_to_mlflow(cfg: Mapping[str, Any], metrics: Mapping[str, float], runs_dir
         step = 0
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-    for f in sorted(runs_dir.glob("*.gz")):  # run files and the per-query measures
+    for f in run_artifacts(runs_dir):
         c.log_artifact(run_id, str(f), artifact_path="runs")
     if cell is None:
         c.set_terminated(run_id, "FINISHED")

@@ -102,6 +102,11 @@ def faults_path(root: str | os.PathLike, name: str) -> Path:
     return sweep_dir(root, name) / "faults.json"
 
 
+def curves_dir(root: str | os.PathLike, name: str) -> Path:
+    """The scaling curves, fits and summary of a sweep (see `curves`)."""
+    return sweep_dir(root, name) / "curves"
+
+
 def predictions_dir(root: str | os.PathLike, name: str) -> Path:
     """Predictions stored before training, one `<cell>.json` each (see `predictions`)."""
     return sweep_dir(root, name) / "predictions"
@@ -115,6 +120,11 @@ def cell_dir(cfg: Mapping[str, Any]) -> Path:
 
 
 PER_QUERY = "per_query.json.gz"  # beside a cell's run files: every measure of every judged query
+
+
+def run_artifacts(runs_dir: str | os.PathLike) -> list[Path]:
+    """What an evaluation leaves in its runs directory for MLflow: the TREC run files and `PER_QUERY`."""
+    return sorted(Path(runs_dir).glob("*.gz"))
 FINAL = "final/trainable.safetensors"  # a finished cell's trained parameters (LoRA, trained embeddings)
 
 

@@ -43,7 +43,7 @@ def predict_metric(finished: Sequence[Mapping[str, Any]], root: Path, sweep: str
     """The prediction of one cell's `metric` from its line's `finished` cells (`gather_points`), or why
     there is none."""
     from .resampling import fit_line, measurement_noise, predict
-    from .scaling import target_for
+    from .scaling import fittable, target_for
     from .sweep_results import line_cells, read_per_query
 
     points = [p for p in finished
@@ -57,8 +57,7 @@ def predict_metric(finished: Sequence[Mapping[str, Any]], root: Path, sweep: str
         return {"why": f"{len(sizes)} finished size(s) on its line: a law needs 2"}
     target = target_for(metric)
     cells = line_cells(points, {p["cell_id"]: read_per_query(root, sweep, p["cell_id"], metric) for p in points})
-    errors = target.error([c.value for c in cells])
-    if not all(0 < e < float("inf") for e in errors):
+    if not fittable(target.error([c.value for c in cells])).all():
         return {"why": f"a finished cell's {metric} is at the edge of its range: no law there"}
     fit, resampled = fit_line(cells, target, BOOTSTRAP)
     out = predict(fit, target, x, measurement_noise(cells, BOOTSTRAP))
@@ -79,10 +78,11 @@ def predict_before_training(uri: str, root: Path, sweep: str, todo: Sequence[tup
         path = predictions_dir(root, sweep) / f"{plan['cell_id']}.json"
         if path.is_file():
             continue
-        for m in primary_metrics(cfg):
+        wanted = primary_metrics(cfg)
+        for m in wanted:
             if m not in finished:
                 finished[m] = gather_points(uri, sweep, m)
-        metrics = {m: predict_metric(finished[m], root, sweep, m, plan) for m in primary_metrics(cfg)}
+        metrics = {m: predict_metric(finished[m], root, sweep, m, plan) for m in wanted}
         for metric, p in metrics.items():
             if "why" in p:
                 reasons[line_of(plan), p["why"]].add(metric)

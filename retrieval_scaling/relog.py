@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataError, UserError
-from .layout import DONE, read_done, sweep_dir
+from .layout import DONE, read_done, run_artifacts, sweep_dir
 
 log = logging.getLogger(__name__)
 USAGE = "usage: python -m retrieval_scaling.relog sweep=<name> [root=<sweeps dir>] [uri=<mlflow uri>]"
@@ -51,7 +51,7 @@ def relog_cell(uri: str, artifacts: str | os.PathLike, out: Path) -> str:
                   attempt_tags={"relogged_from": str(out)})
     run.log_metrics({"flops_spent": plan["flops_total"], **done["metrics"]}, step=plan["steps"])
     run.log_artifact(out / "config.yaml")
-    for run_file in sorted((out / "runs").glob("*.gz")):
+    for run_file in run_artifacts(out / "runs"):
         run.log_artifact(run_file, "runs")
     run.finish("FINISHED")
     return run.run_id

@@ -51,6 +51,13 @@ class Target:
         return "(1 - m)/m = E + A*N^-alpha" if self.bounded else "m = E + A*N^-alpha"
 
 
+def fittable(errors) -> np.ndarray:
+    """Which errors a law can be fitted to: finite and above 0. A score of exactly 0 has infinite odds
+    of missing, a score of 1 none; a log-log fit sees neither."""
+    errors = np.asarray(errors, dtype=float)
+    return np.isfinite(errors) & (errors > 0)
+
+
 def target_for(metric: str) -> Target:
     """A contrastive entropy is a loss; every other metric we log per collection is a score in [0, 1]."""
     leaf = metric.rsplit("/", 1)[-1]
@@ -185,7 +192,7 @@ def fit_scaling_law(x, error, bootstrap: int = 1000, seed: int = 0, resamples=No
         for xb, eb in resamples:
             xb, eb = np.asarray(xb, dtype=float), np.asarray(eb, dtype=float)
             # one size says nothing of the slope; a replicate whose queries all scored 0 has infinite odds
-            if len(np.unique(xb)) < 2 or not np.all(np.isfinite(eb) & (eb > 0)):
+            if len(np.unique(xb)) < 2 or not fittable(eb).all():
                 continue
             # from the full fit's optimum: a resample is a small perturbation of the data
             samples.append(_fit_once(xb, eb, saturating and len(np.unique(xb)) >= 4, theta)[1:])
