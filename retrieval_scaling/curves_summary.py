@@ -14,6 +14,17 @@ def budget_label(flops: float) -> str:
     return f"{flops:.3g} FLOPs"
 
 
+def line_name(paradigm: str, loss: str, budget: float) -> str:
+    """A line's key in `fits.json` and in the predictions stored for it: `<paradigm>/<loss>/<budget>`."""
+    return f"{paradigm}/{loss}/{float(budget):.6g}"
+
+
+def findings_rows(found: Sequence[Mapping[str, str]]) -> list[str]:
+    """The findings as a markdown table: each, what the paper found, what this sweep shows."""
+    return ["| finding | paper | this sweep |", "|---|---|---|",
+            *(f"| {f['finding']} | {f['paper']} | {f['this sweep']} |" for f in found)]
+
+
 def _verdict_scales(fit: Fit | None) -> str:
     if fit is None or fit.alpha_ci is None:
         return "undetermined (no interval)"
@@ -66,9 +77,7 @@ def table_head(title: str, *columns: str) -> list[str]:
 
 def summary_markdown(sweep: str, metric: str, lines: Mapping, optima: Mapping, judged: Sequence[Mapping],
                      found: Sequence[Mapping[str, str]]) -> str:
-    out = [f"# Scaling curves of sweep `{sweep}` — {metric}", "",
-           "| finding | paper | this sweep |", "|---|---|---|"]
-    out += [f"| {f['finding']} | {f['paper']} | {f['this sweep']} |" for f in found]
+    out = [f"# Scaling curves of sweep `{sweep}` — {metric}", "", *findings_rows(found)]
     out += table_head("Fits", "paradigm", "loss", "budget", "points", "sizes", "α", "95% interval", "E",
                       "residual RMSE", "interval from", "notes")
     for (paradigm, loss, budget), entry in lines.items():
@@ -114,7 +123,7 @@ def fits_json(metric: str, target: Target, lines: Mapping, optima: Mapping,
               judged: Sequence[Mapping]) -> dict[str, Any]:
     out: dict[str, Any] = {"metric": metric, "x": "params_non_embedding", "law": target.law, "lines": {}}
     for (paradigm, loss, budget), e in lines.items():
-        key = f"{paradigm}/{loss}/{budget:.6g}"
+        key = line_name(paradigm, loss, budget)
         if e["fit"] is None:
             out["lines"][key] = {"why": e["why"]}
             continue
@@ -156,8 +165,7 @@ def description(sweep: str, metric: str, points: Sequence[Mapping[str, Any]], fo
            f"each trained under {' / '.join(budget_label(b) for b in budgets)}. Cells are nested under the run "
            f"`sweep {sweep}`; `python -m retrieval_scaling.curves sweep={sweep}` refreshes this text.", "",
            f"**{metric}** (mean over seeds)", "", *results_table(points, metric), "",
-           "| finding | paper | this sweep |", "|---|---|---|",
-           *(f"| {f['finding']} | {f['paper']} | {f['this sweep']} |" for f in found), "",
+           *findings_rows(found), "",
            f"![scaling curves](get-artifact?path=curves%2Fscaling.png&run_uuid={parent})", "",
            "Fits, extrapolation checks and predictions: the artifact `curves/summary.md` of the parent run."]
     text = "\n".join(out)

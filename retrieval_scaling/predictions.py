@@ -35,7 +35,9 @@ def primary_metrics(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def line_of(plan: Mapping[str, Any]) -> str:
-    return f"{plan['paradigm']}/{plan['loss']}/{float(plan['flops_budget']):.6g}"
+    from .curves_summary import line_name
+
+    return line_name(plan["paradigm"], plan["loss"], plan["flops_budget"])
 
 
 def predict_metric(finished: Sequence[Mapping[str, Any]], root: Path, sweep: str, metric: str,
