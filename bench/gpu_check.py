@@ -47,7 +47,7 @@ def main() -> int:
     import importlib.util
 
     missing = [m for m in ("torch", "transformers", "peft", "deepspeed", "hydra", "omegaconf", "submitit", "mlflow",
-                           "faiss", "ir_measures", "numba", "bm25s") if importlib.util.find_spec(m) is None]
+                           "ir_measures", "numba", "bm25s") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"error: {', '.join(missing)} not importable by {sys.executable}: install the project there "
               "(pip install -e . with a CUDA torch) or run make gpu-check PYTHON=<an interpreter that has them>",

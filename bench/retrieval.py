@@ -88,7 +88,8 @@ def main() -> None:
     from retrieval_scaling.cell_model import load_trained_encoder
     from retrieval_scaling.data import load_collection
     from retrieval_scaling.evaluation import encode_texts, inference_encoder
-    from retrieval_scaling.search import InvertedIndex, brute_force_sparse, search_dense, to_csr
+    from retrieval_scaling.search import InvertedIndex, brute_force_sparse, to_csr
+    from retrieval_scaling.topk import search_dense
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="tiny")

@@ -92,7 +92,8 @@ def eval_child(paradigm: str, n_docs: int, shard_size: int, check: bool) -> dict
     from retrieval_scaling.data import Collection
     from retrieval_scaling.distributed import configure_threads
     from retrieval_scaling.evaluation import encoder_retriever, inference_encoder
-    from retrieval_scaling.search import brute_force_sparse, top_k_rows
+    from retrieval_scaling.search import brute_force_sparse
+    from retrieval_scaling.topk import top_k_rows
 
     configure_threads(torch.get_num_threads())
     texts = synthetic_corpus(n_docs, seed=1)

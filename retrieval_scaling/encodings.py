@@ -10,7 +10,7 @@ keeps every shard it finished and its next attempt encodes only the rest.
 Over W ranks, new shards are encoded round-robin (shard j on rank j mod W), and each rank searches its
 share of the corpus's shards; rank 0 merges the partial top-k lists. Hits are ordered by score, then by
 corpus position, in every shard and in the merge, so the result is exactly brute force's whatever the
-number of ranks or how the shards were cut.
+number of ranks or how the shards were cut (to the last bit of a dense score: see `topk`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scipy import sparse
 from .distributed import barrier
 from .layout import write_via
 from .search import InvertedIndex, to_csr
+from .topk import dense_top_k, merge_top_k, pad_top_k
 
 log = logging.getLogger(__name__)
 
@@ -234,35 +235,12 @@ class EncodingStore:
             self.doc_nnz += int(counts.sum()) + repeated
             s, i = InvertedIndex(reps).search(queries, kk)
         else:
-            import faiss
-
-            index = faiss.IndexFlatIP(reps.shape[1])
-            index.add(np.ascontiguousarray(reps, dtype=np.float32))
-            s, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+            s, i = dense_top_k(queries, reps, kk)
         s = s.astype(np.float32)
         p = np.where(i >= 0, first[np.clip(i, 0, None)], -1)
         if view.repeats:
             s, p = expand_repeats(s, p, view.repeats)
         return merge_top_k(s[:, :0], p[:, :0], s, p, k)
-
-
-def merge_top_k(scores_a: np.ndarray, pos_a: np.ndarray, scores_b: np.ndarray, pos_b: np.ndarray,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of two candidate lists per query, by score, then lower position; empty slots
-    (position -1) last."""
-    s = np.concatenate([scores_a, scores_b], axis=1).astype(np.float32)
-    p = np.concatenate([pos_a, pos_b], axis=1).astype(np.int64)
-    s = np.where(p >= 0, s, -np.inf)
-    order = np.lexsort((np.where(p >= 0, p, np.iinfo(np.int64).max), -s), axis=-1)[:, :k]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(p, order, axis=1)
-
-
-def pad_top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    missing = k - scores.shape[1]
-    if missing > 0:
-        scores = np.pad(scores, ((0, 0), (0, missing)), constant_values=-np.inf)
-        positions = np.pad(positions, ((0, 0), (0, missing)), constant_values=-1)
-    return scores, positions
 
 
 def expand_repeats(scores: np.ndarray, positions: np.ndarray,

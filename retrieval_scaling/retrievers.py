@@ -3,8 +3,8 @@ and the baselines go through the same evaluation.
 
 - `EncoderRetriever`: any text → vector function (a cell's Lion-DS / Lion-SP encoder, a
   sentence-transformers model); the corpus is encoded `shard_size` documents at a time into an
-  `encodings.EncodingStore` and searched exactly (dense: faiss inner product; sparse: the inverted
-  index of `search`).
+  `encodings.EncodingStore` and searched exactly (dense: a matrix product; sparse: the inverted index;
+  both in `search`).
 - `BM25Retriever`: bm25s over the collection (English stop words, Snowball stemming).
 """
 

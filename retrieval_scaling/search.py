@@ -1,12 +1,13 @@
-"""Exact top-k search over encoded corpora.
+"""Exact sparse top-k search over encoded corpora.
 
-Dense: faiss `IndexFlatIP` per corpus shard, shard results merged, so the corpus is bounded by memory
-(one shard's vectors at a time), not by code. Sparse: an inverted index over every non-zero weight
-(term → documents, weights), scored term-at-a-time into a per-thread accumulator and reduced by a
-top-k heap; queries in parallel (numba). Terms found in at least `dense_fraction` of the documents keep
-their postings as a dense column (zeros included): adding such a column is a vectorised pass instead
-of a scatter, and learned sparse vectors put most of a query's work in such terms. Both searches are
-exact: the same hits as brute force (ties by lower document index).
+An inverted index over every non-zero weight (term → documents, weights), scored term-at-a-time into a
+per-thread accumulator and reduced by a top-k heap; queries in parallel (numba). Terms found in at least
+`dense_fraction` of the documents keep their postings as a dense column (zeros included): adding such a
+column is a vectorised pass instead of a scatter, and learned sparse vectors put most of a query's work
+in such terms. The search is exact: the same hits as brute force, ties by lower document index.
+
+Floating point: a score is the sum of its products in the query's term order, whatever the document's
+shard or place in it, so it is the same bits under any shard cut or rank count. (Dense search: `topk`.)
 """
 
 from __future__ import annotations
@@ -17,43 +18,7 @@ import numba
 import numpy as np
 from scipy import sparse
 
-
-class DenseTopK:
-    """Exact inner-product top-k of fixed queries, fed one corpus shard at a time."""
-
-    def __init__(self, queries: np.ndarray, k: int):
-        import faiss
-
-        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
-        self.k = k
-        self.heap = faiss.ResultHeap(len(self.queries), k, keep_max=True)  # inner product: largest
-        self.offset = 0
-
-    def add_shard(self, docs: np.ndarray) -> None:
-        import faiss
-
-        docs = np.ascontiguousarray(docs, dtype=np.float32)
-        if len(docs):
-            index = faiss.IndexFlatIP(docs.shape[1])
-            index.add(docs)
-            scores, idx = index.search(self.queries, min(self.k, len(docs)))
-            self.heap.add_result(scores, np.where(idx >= 0, idx + self.offset, -1))
-        self.offset += len(docs)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global doc indices), each (queries, k), best first; -1 where fewer than k docs."""
-        self.heap.finalize()
-        return self.heap.D, self.heap.I
-
-
-def search_dense(queries: np.ndarray, doc_shards: Iterable[np.ndarray] | np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(doc_shards, np.ndarray):
-        doc_shards = [doc_shards]
-    top = DenseTopK(queries, k)
-    for shard in doc_shards:
-        top.add_shard(shard)
-    return top.result()
+from .topk import top_k_rows
 
 
 def to_csr(reps: np.ndarray | sparse.spmatrix) -> sparse.csr_matrix:
@@ -103,26 +68,23 @@ class InvertedIndex:
                        max(1, min(q.shape[0], numba.get_num_threads() * 4)))
 
 
+def search_postings(indptr: np.ndarray, doc_ids: np.ndarray, weights: np.ndarray, n_docs: int,
+                    q_indptr: np.ndarray, q_terms: np.ndarray, q_weights: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over postings (term t: `doc_ids[indptr[t]:indptr[t+1]]`, `weights` alike) for queries
+    given as CSR arrays, a term listed twice counted twice, summed in the listed order: (scores, doc
+    indices), each (queries, k), best first, ties by lower index, documents sharing no term at 0."""
+    no_dense = np.zeros((0, n_docs), dtype=np.float32)
+    return _search(indptr, doc_ids, weights, no_dense, np.full(len(indptr) - 1, -1, dtype=np.int64), n_docs,
+                   q_indptr, q_terms, q_weights, k, max(1, min(len(q_indptr) - 1, numba.get_num_threads() * 4)))
+
+
 def brute_force_sparse(queries: sparse.spmatrix | np.ndarray, docs: sparse.spmatrix | np.ndarray,
                        k: int) -> tuple[np.ndarray, np.ndarray]:
     """The reference: every query · document product with scipy (a dense score matrix), then per query
     the k best (best first, ties by lower doc index)."""
     scores = (to_csr(queries) @ to_csr(docs).T).toarray()
     return top_k_rows(scores, k)
-
-
-def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each row (best first, ties by lower column): a partition finds each row's k-th
-    score, and only the candidates at or above it are sorted."""
-    k = min(k, scores.shape[1])
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
-    out_s = np.empty((len(scores), k), dtype=np.float32)
-    out_i = np.empty((len(scores), k), dtype=np.int64)
-    for row, (values, floor) in enumerate(zip(scores, kth, strict=True)):
-        cand = np.flatnonzero(values >= floor)
-        best = cand[np.lexsort((cand, -values[cand]))[:k]]
-        out_s[row], out_i[row] = values[best], best
-    return out_s, out_i
 
 
 # ---- compiled kernels ----
