@@ -20,7 +20,7 @@ from .faults import Faults
 from .identity import cell_id, file_hash
 from .layout import DONE, FINAL, cell_dir, faults_path, read_done, run_artifacts, write_json
 from .monitoring import Heartbeat, NullRun, SystemMetrics
-from .plan import plan_cell
+from .plan import plan_cell, taught_by
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def write_process_info(out: Path, attempt: int) -> None:
 
 
 def cell_tags(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """A cell run's tags: its axes, its FLOP budget, its sweep, a readable run name."""
+    """A cell run's tags: its axes, its FLOP budget, the teacher its loss learns from ("none" for a loss
+    that reads no teacher), its sweep, a readable run name."""
     from .tracking import AXES
 
     tags = {axis: cfg[axis]["name"] for axis in AXES}
-    return {**tags, "sweep": cfg["sweep"]["name"], "budget": f"{float(cfg['budget']['flops']):.3g}",
+    return {**tags, "teacher": taught_by(cfg), "sweep": cfg["sweep"]["name"],
+            "budget": f"{float(cfg['budget']['flops']):.3g}",
             "run_name": f"{tags['model']}-{tags['paradigm']}-{tags['loss']}"}
 
 
@@ -117,26 +119,24 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def _shared_inputs(cfg: Mapping[str, Any], run) -> tuple[list[dict], Mapping[str, str], Path | None, Path | None]:
-    """(training examples, passages, tiny backbone dir, MNTP adapter): the backbone's shared stages, built
-    by the sweep's stages job, or here when the cell runs alone. Their compute is logged as params."""
+def _shared_inputs(cfg: Mapping[str, Any], run) -> tuple[Path, Path | None, Path | None]:
+    """(training data dir, tiny backbone dir, MNTP adapter): the backbone's shared stages, built by the
+    sweep's stages job, or here when the cell runs alone. Their compute is logged as params."""
     from .data import load_training_collection
-    from .prepare import ensure_training_data, load_examples, load_passages
+    from .prepare import ensure_training_data
     from .stages import is_built
 
     cache, data_cfg, model_cfg = Path(cfg["sweep"]["cache_dir"]), cfg["data"], cfg["model"]
     data_dir = ensure_training_data(data_cfg, cache)
-    examples, passages = load_examples(data_dir), load_passages(data_dir)
     local_dir, adapter = stage_dirs(model_cfg, data_cfg["name"], cache)
-    if passages is None or not all(is_built(d) for d in (local_dir, adapter) if d is not None):
-        train_coll = load_training_collection(data_cfg)
-        passages = passages or train_coll.corpus
-        local_dir, adapter = ensure_backbone(model_cfg, train_coll, cache, deepspeed_config(cfg))
+    if not all(is_built(d) for d in (local_dir, adapter) if d is not None):
+        local_dir, adapter = ensure_backbone(model_cfg, load_training_collection(data_cfg), cache,
+                                             deepspeed_config(cfg))
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models
             summary = json.loads((directory / f"{stage}.json").read_text())
             run.log_params({f"{stage}.{k}": summary[k] for k in ("flops", "tokens", "steps", "seconds")})
-    return examples, passages, local_dir, adapter
+    return data_dir, local_dir, adapter
 
 
 class Evaluator:
@@ -176,20 +176,17 @@ class Evaluator:
         return json.loads((shared / "metrics.json").read_text()) if self.rank == 0 else None
 
 
-def batch_sampler(cfg: Mapping[str, Any], examples: list[dict], passages: Mapping[str, str], tokenizer):
-    """The training batches, tokenized once: a pure function of (seed, step)."""
+def batch_sampler(cfg: Mapping[str, Any], data_dir: Path, tokenizer):
+    """The training batches, from token arrays prepared once per (data, tokenizer, length) and
+    memory-mapped: a pure function of (seed, step)."""
     from .train import BatchSampler
+    from .training_tokens import ensure_training_tokens
 
     data_cfg = cfg["data"]
-    texts = {f"q:{e['qid']}": e["query"] for e in examples}
-    texts.update({f"d:{d}": passages[d] for e in examples for d in (*e["positives"], *e["negatives"])})
-    keys = list(texts)
     max_len = max(int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]))
-    ids = tokenizer([texts[k] for k in keys], add_special_tokens=False, truncation=True,
-                    max_length=max_len - 1)["input_ids"]
-    return BatchSampler(examples, dict(zip(keys, ids, strict=True)), int(cfg["train"]["queries_per_step"]),
-                        int(cfg["train"]["passages_per_query"]), int(cfg["seed"]),
-                        int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
+    tokens = ensure_training_tokens(data_dir, tokenizer, max_len, Path(cfg["sweep"]["cache_dir"]))
+    return BatchSampler(tokens, int(cfg["train"]["queries_per_step"]), int(cfg["train"]["passages_per_query"]),
+                        int(cfg["seed"]), int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
                         tokenizer.bos_token_id, tokenizer.pad_token_id)
 
 
@@ -203,7 +200,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     init_distributed()
     plan = plan_cell(cfg)
     run.log_params({k: plan[k] for k in PLAN_PARAMS})
-    examples, passages, local_dir, adapter = _shared_inputs(cfg, run)
+    data_dir, local_dir, adapter = _shared_inputs(cfg, run)
     torch.manual_seed(int(cfg["seed"]))  # LoRA's initialisation
     encoder, tokenizer = build_cell_encoder(cfg, local_dir, adapter)
     evaluate = Evaluator(cfg, cid, rank)
@@ -214,7 +211,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
     # Compiled layers (train.compile) are cached with the sweep's other stages unless the user chose a place.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg["sweep"]["cache_dir"]) / "inductor"))
-    encoder = train(encoder, loss_fn, batch_sampler(cfg, examples, passages, tokenizer), plan["steps"],
+    encoder = train(encoder, loss_fn, batch_sampler(cfg, data_dir, tokenizer), plan["steps"],
                     plan["flops_per_step"], plan["tokens_per_step"], cfg["train"], cfg["paradigm"],
                     deepspeed_config(cfg), out / "checkpoints", int(cfg["log"]["every"]), run.log_metrics,
                     Faults(faults_path(cfg["sweep"]["root"], cfg["sweep"]["name"]), cid))

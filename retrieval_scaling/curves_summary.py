@@ -139,10 +139,17 @@ NOTE_LIMIT = 5000  # characters MLflow keeps of a tag value
 
 
 def results_table(points: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
-    """The metric by model (rows) and paradigm × loss (× budget) (columns), mean over seeds."""
+    """The metric by model (rows) and paradigm × loss (× budget) (columns), mean over seeds. A column of
+    a loss that learns from a teacher names it (`kd ← cross_encoder`), so cells taught by different
+    teachers are never averaged together or taken for one another."""
     budgets = len({p["budget"] for p in points}) > 1
-    column = {p["cell_id"]: f"{p['paradigm']} {p['loss']}" + (f" @ {p['budget']:.3g}" if budgets else "")
-              for p in points}
+
+    def label(p: Mapping[str, Any]) -> str:
+        teacher = p.get("teacher", "none")
+        return (f"{p['paradigm']} {p['loss']}" + (f" ← {teacher}" if teacher != "none" else "")
+                + (f" @ {p['budget']:.3g}" if budgets else ""))
+
+    column = {p["cell_id"]: label(p) for p in points}
     models = sorted({(p["params_non_embedding"], p["model"]) for p in points})
     columns = sorted(set(column.values()))
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)

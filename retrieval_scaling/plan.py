@@ -22,6 +22,11 @@ def loss_class(loss_cfg: Mapping[str, Any]) -> type:
         raise ConfigError(f"loss '{loss_cfg.get('name')}': cannot load {loss_cfg.get('_target_')} ({exc})") from None
 
 
+def taught_by(cfg: Mapping[str, Any]) -> str:
+    """The teacher a cell's loss learns from; "none" for a loss that reads no teacher."""
+    return cfg["data"]["teacher"]["name"] if loss_class(cfg["loss"]).needs_teacher else "none"
+
+
 def step_shape(cfg: Mapping[str, Any]) -> StepShape:
     train, data = cfg["train"], cfg["data"]
     loss = loss_class(cfg["loss"])

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .bm25 import BM25Index
 from .data import Collection, load_training_collection
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .layout import write_atomic
 from .readers import read_trec_run
-from .stages import build_resumable
+from .stages import build_once, build_resumable
 from .teachers import build_teacher
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,15 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     from .layout import training_data_dir
 
     out = training_data_dir(data_cfg, cache_root)
-    return build_resumable(out, lambda tmp, parts: _prepare(data_cfg, tmp, parts), f"prepare {data_cfg['name']}")
+    return build_resumable(out, lambda tmp, parts: _prepare(data_cfg, tmp, parts, cache_root),
+                           f"prepare {data_cfg['name']}")
 
 
 # Training queries mined and scored per part: a part is the unit ranks share and a resumed stage skips.
 QUERIES_PER_PART = 10_000
 
 
-def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
+def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cache_root: Path) -> None:
     """Mine negatives and score them with the teacher, `QUERIES_PER_PART` queries at a time: part j on
     rank j mod W, each part written atomically into `parts_dir`, so a requeued or resubmitted stage
     scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
@@ -64,10 +65,10 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
     todo = [p for p in mine if not (parts_dir / f"part-{p:09d}.jsonl").is_file()]
     if len(todo) < len(mine):
         log.info("prepare: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo), len(mine))
-    miner = Miner(data_cfg, coll) if todo else None
+    miner = Miner(data_cfg, coll, cache_root) if todo else None
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
     for start in tqdm(todo, desc=desc, mininterval=10):
-        rows = [row for qid in qids[start:start + QUERIES_PER_PART] if (row := miner.example(qid)) is not None]
+        rows = miner.examples(qids[start:start + QUERIES_PER_PART])
         write_atomic(parts_dir / f"part-{start:09d}.jsonl", "".join(f"{r}\n" for r in rows))
     barrier()  # every part is on disk before rank 0 joins them
     if rank == 0:
@@ -76,36 +77,58 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path) -> None:
 
 class Miner:
     """A training query's example: its positives, hard negatives (bm25s or a run file) and the teacher's
-    scores of all of them."""
+    scores of all of them. The BM25 index is built once per (corpus, settings) and memory-mapped."""
 
-    def __init__(self, data_cfg: Mapping[str, Any], coll: Collection):
+    def __init__(self, data_cfg: Mapping[str, Any], coll: Collection, cache_root: Path):
         neg = data_cfg["negatives"]
         self.coll, self.depth, self.keep = coll, int(neg["depth"]), int(neg["keep"])
-        self.index = BM25Index(coll.corpus) if neg["miner"] == "bm25" or data_cfg["teacher"]["name"] == "bm25" else None
+        bm25_teacher = data_cfg["teacher"]["name"] == "bm25"
+        self.index = mining_index(data_cfg, coll, cache_root) if neg["miner"] == "bm25" or bm25_teacher else None
+        # corpus id → index position, only where BM25 scores judged documents that it may not have ranked
+        self.position = {d: i for i, d in enumerate(coll.corpus)} if bm25_teacher else None
         self.run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
         self.teacher = build_teacher(data_cfg["teacher"], coll.corpus)
 
-    def example(self, qid: str) -> str | None:
-        """The example as a JSON line, None for a query without a positive judgement."""
-        from .search import top_k_rows
-
+    def examples(self, qids: list[str]) -> list[str]:
+        """The examples of `qids` as JSON lines, queries without a positive judgement left out; BM25
+        negatives mined for all of them at once."""
         coll, index, run = self.coll, self.index, self.run
-        query = coll.queries[qid]
-        positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
-        if not positives:
-            return None
-        scores = index.scores(query) if index is not None else None
-        if run is not None:
-            ranked = [d for d in run.get(qid, [])[:self.depth] if d in coll.corpus]
-        else:
-            ranked = [index.doc_ids[i] for i in top_k_rows(scores[None, :], self.depth)[1][0]]
-        negatives = [d for d in ranked if d not in positives][:self.keep]
-        judged = [*positives, *negatives]
-        teacher_scores = ([float(scores[index.position[d]]) for d in judged] if self.teacher is None
-                          else self.teacher(query, judged))
-        return json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
-                           "teacher": dict(zip(judged, teacher_scores, strict=True)),
-                           "in_run": run is None or qid in run})
+        qids = [q for q in qids if any(rel > 0 for rel in coll.qrels[q].values())]
+        if run is None and qids:
+            _, top = index.top_k([coll.queries[q] for q in qids], self.depth)
+        rows = []
+        for row, qid in enumerate(qids):
+            query = coll.queries[qid]
+            positives = [d for d, rel in coll.qrels[qid].items() if rel > 0]
+            if run is not None:
+                ranked = [d for d in run.get(qid, [])[:self.depth] if d in coll.corpus]
+            else:
+                ranked = [index.corpus_id(int(i)) for i in top[row]]
+            negatives = [d for d in ranked if d not in positives][:self.keep]
+            judged = [*positives, *negatives]
+            teacher_scores = ([float(x) for x in index.scores_of(query, [self.position[d] for d in judged])]
+                              if self.teacher is None else self.teacher(query, judged))
+            rows.append(json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
+                                    "teacher": dict(zip(judged, teacher_scores, strict=True)),
+                                    "in_run": run is None or qid in run}))
+        return rows
+
+
+BM25_K1, BM25_B = 1.5, 0.75  # bm25s's defaults, as the BM25 baseline's
+
+
+def mining_index(data_cfg: Mapping[str, Any], coll: Collection, cache_root: Path) -> BM25Index:
+    """The training corpus's BM25 index: built by the first process to ask (the others wait on its lock,
+    not in a collective), saved, and memory-mapped by every process that mines."""
+    from .layout import bm25_index_dir
+
+    path = build_once(bm25_index_dir(data_cfg, cache_root, BM25_K1, BM25_B),
+                      lambda tmp: BM25Index(coll.corpus, k1=BM25_K1, b=BM25_B).save(tmp), f"BM25 index of {coll.name}")
+    index = BM25Index.load(path)
+    if index.n_docs != len(coll.corpus):
+        raise DataError(f"{path}: the BM25 index holds {index.n_docs} documents, {coll.name} has {len(coll.corpus)}. "
+                        "Delete the index directory to rebuild it.")
+    return index
 
 
 def _join_parts(data_cfg: Mapping[str, Any], coll: Collection, out: Path, parts_dir: Path, parts: range) -> None:
@@ -148,5 +171,10 @@ def load_passages(path: Path) -> dict[str, str] | None:
 
 
 def load_examples(path: Path) -> list[dict]:
+    return list(iter_examples(path))
+
+
+def iter_examples(path: Path) -> Iterator[dict]:
+    """The examples one at a time, as `examples.jsonl` holds them."""
     with (Path(path) / "examples.jsonl").open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        yield from (json.loads(line) for line in handle if line.strip())

@@ -17,7 +17,7 @@ from .errors import ConfigError, DataError
 from .jobs import Job, stage_jobs, stage_key, stage_targets
 from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
-from .plan import check_budget, plan_cell
+from .plan import check_budget, plan_cell, taught_by
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
 
     first, sweep = cfgs[0], cfgs[0]["sweep"]
     todo = [p for p in plans if states[p["cell_id"]]["state"] in RESUBMIT]
-    rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
+    teachers = {p["cell_id"]: taught_by(cfg) for cfg, p in zip(cfgs, plans, strict=True)}
+    rows = [{**p, "teacher": teachers[p["cell_id"]], "batch": p["queries_per_step"], "group": p["passages_per_query"],
              "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
              "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
              "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
@@ -110,7 +111,7 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
     print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
                             f"{totals['total_gpu_hours']:.4g} GPU-hours on {first['planner']['accelerator']} "
                             f"at {first['planner']['utilization']:.0%} of peak)",
-                columns=("cell_id", "model", "paradigm", "loss", "batch", "group", "lengths", "params",
+                columns=("cell_id", "model", "paradigm", "loss", "teacher", "batch", "group", "lengths", "params",
                          "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
                          "mntp_gpu_h", "eval_gpu_h", "state", "action"))
     unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})

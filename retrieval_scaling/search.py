@@ -150,9 +150,12 @@ def _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, we
         else:
             for j in range(indptr[t], indptr[t + 1]):
                 acc[doc_ids[j]] += w * weights[j]
-    size = 0
+    size, k = 0, hs.shape[0]
     for d in range(n_docs):
-        size = _heap_push(hs, hi, size, acc[d], d)
+        # in index order, a full heap's root is beaten only by a strictly higher score: checked inline, as
+        # almost every document fails it
+        if size < k or acc[d] > hs[0]:
+            size = _heap_push(hs, hi, size, acc[d], d)
         acc[d] = 0.0
     return size
 
@@ -176,7 +179,8 @@ def _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, i
     size = 0
     for x in range(n_touched):
         d = touched[x]
-        size = _heap_push(hs, hi, size, acc[d], d)
+        if size < k or _ranks_before(acc[d], d, hs[0], hi[0]):
+            size = _heap_push(hs, hi, size, acc[d], d)
     d = 0
     while d < n_docs and (size < k or hs[0] < 0):
         if not hit[d]:

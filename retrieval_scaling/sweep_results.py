@@ -26,7 +26,7 @@ def gather_points(uri: str, sweep: str, metric: str) -> list[dict[str, Any]]:
         if "params_non_embedding" not in params or "flops_total" not in params:
             continue
         rows.append({"cell_id": cell, "model": tags.get("model"), "paradigm": tags.get("paradigm"),
-                     "loss": tags.get("loss"), "seed": params.get("seed", ""),
+                     "loss": tags.get("loss"), "teacher": tags.get("teacher", "none"), "seed": params.get("seed", ""),
                      "budget": float(params.get("flops_budget") or params["flops_total"]),
                      "params_non_embedding": float(params["params_non_embedding"]),
                      "flops": float(params["flops_total"]), "metric": float(run.data.metrics[metric])})

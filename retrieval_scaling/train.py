@@ -28,6 +28,7 @@ from .losses import LossOutput
 from .precision import AUTO, use_bf16
 from .regularizers import flops_regularizer, quadratic_warmup
 from .requeue import REQUEUE
+from .training_tokens import TrainingTokens
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,15 @@ class BatchSampler:
     """Queries without replacement per epoch; for each, one positive and G-1 hard negatives drawn
     without replacement from its mined negatives every time the query is drawn."""
 
-    def __init__(self, examples: list[dict], tokens: Mapping[str, list[int]], queries_per_step: int,
-                 group: int, seed: int, query_len: int, passage_len: int, bos_id: int, pad_id: int):
-        self.examples = [e for e in examples if len(e["negatives"]) >= group - 1]
+    def __init__(self, data: TrainingTokens, queries_per_step: int, group: int, seed: int, query_len: int,
+                 passage_len: int, bos_id: int, pad_id: int):
+        self.examples = np.flatnonzero(np.diff(data.neg_ptr) >= group - 1)  # those with enough negatives
         if len(self.examples) < queries_per_step:
             raise DataError(
                 f"only {len(self.examples)} training queries have ≥ {group - 1} hard negatives; a step needs "
                 f"{queries_per_step}. Raise data.negatives.keep or lower the batch."
             )
-        self.tokens, self.queries_per_step, self.group, self.seed = tokens, queries_per_step, group, seed
+        self.data, self.queries_per_step, self.group, self.seed = data, queries_per_step, group, seed
         self.query_len, self.passage_len, self.bos_id, self.pad_id = query_len, passage_len, bos_id, pad_id
 
     @functools.lru_cache(maxsize=4)  # noqa: B019  (a few epochs' permutations; samplers live for a run)
@@ -61,18 +62,20 @@ class BatchSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
     def batch(self, step: int) -> Batch:
-        n, rng = len(self.examples), np.random.default_rng([self.seed, 1_000_003, step])
+        n, rng, data = len(self.examples), np.random.default_rng([self.seed, 1_000_003, step]), self.data
         picks = []
         for k in range(step * self.queries_per_step, (step + 1) * self.queries_per_step):
-            picks.append(self.examples[self._order(k // n)[k % n]])
+            picks.append(int(self.examples[self._order(k // n)[k % n]]))
         queries, passages, teacher = [], [], []
         for ex in picks:
-            pos = ex["positives"][rng.integers(len(ex["positives"]))]
-            negs = rng.choice(len(ex["negatives"]), size=self.group - 1, replace=False)
-            group = [pos, *(ex["negatives"][i] for i in negs)]
-            queries.append(self.tokens["q:" + ex["qid"]])
-            passages.extend(self.tokens["d:" + d] for d in group)
-            teacher.append([ex["teacher"][d] for d in group])
+            pos_lo, pos_n = int(data.pos_ptr[ex]), int(data.pos_ptr[ex + 1] - data.pos_ptr[ex])
+            neg_lo, neg_n = int(data.neg_ptr[ex]), int(data.neg_ptr[ex + 1] - data.neg_ptr[ex])
+            pos = pos_lo + int(rng.integers(pos_n))
+            negs = neg_lo + rng.choice(neg_n, size=self.group - 1, replace=False)
+            rows = [int(data.pos_row[pos]), *(int(r) for r in data.neg_row[negs])]
+            queries.append(data.row(int(data.query_row[ex])))
+            passages.extend(data.row(r) for r in rows)
+            teacher.append([float(data.pos_teacher[pos]), *(float(s) for s in data.neg_teacher[negs])])
         q_ids, q_mask = encode_inputs(queries, self.bos_id, self.pad_id, self.query_len, pad_to=self.query_len)
         p_ids, p_mask = encode_inputs(passages, self.bos_id, self.pad_id, self.passage_len, pad_to=self.passage_len)
         return Batch(q_ids, q_mask, p_ids, p_mask, torch.tensor(teacher, dtype=torch.float32))

@@ -146,6 +146,27 @@ def test_the_teacher_is_a_config_choice_that_names_the_cell(compose):
     assert cell_id(compose("teacher=sbert", "teacher.path=/models/other")) != cell_id(sbert)
 
 
+def test_the_full_grid_distils_from_the_cross_encoder_and_every_run_says_which_teacher(compose):
+    from retrieval_scaling.cell import cell_tags
+    from retrieval_scaling.curves_summary import results_table
+
+    def full(loss):  # the budget as the sweep resolves it for the grid
+        return compose("model=llama3_1b", "+grid=full", f"loss={loss}", "budget.flops=1e20")
+
+    for loss in ("kd", "cl_kd"):
+        assert full(loss)["data"]["teacher"]["name"] == "cross_encoder"
+        assert cell_tags(full(loss))["teacher"] == "cross_encoder"
+    assert cell_tags(full("cl"))["teacher"] == "none"
+    assert cell_tags(compose("loss=kd"))["teacher"] == "bm25"  # the tiny default: said so on the run
+    # a BM25-taught cell is its own column of the results, never averaged with the paper's teacher
+    points = [{"cell_id": c, "model": "m", "params_non_embedding": 1e6, "paradigm": "dense", "loss": "kd",
+               "teacher": t, "budget": 1e12, "metric": v}
+              for c, t, v in (("a", "bm25", 0.1), ("b", "cross_encoder", 0.3))]
+    head, _, row = results_table(points, "ndcg")
+    assert head == "| model | non-embedding params | dense kd ← bm25 | dense kd ← cross_encoder |"
+    assert row == "| m | 1e+06 | 0.1000 | 0.3000 |"
+
+
 def test_precision_auto_is_bf16_only_where_the_device_has_it_and_true_false_force_it():
     """`auto` resolves on the machine that runs the stage: bf16 on a CPU with oneDNN's bf16 kernels
     (AVX-512/AMX), fp32 on one without and on any other device; `true`/`false` and named dtypes are

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 import pytest
 import submitit
 import torch
 
+from retrieval_scaling.encoders import encode_inputs
 from retrieval_scaling.faults import Faults, InjectedFault
 from retrieval_scaling.jobs import Job, JobCall
 from retrieval_scaling.ledger import Ledger
@@ -18,6 +20,7 @@ from retrieval_scaling.local_dispatch import dispatch_local, local_order
 from retrieval_scaling.slurm import _expand
 from retrieval_scaling.status import RESUBMIT, STATES, reconcile
 from retrieval_scaling.train import BatchSampler, linear_schedule, shard
+from retrieval_scaling.training_tokens import TrainingTokens
 
 
 @pytest.mark.parametrize("done,job,run,age,state", [
@@ -87,12 +90,14 @@ def test_faults_fire_once_and_are_consumed(tmp_path):
 
 
 def make_sampler(seed=0):
-    examples = [{"qid": f"q{i}", "positives": [f"p{i}"], "negatives": [f"n{i}_{j}" for j in range(5)],
+    examples = [{"qid": f"q{i}", "query": f"query {i}", "positives": [f"p{i}"],
+                 "negatives": [f"n{i}_{j}" for j in range(5)],
                  "teacher": {f"p{i}": 10.0, **{f"n{i}_{j}": float(j) for j in range(5)}}} for i in range(7)]
-    tokens = {f"q:q{i}": [10 + i] for i in range(7)}
-    tokens.update({f"d:{d}": [50, 51] for e in examples for d in (*e["positives"], *e["negatives"])})
-    return BatchSampler(examples, tokens, queries_per_step=3, group=4, seed=seed, query_len=4, passage_len=5,
-                        bos_id=1, pad_id=2)
+    passages = [(d, f"text of {d}") for e in examples for d in (*e["positives"], *e["negatives"])]
+    tokens = TrainingTokens.build(examples, passages, lambda texts: [
+        [10 + int(t.split()[1])] if t.startswith("query") else [50, 51] for t in texts])
+    return BatchSampler(tokens, queries_per_step=3, group=4, seed=seed, query_len=4, passage_len=5, bos_id=1,
+                        pad_id=2)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -114,6 +119,53 @@ def test_batch_layout_positive_first_fixed_padding_and_epochs_without_replacemen
     seen = [int(q[-1]) - 10 for s in range(2) for q in sampler.batch(s).query_ids.tolist()]
     seen.append(sampler.batch(2).query_ids[0, -1].item() - 10)
     assert sorted(seen) == list(range(7))
+
+
+def reference_batch(examples, tokens, step, queries_per_step, group, seed):
+    """The sampler before token arrays: examples and a key → token ids dict, as lists."""
+    kept = [e for e in examples if len(e["negatives"]) >= group - 1]
+    n, rng = len(kept), np.random.default_rng([seed, 1_000_003, step])
+    queries, passages, teacher = [], [], []
+    for k in range(step * queries_per_step, (step + 1) * queries_per_step):
+        ex = kept[np.random.default_rng([seed, k // n]).permutation(n)[k % n]]
+        pos = ex["positives"][rng.integers(len(ex["positives"]))]
+        negs = rng.choice(len(ex["negatives"]), size=group - 1, replace=False)
+        docs = [pos, *(ex["negatives"][i] for i in negs)]
+        queries.append(tokens["q:" + ex["qid"]])
+        passages.extend(tokens["d:" + d] for d in docs)
+        teacher.append([ex["teacher"][d] for d in docs])
+    return queries, passages, teacher
+
+
+def test_token_arrays_give_the_batches_the_examples_gave_and_load_memory_mapped(tmp_path):
+    rng = np.random.default_rng(7)
+    docs = [f"d{i}" for i in range(60)]
+    examples = []
+    for i in range(25):  # several positives, 2 to 9 negatives (some too few for a group of 4), random scores
+        judged = list(rng.choice(docs, size=int(rng.integers(3, 12)), replace=False))
+        pos, neg = judged[:int(rng.integers(1, 3))], judged[3:]
+        examples.append({"qid": f"q{i}", "query": f"query {i} " * int(rng.integers(1, 4)), "positives": pos,
+                         "negatives": neg, "teacher": {d: float(rng.normal()) for d in judged}})
+    passages = [(d, f"passage {d} " * (1 + int(d[1:]) % 5)) for d in docs]
+
+    def tokenize(texts):
+        return [[3 + sum(map(ord, w)) % 97 for w in t.split()] for t in texts]
+
+    built = TrainingTokens.build(examples, passages, tokenize)
+    built.save(tmp_path)
+    loaded = TrainingTokens.load(tmp_path)
+    assert isinstance(loaded.ids, np.memmap) and loaded.examples == 25
+    tokens = {f"q:{e['qid']}": ids for e, ids in zip(examples, tokenize([e["query"] for e in examples]), strict=True)}
+    tokens.update({f"d:{d}": ids for (d, _), ids in zip(passages, tokenize([t for _, t in passages]), strict=True)})
+    sampler = BatchSampler(loaded, queries_per_step=5, group=4, seed=3, query_len=6, passage_len=8, bos_id=1,
+                           pad_id=2)
+    for step in (0, 1, 7, 3):
+        got = sampler.batch(step)
+        queries, passages_ids, teacher = reference_batch(examples, tokens, step, 5, 4, 3)
+        want_q, _ = encode_inputs(queries, 1, 2, 6, pad_to=6)
+        want_p, _ = encode_inputs(passages_ids, 1, 2, 8, pad_to=8)
+        assert torch.equal(got.query_ids, want_q) and torch.equal(got.passage_ids, want_p)
+        assert torch.equal(got.teacher, torch.tensor(teacher, dtype=torch.float32))
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():

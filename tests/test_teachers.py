@@ -56,15 +56,24 @@ def data_cfg(root, teacher):
 
 
 def test_bm25_teacher_scores_are_the_miner_scores(collection, tmp_path):
+    """Batched mining over the saved index gives what scoring every document one query at a time gives:
+    the same negatives (ties by lower position) and bitwise the same scores."""
     from retrieval_scaling.prepare import BM25Index
+    from retrieval_scaling.topk import top_k_rows
 
     examples = load_examples(ensure_training_data(data_cfg(collection, {"name": "bm25"}), tmp_path / "cache"))
-    index = BM25Index(DOCS)
+    index, ids = BM25Index(DOCS), list(DOCS)
     for ex in examples:
         scores = index.scores(QUERIES[ex["qid"]])
+        ranked = [ids[i] for i in top_k_rows(scores[None, :], 5)[1][0]]
+        assert ex["negatives"] == [d for d in ranked if d not in ex["positives"]][:3]
         assert set(ex["teacher"]) == {*ex["positives"], *ex["negatives"]}
         for d, s in ex["teacher"].items():
-            assert s == pytest.approx(float(scores[index.position[d]]))
+            assert s == float(scores[ids.index(d)])  # exact: the same float32 sums in the same order
+    # one index per corpus: another teacher's examples mine from the same saved index
+    other = {**data_cfg(collection, {"name": "bm25"}), "negatives": {"miner": "bm25", "depth": 4, "keep": 2}}
+    assert len(load_examples(ensure_training_data(other, tmp_path / "cache"))) == len(examples)
+    assert len(list((tmp_path / "cache" / "bm25").glob("mini-*"))) == 1
 
 
 @pytest.mark.parametrize("bf16", [False, "auto"])
@@ -168,21 +177,23 @@ def test_preparation_interrupted_mid_way_resumes_from_its_parts(collection, tmp_
     monkeypatch.setattr(prepare, "QUERIES_PER_PART", 1)  # q1, then q2
     cfg = data_cfg(collection, {"name": "bm25"})
     whole = (ensure_training_data(cfg, tmp_path / "whole") / "examples.jsonl").read_text()
-    real_scores, calls = prepare.BM25Index.scores, []
+    real_top_k, calls = prepare.BM25Index.top_k, []
 
-    def scores_then_crash(self, query):
-        calls.append(query)
+    def top_k_then_crash(self, queries, k):
+        calls.append(queries)
         if len(calls) == 2:  # the second part's query
             raise RuntimeError("node lost")
-        return real_scores(self, query)
+        return real_top_k(self, queries, k)
 
-    monkeypatch.setattr(prepare.BM25Index, "scores", scores_then_crash)
+    monkeypatch.setattr(prepare.BM25Index, "top_k", top_k_then_crash)
     with pytest.raises(RuntimeError, match="node lost"):
         ensure_training_data(cfg, tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "training").glob(".*.checkpoints/part-*.jsonl"))) == 1
-    monkeypatch.setattr(prepare.BM25Index, "scores", real_scores)
+    monkeypatch.setattr(prepare.BM25Index, "top_k", real_top_k)
     with caplog.at_level(logging.INFO, logger="retrieval_scaling.prepare"):
         out = ensure_training_data(cfg, tmp_path / "cache")
     assert "1 of this rank's 2 part(s) done by an earlier attempt" in caplog.text
+    # Exact on any CPU: a BM25 score sums the same float32 weights in the query's token order, whatever
+    # the batch of queries it was mined with.
     assert (out / "examples.jsonl").read_text() == whole
     assert not list((tmp_path / "cache" / "training").glob(".*.checkpoints"))  # dropped once complete

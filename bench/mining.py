@@ -1,0 +1,209 @@
+"""BM25 hard-negative mining at MS MARCO's shape, rehearsed on a CPU.
+
+A synthetic corpus of `--docs` passages with MS MARCO's length profile (log-normal word counts, mean ~56,
+Zipfian words; `scale.synthetic_corpus`) and `--queries` queries of ~3.4 terms (log-normal, 1 to 12),
+drawn Zipfian from the word ranks after the 75 most frequent (what stop-word removal leaves of a real
+vocabulary). Calibrated on real text: MS MARCO dev queries against real MS MARCO passages (the 4,103 of
+shared/data) keep 3.5 terms after bm25s's stop words, whose postings sum to 0.107 × the corpus's
+documents per query (median 0.080); these synthetic ones give about 0.1 (the JSON says how much).
+Each step runs in its own process, so each peak RSS is that step's alone:
+
+1. build: the BM25 index built once and saved (`BM25Index(...).save`): time, peak RSS, bytes on disk;
+2. mine: every query's top `--depth` from the memory-mapped index, in batches of 10,000 (one mining
+   part) on all threads, against today's loop before it (bm25s scores every document for one query,
+   then the top-k), on a sample of queries: queries/s per core of each, and identical top-k (scores and
+   positions) on the sample;
+3. share: two ranks mining their halves at once from the same saved index, against one rank alone:
+   peak RSS and PSS (a shared page counted once across processes, from /proc/<pid>/smaps_rollup);
+4. the time MS MARCO's mining would take (8.84M passages, 503k queries), extrapolated linearly in the
+   corpus size (a query's postings grow with it) from the measured rate.
+
+    python bench/mining.py [--docs 1000000] [--queries 20000] [--out bench/results/mining.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from record import write_result  # bench/ is on sys.path when a script runs
+from scale import WORDS, synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MSMARCO_PASSAGES, MSMARCO_QUERIES = 8_841_823, 502_939
+STOP_RANKS = 75  # the most frequent word ranks, left out of queries as stop words would be
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def pss_gb() -> float:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def synthetic_queries(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(3.6), 0.4, n).astype(int), 1, 12)
+    words = rng.zipf(1.2, 3 * lengths.sum()) + STOP_RANKS
+    words = words[words < WORDS - 3][:lengths.sum()]  # not the corpus's catch-all last word
+    out, at = [], 0
+    for length in lengths:
+        out.append(" ".join(f"w{w}" for w in words[at:at + length]))
+        at += length
+    return out
+
+
+def corpus_dict(n_docs: int) -> dict[str, str]:
+    return {str(i): t for i, t in enumerate(synthetic_corpus(n_docs, seed=0))}
+
+
+def child_build(args) -> dict:
+    from retrieval_scaling.bm25 import BM25Index
+
+    corpus = corpus_dict(args.docs)
+    start = time.perf_counter()
+    BM25Index(corpus).save(args.index)
+    seconds = time.perf_counter() - start
+    on_disk = sum(p.stat().st_size for p in Path(args.index).iterdir())
+    return {"build_s": seconds, "build_peak_rss_gb": peak_rss_gb(), "index_bytes": on_disk}
+
+
+def child_mine(args) -> dict:
+    """Mine queries [lo, hi) of the query set from the saved index, a part of 10,000 at a time."""
+    from retrieval_scaling.bm25 import BM25Index
+    from retrieval_scaling.distributed import configure_threads
+
+    configure_threads(args.threads)
+    index = BM25Index.load(args.index)
+    queries = synthetic_queries(args.queries, seed=1)[args.lo:args.hi]
+    index.top_k(queries[:2], args.depth)  # compile (numba caches it on disk afterwards)
+    start, done = time.perf_counter(), []
+    for at in range(0, len(queries), 10_000):
+        done.append(index.top_k(queries[at:at + 10_000], args.depth))
+    seconds = time.perf_counter() - start
+    postings = np.diff(np.asarray(index.indptr))
+    work = np.mean([postings[t].sum() for t in index.query_tokens(queries[:2000])]) / index.n_docs
+    out = {"queries": len(queries), "seconds": seconds, "peak_rss_gb": peak_rss_gb(), "pss_gb": pss_gb(),
+           "postings_per_query_over_docs": float(work)}
+    if args.sample_out:
+        np.savez(args.sample_out, scores=done[0][0][:args.sample], positions=done[0][1][:args.sample])
+    return out
+
+
+def child_loop(args) -> dict:
+    """Today's loop before the index was saved and batched: bm25s scores every document for one query,
+    then its top-k, one query after the other."""
+    import bm25s
+
+    from retrieval_scaling.bm25 import _tokenizer
+    from retrieval_scaling.topk import top_k_rows
+
+    corpus = corpus_dict(args.docs)
+    tokenizer = _tokenizer()
+    retriever = bm25s.BM25(k1=1.5, b=0.75)
+    retriever.index(tokenizer.tokenize(list(corpus.values()), return_as="tuple", show_progress=False),
+                    show_progress=False)
+    del corpus
+    queries = synthetic_queries(args.queries, seed=1)[:args.sample]
+    scores = np.empty((len(queries), args.depth), dtype=np.float32)
+    positions = np.empty((len(queries), args.depth), dtype=np.int64)
+    start = time.perf_counter()
+    for row, query in enumerate(queries):
+        tokens = tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)[0]
+        full = retriever.get_scores(tokens) if tokens else np.zeros(args.docs, dtype=np.float32)
+        scores[row], positions[row] = (x[0] for x in top_k_rows(full[None, :], args.depth))
+    seconds = time.perf_counter() - start
+    np.savez(args.sample_out, scores=scores, positions=positions)
+    return {"queries": len(queries), "seconds": seconds}
+
+
+def run_child(step: str, args, **extra) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", step, "--docs", str(args.docs), "--queries", str(args.queries),
+           "--depth", str(args.depth), "--sample", str(args.sample), "--index", str(args.index),
+           "--threads", str(extra.get("threads", args.threads))]
+    for key in ("lo", "hi", "sample_out"):
+        if key in extra:
+            cmd += [f"--{key.replace('_', '-')}", str(extra[key])]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def result_of(proc: subprocess.Popen) -> dict:
+    stdout, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"error: a benchmark step failed (exit {proc.returncode})")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=20_000)
+    parser.add_argument("--depth", type=int, default=100)  # data.negatives.depth for MS MARCO
+    parser.add_argument("--sample", type=int, default=200)  # queries the one-query loop is timed and checked on
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--index", default="")
+    parser.add_argument("--child", default="")
+    parser.add_argument("--lo", type=int, default=0)
+    parser.add_argument("--hi", type=int, default=None)
+    parser.add_argument("--sample-out", default="")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mining.json"))
+    args = parser.parse_args()
+    if args.child:
+        step = {"build": child_build, "mine": child_mine, "loop": child_loop}[args.child]
+        print(json.dumps(step(args)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="rs-mining-") as tmp:
+        args.index = Path(tmp) / "index"
+        build = result_of(run_child("build", args))
+        one = result_of(run_child("mine", args, sample_out=Path(tmp) / "batched.npz"))
+        loop = result_of(run_child("loop", args, threads=1, sample_out=Path(tmp) / "loop.npz"))
+        half = args.queries // 2
+        pair = [run_child("mine", args, threads=max(1, args.threads // 2), lo=lo, hi=hi)
+                for lo, hi in ((0, half), (half, args.queries))]
+        two = [result_of(p) for p in pair]
+        with np.load(Path(tmp) / "batched.npz") as a, np.load(Path(tmp) / "loop.npz") as b:
+            identical = bool(np.array_equal(a["positions"], b["positions"])
+                             and np.array_equal(a["scores"], b["scores"]))
+
+    batched_qps_core = one["queries"] / one["seconds"] / args.threads
+    loop_qps_core = loop["queries"] / loop["seconds"]  # one thread
+    scale = MSMARCO_PASSAGES / args.docs
+    result = {
+        "benchmark": "mining", "docs": args.docs, "queries": args.queries, "depth": args.depth,
+        "threads": args.threads, **build,
+        "batched_queries_per_s": one["queries"] / one["seconds"], "batched_queries_per_s_per_core": batched_qps_core,
+        "loop_queries_per_s_per_core": loop_qps_core, "speedup_per_core": batched_qps_core / loop_qps_core,
+        "speedup_machine": (one["queries"] / one["seconds"]) / loop_qps_core,
+        "identical_top_k_on_sample": identical, "sample_queries": args.sample,
+        "postings_per_query_over_docs": one["postings_per_query_over_docs"],
+        "one_rank_peak_rss_gb": one["peak_rss_gb"], "one_rank_pss_gb": one["pss_gb"],
+        "two_ranks_peak_rss_gb": [r["peak_rss_gb"] for r in two], "two_ranks_pss_gb": [r["pss_gb"] for r in two],
+        "two_ranks_pss_over_one": sum(r["pss_gb"] for r in two) / one["pss_gb"],
+        "two_ranks_rss_over_one": sum(r["peak_rss_gb"] for r in two) / one["peak_rss_gb"],
+        # before: every rank built its own index, so each rank's peak was at least the build's
+        "two_ranks_peak_rss_gb_before": 2 * build["build_peak_rss_gb"],
+        "msmarco_build_h_extrapolated": build["build_s"] * scale / 3600,
+        "msmarco_mining_cpu_h_extrapolated": MSMARCO_QUERIES / batched_qps_core * scale / 3600,
+        "msmarco_loop_cpu_h_extrapolated": MSMARCO_QUERIES / loop_qps_core * scale / 3600,
+    }
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
