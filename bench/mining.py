@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,11 @@ STOP_RANKS = 75  # the most frequent word ranks, left out of queries as stop wor
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's own peak RSS: VmHWM, not ru_maxrss, which keeps the parent's RSS at fork across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # KiB
+    return float("nan")
 
 
 def pss_gb() -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,11 @@ QUERIES_PER_STEP, GROUP, QUERY_LEN, PASSAGE_LEN = 64, 16, 32, 128
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's own peak RSS: VmHWM, not ru_maxrss, which keeps the parent's RSS at fork across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # KiB
+    return float("nan")
 
 
 def write_data(directory: Path, n_passages: int) -> None:

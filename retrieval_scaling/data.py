@@ -102,6 +102,7 @@ def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool
         if not getattr(ds, f"has_{part}")():
             raise DataError(f"ir_datasets '{dataset_id}' has no {part} (collection {name}): pick a split id "
                             "with queries and judgements, e.g. beir/fiqa/test.")
+    fetch_ir_dataset(ds, dataset_id)
     corpus: dict[str, str] = {}
     for doc in _progress(ds.docs_iter(), f"{dataset_id} docs", ds.docs_count()):
         if doc.doc_id in corpus:
@@ -114,6 +115,19 @@ def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool
     check_judgements(qrels, queries, corpus, f"ir_datasets '{dataset_id}' (collection {name})",
                      allow_missing_nonrelevant=allow_missing_nonrelevant)
     return Collection(name=name, corpus=corpus, queries={q: queries[q] for q in qrels}, qrels=qrels)
+
+
+def fetch_ir_dataset(ds, dataset_id: str) -> None:
+    """Make ir_datasets fetch a dataset's files (it downloads a file whole on first read), one process at a
+    time: ir_datasets writes `<file>.tmp` without a lock between processes, so ranks or jobs reading the
+    same new dataset at once would write over each other. Reading, afterwards, needs no lock."""
+    from ir_datasets.util import home_path
+
+    from .stages import holding_lock
+
+    with holding_lock(Path(home_path()) / "locks" / dataset_id.replace("/", "__")):
+        for part in ("docs", "queries", "qrels"):
+            next(iter(getattr(ds, f"{part}_iter")()), None)
 
 
 def _progress(items: Iterable, desc: str, total: int | None) -> Iterable:

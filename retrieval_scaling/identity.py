@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# How a teacher batches, caches and computes: its scores do not change with them.
-TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size", "bf16")
+# How a teacher batches, caches and computes, and its size for the planner: its scores do not change with them.
+TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size", "bf16", "params")
 # How an evaluation runs, not its results.
 EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings")
 # How a shared stage (pretraining, MNTP) runs, not what it builds.

@@ -81,7 +81,7 @@ def plan_cell(cfg: Mapping[str, Any]) -> dict[str, Any]:
     gpu_hours = hardware_total / (float(planner["peak_flops"]) * float(planner["utilization"])) / 3600
     return {
         "cell_id": cell_id(cfg), "model": model["name"], "paradigm": cfg["paradigm"]["name"],
-        "loss": cfg["loss"]["name"], "params_total": arch.params_total() + lora_params,
+        "loss": cfg["loss"]["name"], "teacher": taught_by(cfg), "params_total": arch.params_total() + lora_params,
         "params_trainable": trainable, "params_non_embedding": arch.params_non_embedding(),
         "queries_per_step": shape.queries, "passages_per_query": shape.passages_per_query,
         "query_len": shape.query_len, "passage_len": shape.passage_len,

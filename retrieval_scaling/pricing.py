@@ -1,5 +1,7 @@
 """What the whole study costs beyond training: each backbone's MNTP stage and each cell's evaluations,
-in FLOPs and GPU-hours, priced as the planner prices training (FLOPs ÷ (peak × utilization)).
+in FLOPs and GPU-hours, priced as the planner prices training (FLOPs ÷ (peak × utilization)); and each
+training set's preparation: its BM25 index and hard-negative mining in CPU-hours (rates measured by
+bench/mining.py, linear in the corpus's documents), its teacher's scoring in GPU-hours.
 
 Encoding a text of S tokens costs 2·S·N_linear (frozen weights, LoRA merged) + 4·L·d·S² (attention)
 + 2·S·d·V for the sparse head. A corpus is priced from its size and mean length: declared below for the
@@ -22,6 +24,10 @@ from .backbone import architecture
 from .mntp import mntp_flops
 
 TOKENS_PER_WORD = 1.3  # Llama-3's tokenizer on English prose, roughly; BEIR publishes words
+# Core-seconds per million corpus documents (bench/mining.py on MS MARCO-shaped data; docs/benchmarks.md):
+# building the BM25 index (one core), and mining one query's top-k with the batched kernel.
+BM25_INDEX_CORE_S_PER_MDOC = 54.0
+BM25_MINING_CORE_S_PER_QUERY_PER_MDOC = 6.2e-4
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class CorpusSize:
 # ir_datasets id -> size (BEIR, Thakur et al. 2021, Table 1; MS MARCO passage). Climate-FEVER's corpus is
 # FEVER's Wikipedia abstracts (5,416,593 vs 5,416,568): priced as one.
 DECLARED: dict[str, CorpusSize] = {
+    "msmarco-passage/train/judged": CorpusSize("msmarco-passage", 8_841_823, 55.98, 502_939, 5.96),
     "msmarco-passage/dev/small": CorpusSize("msmarco-passage", 8_841_823, 55.98, 6_980, 5.96),
     "msmarco-passage/trec-dl-2019/judged": CorpusSize("msmarco-passage", 8_841_823, 55.98, 43, 5.96),
     "msmarco-passage/trec-dl-2020/judged": CorpusSize("msmarco-passage", 8_841_823, 55.98, 54, 5.96),
@@ -141,6 +148,32 @@ def stage_flops(model_cfg: Mapping[str, Any]) -> float:
     return float(mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted))
 
 
+def training_data_cost(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell's training set's preparation, shared by every cell with the same data and teacher: BM25
+    index and mining CPU-hours (where BM25 mines or teaches), teacher scoring FLOPs (a neural teacher's
+    forward over each query's judged passages). `priced` is False where the collection has no known size."""
+    from .data import training_spec
+    from .identity import TEACHER_RUNTIME_KEYS, content_hash
+
+    data, teacher = cfg["data"], cfg["data"]["teacher"]
+    size = collection_size(training_spec(data), data.get("root"))
+    key = content_hash({**{k: data.get(k) for k in ("name", "source", "id", "split", "negatives")},
+                        "teacher": {k: v for k, v in teacher.items() if k not in TEACHER_RUNTIME_KEYS}})
+    out = {"key": key, "index_key": content_hash({k: data.get(k) for k in ("name", "source", "id")}),
+           "priced": size is not None, "bm25_index_cpu_hours": 0.0, "mining_cpu_hours": 0.0, "teacher_flops": 0.0}
+    if size is None:
+        return out
+    mdocs = size.docs / 1e6
+    if data["negatives"]["miner"] == "bm25" or teacher["name"] == "bm25":
+        out["bm25_index_cpu_hours"] = BM25_INDEX_CORE_S_PER_MDOC * mdocs / 3600
+        out["mining_cpu_hours"] = BM25_MINING_CORE_S_PER_QUERY_PER_MDOC * size.queries * mdocs / 3600
+    if teacher.get("params"):  # a neural teacher: one forward per (query, judged passage) pair
+        pairs = size.queries * (1 + int(data["negatives"]["keep"]))
+        tokens = min(int(teacher.get("max_len") or 512), 3 + (size.query_words + size.doc_words) * TOKENS_PER_WORD)
+        out["teacher_flops"] = 2.0 * float(teacher["params"]) * tokens * pairs
+    return out
+
+
 def gpu_hours(flops: float, planner: Mapping[str, Any]) -> float:
     return flops / (float(planner["peak_flops"]) * float(planner["utilization"])) / 3600
 
@@ -148,12 +181,25 @@ def gpu_hours(flops: float, planner: Mapping[str, Any]) -> float:
 def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Adds MNTP, evaluation and total FLOPs and GPU-hours to each cell's plan (`mntp_*` is its backbone's
     stage, shared; `eval_*` its step-0 and final evaluations, the step-0 one shared by its (backbone,
-    paradigm)), and returns the sweep's totals with each shared cost counted once."""
-    totals = {"mntp_gpu_hours": 0.0, "train_gpu_hours": 0.0, "eval_gpu_hours": 0.0}
+    paradigm); `mining_*` and `teacher_*` its training set's preparation, shared by every cell with the
+    same data and teacher), and returns the sweep's totals with each shared cost counted once."""
+    totals = {"mntp_gpu_hours": 0.0, "train_gpu_hours": 0.0, "eval_gpu_hours": 0.0, "teacher_gpu_hours": 0.0}
+    cpu = {"bm25_index_cpu_hours": 0.0, "mining_cpu_hours": 0.0}
     backbones: set[str] = set()
     step0: set[tuple[str, str]] = set()
+    prepared: set[str] = set()
     for cfg, plan in zip(cfgs, plans, strict=True):
         planner = cfg["planner"]
+        data = training_data_cost(cfg)
+        plan.update(mining_cpu_hours=data["bm25_index_cpu_hours"] + data["mining_cpu_hours"],
+                    teacher_gpu_hours=gpu_hours(data["teacher_flops"], planner), data_unpriced=not data["priced"])
+        if data["key"] not in prepared:
+            prepared.add(data["key"])
+            totals["teacher_gpu_hours"] += plan["teacher_gpu_hours"]
+            cpu["mining_cpu_hours"] += data["mining_cpu_hours"]
+        if data["index_key"] not in prepared:
+            prepared.add(data["index_key"])
+            cpu["bm25_index_cpu_hours"] += data["bm25_index_cpu_hours"]
         mntp = stage_flops(cfg["model"])
         one_eval, unpriced = evaluation_flops(cfg)
         plan.update(mntp_flops=mntp, mntp_gpu_hours=gpu_hours(mntp, planner), eval_flops=2 * one_eval,
@@ -168,4 +214,4 @@ def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any
         totals["eval_gpu_hours"] += gpu_hours(one_eval * (1 if shared_step0 else 2), planner)
         totals["train_gpu_hours"] += plan["gpu_hours"]
     totals["total_gpu_hours"] = sum(totals.values())
-    return totals
+    return {**totals, **cpu}

@@ -17,7 +17,7 @@ from .errors import ConfigError, DataError
 from .jobs import Job, stage_jobs, stage_key, stage_targets
 from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
-from .plan import check_budget, plan_cell, taught_by
+from .plan import check_budget, plan_cell
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
 
     first, sweep = cfgs[0], cfgs[0]["sweep"]
     todo = [p for p in plans if states[p["cell_id"]]["state"] in RESUBMIT]
-    teachers = {p["cell_id"]: taught_by(cfg) for cfg, p in zip(cfgs, plans, strict=True)}
-    rows = [{**p, "teacher": teachers[p["cell_id"]], "batch": p["queries_per_step"], "group": p["passages_per_query"],
+    rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
              "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
              "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
              "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
@@ -116,9 +115,14 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
                          "mntp_gpu_h", "eval_gpu_h", "state", "action"))
     unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
     print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
-          f"MNTP {totals['mntp_gpu_hours']:.4g}, training {totals['train_gpu_hours']:.4g}, evaluation "
-          f"{totals['eval_gpu_hours']:.4g}, total {totals['total_gpu_hours']:.4g}"
+          f"MNTP {totals['mntp_gpu_hours']:.4g}, teacher scoring {totals['teacher_gpu_hours']:.4g}, training "
+          f"{totals['train_gpu_hours']:.4g}, evaluation {totals['eval_gpu_hours']:.4g}, total "
+          f"{totals['total_gpu_hours']:.4g}"
           + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
+    unpriced_data = sorted({c["data"]["name"] for c, p in zip(cfgs, plans, strict=True) if p["data_unpriced"]})
+    print(f"CPU-hours of the training data (stages job; once per corpus and per training set and teacher): BM25 "
+          f"index {totals['bm25_index_cpu_hours']:.3g}, hard-negative mining {totals['mining_cpu_hours']:.3g}"
+          + (f"; not priced (no declared or readable size): {', '.join(unpriced_data)}" if unpriced_data else ""))
     print(f"plan written to {plan_file} (dry run: nothing submitted)")
 
 

@@ -4,6 +4,7 @@ tiny cell end to end (slow) with a second sweep that runs nothing."""
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,15 @@ def test_full_grid_dry_run_prices_mntp_training_and_evaluation_per_cell_and_in_t
                                                              for s in ("llama3_1b", "llama3_3b", "llama3_8b")
                                                              for p in ("sparse", "dense"))
     train = sum(c["gpu_hours"] for c in plan)
+    teacher = by[("llama3_1b", "dense", "kd")]["teacher_gpu_hours"]  # one training set, scored once
+    assert teacher > 0 and all(c["teacher_gpu_hours"] == teacher for c in plan)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("GPU-hours of the study"))
-    assert f"MNTP {mntp:.4g}, training {train:.4g}, evaluation {evals:.4g}, total {mntp + train + evals:.4g}" in line
+    assert (f"MNTP {mntp:.4g}, teacher scoring {teacher:.4g}, training {train:.4g}, evaluation {evals:.4g}, "
+            f"total {mntp + teacher + train + evals:.4g}") in line
+    # the study distils from the cross-encoder, and says so; MS MARCO's BM25 index and mining are priced
+    assert {c["loss"]: c["teacher"] for c in plan} == {"cl": "none", "kd": "cross_encoder", "cl_kd": "cross_encoder"}
+    cpu = next(x for x in proc.stdout.splitlines() if x.startswith("CPU-hours of the training data"))
+    assert re.search(r"BM25 index 0\.1\d+, hard-negative mining 0\.\d+", cpu), cpu
 
 
 def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps, compose):

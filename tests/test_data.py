@@ -86,3 +86,35 @@ def test_evaluation_subset_is_declared_seeded_and_keeps_judged_documents(data_ro
     assert set(sub.qrels) == set(sub.queries) and all(sub.corpus[d] == full.corpus[d] for d in sub.corpus)
     assert subset_collection(full, 10, 5, seed=0).queries == sub.queries  # same seed, same subset
     assert subset_collection(full, 10, 5, seed=1).queries != sub.queries
+
+
+def test_ir_datasets_files_are_fetched_one_process_at_a_time(tmp_path, monkeypatch):
+    """ir_datasets downloads a file whole on its first read, through `<file>.tmp` and with no lock between
+    processes: the first read of each part happens under a lock another process would wait on."""
+    import fcntl
+    from types import SimpleNamespace
+
+    import ir_datasets
+
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path))
+    lock = tmp_path / "locks" / ".msmarco-passage__dev__small.lock"
+    held = []
+
+    def first_read(items):
+        with open(lock) as other:  # another open file: blocked while the loader holds the lock
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return iter(items)
+
+    doc = SimpleNamespace(doc_id="d1", title="", text="a passage")
+    ds = SimpleNamespace(has_docs=lambda: True, has_queries=lambda: True, has_qrels=lambda: True,
+                         docs_count=lambda: 1, docs_iter=lambda: first_read([doc]),
+                         queries_iter=lambda: first_read([SimpleNamespace(query_id="q1", text="a query")]),
+                         qrels_iter=lambda: first_read([SimpleNamespace(query_id="q1", doc_id="d1", relevance=1)]))
+    monkeypatch.setattr(ir_datasets, "load", lambda dataset_id: ds)
+    coll = data.load_ir_datasets("dev", "msmarco-passage/dev/small")
+    assert coll.corpus == {"d1": "a passage"} and coll.qrels == {"q1": {"d1": 1}}
+    assert held[:3] == [True, True, True] and held[3:] == [False, False, False]  # the full reads: no lock

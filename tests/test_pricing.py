@@ -68,3 +68,30 @@ def test_stage_resources_overlay_the_cells_per_size(compose):
     assert stage_resources_for(launcher, "llama3_8b")["tasks_per_node"] == 4
     assert stage_resources_for(launcher, "llama3_8b")["time_min"] == 720
     assert stage_resources_for(launcher, "llama3_1b")["time_min"] == 240
+
+
+def test_training_data_preparation_is_priced_once_per_corpus_and_per_training_set(compose):
+    from retrieval_scaling.pricing import BM25_INDEX_CORE_S_PER_MDOC, BM25_MINING_CORE_S_PER_QUERY_PER_MDOC
+
+    def cell(loss, teacher):
+        return msmarco_suite(compose("model=llama3_1b", "eval=paper", "data=msmarco", f"teacher={teacher}",
+                                     f"loss={loss}"))
+
+    cfgs = [cell("kd", "cross_encoder"), cell("cl_kd", "cross_encoder"), cell("kd", "bm25")]
+    plans = [{"gpu_hours": 1.0} for _ in cfgs]
+    totals = price_study(cfgs, plans)
+    # MS MARCO train: 502,939 judged queries over 8,841,823 passages (BM25 mines for every teacher)
+    index = BM25_INDEX_CORE_S_PER_MDOC * 8.841823 / 3600
+    mining = BM25_MINING_CORE_S_PER_QUERY_PER_MDOC * 502_939 * 8.841823 / 3600
+    assert totals["bm25_index_cpu_hours"] == pytest.approx(index)  # one corpus: one index
+    assert totals["mining_cpu_hours"] == pytest.approx(2 * mining)  # two training sets (two teachers)
+    assert plans[0]["mining_cpu_hours"] == pytest.approx(index + mining)
+    # the cross-encoder: 2 × 22.7M parameters × (3 + (5.96 + 55.98) × 1.3 tokens) per (query, passage) pair,
+    # 1 + keep pairs a query; on 3.12e14 × 0.4 FLOP/s
+    keep = cfgs[0]["data"]["negatives"]["keep"]
+    flops = 2 * 22.7e6 * (3 + (5.96 + 55.98) * 1.3) * 502_939 * (1 + keep)
+    assert plans[0]["teacher_gpu_hours"] == pytest.approx(flops / (3.12e14 * 0.4) / 3600)
+    assert plans[2]["teacher_gpu_hours"] == 0.0  # BM25 teaches on the CPU, priced as mining
+    assert totals["teacher_gpu_hours"] == pytest.approx(plans[0]["teacher_gpu_hours"])  # shared by kd and cl_kd
+    assert totals["total_gpu_hours"] == pytest.approx(sum(totals[k] for k in (
+        "mntp_gpu_hours", "train_gpu_hours", "eval_gpu_hours", "teacher_gpu_hours")))
