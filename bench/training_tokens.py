@@ -8,7 +8,10 @@ Each measurement is its own process, so its peak RSS is the sampler's alone:
 - before: what a cell did until now, the examples as Python objects and every passage tokenized into
   Python lists (a dict keyed by query and passage);
 - after: the token arrays (`training_tokens`), built once by another process, memory-mapped;
-each then draws `--steps` batches of 64 queries × 16 passages. The batches of both are compared.
+each then draws `--steps` batches of 64 queries × 16 passages. The batches of both are compared. Besides
+the peak RSS, the JSON splits the RSS after drawing into private memory (RssAnon) and mapped file pages
+(RssFile): the token arrays' pages that batches touched, which the page cache shares between ranks and
+may evict.
 
     python bench/training_tokens.py [--passages 100000 1000000] [--out bench/results/training_tokens.json]
 """
@@ -40,6 +43,15 @@ def peak_rss_gb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20  # KiB
     return float("nan")
+
+
+def rss_parts_gb() -> dict[str, float]:
+    """Now: private memory (RssAnon) and mapped file pages (RssFile: the page cache, shared and evictable)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 2**20
+    return {"rss_anon_gb": out.get("RssAnon", float("nan")), "rss_file_gb": out.get("RssFile", float("nan"))}
 
 
 def write_data(directory: Path, n_passages: int) -> None:
@@ -127,7 +139,8 @@ def child(mode: str, directory: Path, steps: int) -> dict:
         sampler = BatchSampler(TrainingTokens.load(directory / "tokens"), QUERIES_PER_STEP, GROUP, 0, QUERY_LEN,
                                PASSAGE_LEN, 1, 0)
         digest = draw(sampler, steps)
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb(), "batches_sha256": digest}
+    return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb(), "batches_sha256": digest,
+            **rss_parts_gb()}
 
 
 def run(*args: str) -> dict:
@@ -156,7 +169,8 @@ def main() -> None:
             after = run("--child", "after", tmp, "--steps", str(args.steps))
         sizes[str(n)] = {"queries": int(n / PASSAGES_PER_QUERY), "build_s": build["seconds"],
                          "build_peak_rss_gb": build["peak_rss_gb"], "before_peak_rss_gb": before["peak_rss_gb"],
-                         "after_peak_rss_gb": after["peak_rss_gb"],
+                         "after_peak_rss_gb": after["peak_rss_gb"], "after_rss_anon_gb": after["rss_anon_gb"],
+                         "after_rss_file_gb": after["rss_file_gb"], "before_rss_anon_gb": before["rss_anon_gb"],
                          "identical_batches": before["batches_sha256"] == after["batches_sha256"]}
     write_result(args.out, {"benchmark": "training_tokens", "steps": args.steps,
                             "batch": f"{QUERIES_PER_STEP} x {GROUP}", "sizes": sizes})
