@@ -140,8 +140,7 @@ def _heap_push(hs, hi, size, score, doc):  # pragma: no cover — compiled
 def _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights, dense_cols, dense_slot,
               n_docs):  # pragma: no cover
     """Most documents share a term with query `qi`: accumulate without bookkeeping, then scan them all.
-    Returns the heap's size."""
-    acc[:] = 0.0
+    Returns the heap's size; `acc` is left zeroed."""
     for p in range(q_indptr[qi], q_indptr[qi + 1]):
         t, w = q_terms[p], q_weights[p]
         if dense_slot[t] >= 0:
@@ -157,28 +156,26 @@ def _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, we
         # almost every document fails it
         if size < k or acc[d] > hs[0]:
             size = _heap_push(hs, hi, size, acc[d], d)
+        acc[d] = 0.0
     return size
 
 
 @numba.njit(cache=True, nogil=True)
-def _scan_touched(acc, stamp, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights, n_docs,
+def _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights, n_docs,
                   k):  # pragma: no cover
     """Few documents share a term with query `qi`: score only those, then let documents sharing none
     (score 0) fill the k hits in index order while there are fewer than k or the worst kept hit scores
-    below 0. A document is touched by this query when its `stamp` is `qi`; its first product is assigned,
-    not added, so nothing needs clearing afterwards. Returns the heap's size."""
-    n_touched, mark = 0, np.int32(qi)
+    below 0. Returns the heap's size; `acc` and `hit` are left cleared."""
+    n_touched = 0
     for p in range(q_indptr[qi], q_indptr[qi + 1]):
         t, w = q_terms[p], q_weights[p]
         for j in range(indptr[t], indptr[t + 1]):
             d = doc_ids[j]
-            if stamp[d] != mark:
-                stamp[d] = mark
+            if not hit[d]:
+                hit[d] = True
                 touched[n_touched] = d
                 n_touched += 1
-                acc[d] = w * weights[j]
-            else:
-                acc[d] += w * weights[j]
+            acc[d] += w * weights[j]
     size = 0
     for x in range(n_touched):
         d = touched[x]
@@ -186,9 +183,12 @@ def _scan_touched(acc, stamp, touched, hs, hi, qi, q_indptr, q_terms, q_weights,
             size = _heap_push(hs, hi, size, acc[d], d)
     d = 0
     while d < n_docs and (size < k or hs[0] < 0):
-        if stamp[d] != mark:
+        if not hit[d]:
             size = _heap_push(hs, hi, size, np.float32(0.0), d)
         d += 1
+    for x in range(n_touched):
+        acc[touched[x]] = 0.0
+        hit[touched[x]] = False
     return size
 
 
@@ -200,8 +200,8 @@ def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, 
     out_i = np.empty((n_q, k), dtype=np.int64)
     for c in numba.prange(n_chunks):
         acc = np.zeros(n_docs, dtype=np.float32)
-        stamp = np.full(n_docs, -1, dtype=np.int32)  # the last query that touched each document
-        touched = np.empty(n_docs, dtype=np.int32)
+        hit = np.zeros(n_docs, dtype=np.bool_)
+        touched = np.empty(n_docs, dtype=np.int64)
         hs = np.empty(k, dtype=np.float32)
         hi = np.empty(k, dtype=np.int64)
         for qi in range(c, n_q, n_chunks):
@@ -213,7 +213,7 @@ def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, 
                 size = _scan_all(acc, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids, weights,
                                  dense_cols, dense_slot, n_docs)
             else:
-                size = _scan_touched(acc, stamp, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids,
+                size = _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids,
                                      weights, n_docs, k)
             # pop the heap worst-first into the output, back to front
             for r in range(size - 1, -1, -1):
