@@ -54,15 +54,35 @@ def llama_config(arch: Architecture, **extra: Any):
                        head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings, **extra)
 
 
-def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
-    """(model, tokenizer) for a `*ForCausalLM` backbone, with attention made bidirectional if asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
+    """The backbone's tokenizer alone, as `load_backbone` loads it (pad = EOS where it has no pad)."""
+    from transformers import AutoTokenizer
 
+    where = _backbone_source(model_cfg, local_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as exc:
+        raise ConfigError(f"model '{model_cfg.get('name')}': cannot load the tokenizer of '{where}' ({exc}). Offline "
+                          "machines need a local directory in model.name_or_path.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _backbone_source(model_cfg: Mapping[str, Any], local_dir: Path | None) -> str:
     where = str(local_dir) if local_dir is not None else model_cfg.get("name_or_path")
     if not where:
         raise ConfigError(f"model '{model_cfg.get('name')}': set model.name_or_path (hub id or directory)")
+    return where
+
+
+def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
+    """(model, tokenizer) for a `*ForCausalLM` backbone, with attention made bidirectional if asked."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_cfg, local_dir)
+    where = _backbone_source(model_cfg, local_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=model_cfg.get("dtype", "float32"),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
@@ -73,8 +93,6 @@ def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
             "local directory in model.name_or_path."
         ) from None
     set_bidirectional(model, bool(model_cfg.get("bidirectional", False)))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

@@ -180,11 +180,10 @@ def batch_sampler(cfg: Mapping[str, Any], data_dir: Path, tokenizer):
     """The training batches, from token arrays prepared once per (data, tokenizer, length) and
     memory-mapped: a pure function of (seed, step)."""
     from .train import BatchSampler
-    from .training_tokens import ensure_training_tokens
+    from .training_tokens import ensure_training_tokens, training_max_len
 
     data_cfg = cfg["data"]
-    max_len = max(int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]))
-    tokens = ensure_training_tokens(data_dir, tokenizer, max_len, Path(cfg["sweep"]["cache_dir"]))
+    tokens = ensure_training_tokens(data_dir, tokenizer, training_max_len(data_cfg), Path(cfg["sweep"]["cache_dir"]))
     return BatchSampler(tokens, int(cfg["train"]["queries_per_step"]), int(cfg["train"]["passages_per_query"]),
                         int(cfg["seed"]), int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]),
                         tokenizer.bos_token_id, tokenizer.pad_token_id)

@@ -67,17 +67,23 @@ def stage_jobs(cfgs: Sequence[Mapping[str, Any]], folder: Path) -> list[Job]:
 
 
 def run_stages_job(cfg: Mapping[str, Any]) -> None:
+    from .backbone import load_tokenizer
     from .cell_model import deepspeed_config, ensure_backbone
     from .cli import setup_logging
     from .distributed import configure_threads, init_distributed
     from .prepare import ensure_training_data
+    from .training_tokens import ensure_training_tokens, training_max_len
 
     setup_logging()
     configure_threads(int(cfg["launcher"]["threads_per_job"] or 1))
     init_distributed()  # every rank of the stages job builds the stages together (parts of the data, DeepSpeed)
-    ensure_training_data(cfg["data"], Path(cfg["sweep"]["cache_dir"]))
+    cache = Path(cfg["sweep"]["cache_dir"])
+    data_dir = ensure_training_data(cfg["data"], cache)
     corpus = load_training_collection(cfg["data"])
-    ensure_backbone(cfg["model"], corpus, Path(cfg["sweep"]["cache_dir"]), deepspeed_config(cfg))
+    local_dir, _ = ensure_backbone(cfg["model"], corpus, cache, deepspeed_config(cfg))
+    # the training tokens for this backbone's tokenizer, so that no cell's GPUs wait while they are built
+    tokenizer = load_tokenizer(cfg["model"], local_dir)
+    ensure_training_tokens(data_dir, tokenizer, training_max_len(cfg["data"]), cache)
 
 
 class JobCall:

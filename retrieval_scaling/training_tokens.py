@@ -122,10 +122,14 @@ def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
 
 def tokenizer_key(tokenizer) -> str:
     """A tokenizer's identity by content: its full serialised definition where it has one (a fast
-    tokenizer), else its vocabulary and special tokens."""
+    tokenizer), less the truncation and padding that its last call left set, else its vocabulary and
+    special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(
-        [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id, tokenizer.pad_token_id])
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        text = json.dumps({k: v for k, v in definition.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id, tokenizer.pad_token_id])
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -135,6 +139,11 @@ def hf_tokenize(tokenizer, max_len: int) -> TokenizeFn:
     def tokenize(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
     return tokenize
+
+
+def training_max_len(data_cfg: Mapping[str, Any]) -> int:
+    """The length the token arrays are cut to: the longer of the query and passage lengths."""
+    return max(int(data_cfg["query_max_len"]), int(data_cfg["passage_max_len"]))
 
 
 def ensure_training_tokens(data_dir: Path, tokenizer, max_len: int, cache_root: Path) -> TrainingTokens:

@@ -148,8 +148,13 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert sorted(m.step for m in entropy) == [0, plan["steps"]] and all(m.value > 0 for m in entropy)
     assert "Sweep `e2e`" in parent.data.tags["mlflow.note.content"]  # what the sweep is, in the MLflow UI
     assert run.data.tags["git_commit"] and "slurm_job_id" in run.data.tags
-    assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "cell_id", "sweep")} == {
-        "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "cell_id": plan["cell_id"], "sweep": "e2e"}
+    assert {k: run.data.tags[k] for k in ("model", "paradigm", "loss", "teacher", "cell_id", "sweep")} == {
+        "model": "tiny_s", "paradigm": "sparse", "loss": "cl_kd", "teacher": "bm25", "cell_id": plan["cell_id"],
+        "sweep": "e2e"}
+    # the stages job prepared the training tokens once; the cell memory-mapped them and built nothing
+    assert len(list((root / ".cache" / "tokens").glob("*/.complete"))) == 1
+    cell_log = "".join(p.read_text() for p in (root / "e2e" / "cells" / plan["cell_id"] / "logs").glob("*_log.*"))
+    assert re.search(r"training tokens of \S+: reusing cached", cell_log), cell_log[-3000:]
     ndcg = client.get_metric_history(run.info.run_id, f"{EVALUATED}/ndcg_10")
     assert sorted(m.step for m in ndcg) == [0, plan["steps"]]
     spent = client.get_metric_history(run.info.run_id, "flops_spent")

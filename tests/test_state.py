@@ -277,3 +277,17 @@ def test_local_workers_start_a_cell_only_after_its_stages_job_ended_even_a_faile
     assert events.index("end s/dense/kd") < events.index("end stage-l"), events
     assert events.index("start l/dense/cl ready") > events.index("end stage-l"), events
     assert len(starts) == 6 and {ledger.cells[c]["attempts"][-1]["state"] for c in cells} == {"COMPLETED"}
+
+
+def test_a_tokenizer_is_the_same_key_before_and_after_a_truncating_call():
+    """A call with truncation leaves it set in the fast tokenizer's state; the token arrays' key must
+    not change with it (the stages job keys a fresh tokenizer, a cell one it has used)."""
+    from retrieval_scaling.backbone import train_bpe_tokenizer
+    from retrieval_scaling.training_tokens import tokenizer_key
+
+    texts = [f"a text number {i} about retrieval" for i in range(50)]
+    tokenizer = train_bpe_tokenizer(texts, 300)
+    fresh = tokenizer_key(tokenizer)
+    tokenizer(texts[:3], add_special_tokens=False, truncation=True, max_length=4)
+    assert tokenizer_key(tokenizer) == fresh
+    assert tokenizer_key(train_bpe_tokenizer(texts[:20], 280)) != fresh  # another vocabulary, another key
