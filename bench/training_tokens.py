@@ -112,8 +112,8 @@ def draw(sampler, steps: int) -> str:
 
 
 def child(mode: str, directory: Path, steps: int) -> dict:
-    from retrieval_scaling.prepare import load_examples
     from retrieval_scaling.train import BatchSampler
+    from retrieval_scaling.training_data import load_examples
     from retrieval_scaling.training_tokens import TrainingTokens, hf_tokenize
 
     tokenize = hf_tokenize(WordTokenizer(), PASSAGE_LEN)
@@ -125,7 +125,7 @@ def child(mode: str, directory: Path, steps: int) -> dict:
             TrainingTokens.build(load_examples(directory), passages, tokenize).save(directory / "tokens")
         return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
     if mode == "before":
-        from retrieval_scaling.prepare import load_passages
+        from retrieval_scaling.training_data import load_passages
 
         examples, passages = load_examples(directory), load_passages(directory)
         # the cell's tokenization before token arrays: every text of the examples, into Python lists

@@ -123,8 +123,8 @@ def _shared_inputs(cfg: Mapping[str, Any], run) -> tuple[Path, Path | None, Path
     """(training data dir, tiny backbone dir, MNTP adapter): the backbone's shared stages, built by the
     sweep's stages job, or here when the cell runs alone. Their compute is logged as params."""
     from .data import load_training_collection
-    from .prepare import ensure_training_data
     from .stages import is_built
+    from .training_data import ensure_training_data
 
     cache, data_cfg, model_cfg = Path(cfg["sweep"]["cache_dir"]), cfg["data"], cfg["model"]
     data_dir = ensure_training_data(data_cfg, cache)

@@ -71,7 +71,7 @@ def run_stages_job(cfg: Mapping[str, Any]) -> None:
     from .cell_model import deepspeed_config, ensure_backbone
     from .cli import setup_logging
     from .distributed import configure_threads, init_distributed
-    from .prepare import ensure_training_data
+    from .training_data import ensure_training_data
     from .training_tokens import ensure_training_tokens, training_max_len
 
     setup_logging()

@@ -151,8 +151,8 @@ def ensure_training_tokens(data_dir: Path, tokenizer, max_len: int, cache_root: 
     ask builds, the others wait on its lock), then memory-mapped."""
     from .errors import DataError
     from .layout import training_tokens_dir
-    from .prepare import PASSAGES, iter_examples
     from .stages import build_once
+    from .training_data import PASSAGES, iter_examples
 
     def build(tmp: Path) -> None:
         if not (Path(data_dir) / PASSAGES).is_file():

@@ -7,8 +7,8 @@ import torch
 
 from retrieval_scaling.errors import ConfigError
 from retrieval_scaling.layout import training_data_dir
-from retrieval_scaling.prepare import ensure_training_data, load_examples
 from retrieval_scaling.teachers import build_teacher
+from retrieval_scaling.training_data import ensure_training_data, load_examples
 
 DOCS = {
     "d1": "aspirin reduces the risk of heart attack",
@@ -58,8 +58,8 @@ def data_cfg(root, teacher):
 def test_bm25_teacher_scores_are_the_miner_scores(collection, tmp_path):
     """Batched mining over the saved index gives what scoring every document one query at a time gives:
     the same negatives (ties by lower position) and bitwise the same scores."""
-    from retrieval_scaling.prepare import BM25Index
     from retrieval_scaling.topk import top_k_rows
+    from retrieval_scaling.training_data import BM25Index
 
     examples = load_examples(ensure_training_data(data_cfg(collection, {"name": "bm25"}), tmp_path / "cache"))
     index, ids = BM25Index(DOCS), list(DOCS)
@@ -127,7 +127,7 @@ def test_run_file_miner_takes_the_runs_order_minus_positives(collection, tmp_pat
     assert by_q["q1"]["positives"] == ["d1"] and by_q["q1"]["negatives"] == ["d4", "d3"]
     assert by_q["q2"]["negatives"] == ["d2"]  # d9 dropped; fewer than `keep` left
     assert json.loads((out / "meta.json").read_text())["queries_with_fewer_negatives"] == 1
-    from retrieval_scaling.prepare import load_passages
+    from retrieval_scaling.training_data import load_passages
 
     assert load_passages(out) == {d: DOCS[d] for d in ("d1", "d4", "d3", "d5", "d2")}  # what cells read
 
@@ -172,12 +172,12 @@ def test_preparation_interrupted_mid_way_resumes_from_its_parts(collection, tmp_
     attempt scores only the rest, ending with the data an uninterrupted run writes."""
     import logging
 
-    import retrieval_scaling.prepare as prepare
+    import retrieval_scaling.training_data as training_data
 
-    monkeypatch.setattr(prepare, "QUERIES_PER_PART", 1)  # q1, then q2
+    monkeypatch.setattr(training_data, "QUERIES_PER_PART", 1)  # q1, then q2
     cfg = data_cfg(collection, {"name": "bm25"})
     whole = (ensure_training_data(cfg, tmp_path / "whole") / "examples.jsonl").read_text()
-    real_top_k, calls = prepare.BM25Index.top_k, []
+    real_top_k, calls = training_data.BM25Index.top_k, []
 
     def top_k_then_crash(self, queries, k):
         calls.append(queries)
@@ -185,12 +185,12 @@ def test_preparation_interrupted_mid_way_resumes_from_its_parts(collection, tmp_
             raise RuntimeError("node lost")
         return real_top_k(self, queries, k)
 
-    monkeypatch.setattr(prepare.BM25Index, "top_k", top_k_then_crash)
+    monkeypatch.setattr(training_data.BM25Index, "top_k", top_k_then_crash)
     with pytest.raises(RuntimeError, match="node lost"):
         ensure_training_data(cfg, tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "training").glob(".*.checkpoints/part-*.jsonl"))) == 1
-    monkeypatch.setattr(prepare.BM25Index, "top_k", real_top_k)
-    with caplog.at_level(logging.INFO, logger="retrieval_scaling.prepare"):
+    monkeypatch.setattr(training_data.BM25Index, "top_k", real_top_k)
+    with caplog.at_level(logging.INFO, logger="retrieval_scaling.training_data"):
         out = ensure_training_data(cfg, tmp_path / "cache")
     assert "1 of this rank's 2 part(s) done by an earlier attempt" in caplog.text
     # Exact on any CPU: a BM25 score sums the same float32 weights in the query's token order, whatever

@@ -1,4 +1,4 @@
-"""Training data preparation, a cached stage: hard negatives and teacher scores per query.
+"""The training data, a cached stage built by the stages job: hard negatives and teacher scores per query.
 
 Positives: the query's judged documents with relevance > 0. Negatives (`data.negatives.miner`): the
 BM25 (bm25s, English stop words, Snowball stemming) top `depth`, or the top `depth` of a given TREC run
@@ -39,15 +39,15 @@ def ensure_training_data(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
     from .layout import training_data_dir
 
     out = training_data_dir(data_cfg, cache_root)
-    return build_resumable(out, lambda tmp, parts: _prepare(data_cfg, tmp, parts, cache_root),
-                           f"prepare {data_cfg['name']}")
+    return build_resumable(out, lambda tmp, parts: _mine_and_score(data_cfg, tmp, parts, cache_root),
+                           f"training data {data_cfg['name']}")
 
 
 # Training queries mined and scored per part: a part is the unit ranks share and a resumed stage skips.
 QUERIES_PER_PART = 10_000
 
 
-def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cache_root: Path) -> None:
+def _mine_and_score(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cache_root: Path) -> None:
     """Mine negatives and score them with the teacher, `QUERIES_PER_PART` queries at a time: part j on
     rank j mod W, each part written atomically into `parts_dir`, so a requeued or resubmitted stage
     scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
@@ -64,7 +64,8 @@ def _prepare(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cache_root
     mine = parts[rank::world]
     todo = [p for p in mine if not (parts_dir / f"part-{p:09d}.jsonl").is_file()]
     if len(todo) < len(mine):
-        log.info("prepare: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo), len(mine))
+        log.info("training data: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo),
+                 len(mine))
     miner = Miner(data_cfg, coll, cache_root) if todo else None
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
     for start in tqdm(todo, desc=desc, mininterval=10):
