@@ -94,7 +94,10 @@ class JobCall:
         self.fn, self.args = fn, args
 
     def __call__(self) -> Any:
+        from .inputs import work_offline
+
         end_after_saved_result()
+        work_offline(self.args[0])  # every job's first argument is its (cell's or stages') config
         return self.fn(*self.args)
 
 

@@ -27,6 +27,7 @@ def normalise_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     sweep = cfg["sweep"]
     root = Path(sweep["root"]).resolve()
     sweep["cache_dir"] = str(Path(sweep["cache_dir"]).resolve())
+    sweep["inputs_dir"] = str(Path(sweep["inputs_dir"]).resolve())
     sweep["root"] = str(root)
     cfg["tracking"]["artifacts"] = str(Path(cfg["tracking"]["artifacts"]).resolve())
     if sweep["dry_run"] and not (cfg["data"].get("root") or os.environ.get(DATA_ROOT_ENV)):
@@ -81,6 +82,41 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
                 check_ir_datasets_id(spec)
             else:
                 load_source(spec, root)
+
+
+def check_prepared(cfgs: Sequence[Mapping[str, Any]]) -> None:
+    """Every hub repo and ir_datasets collection the cells read is in the inputs' manifest, whole: jobs
+    run offline, so one that is not would fail on a compute node, or wait for a download there."""
+    from .inputs import unprepared
+    from .prepare import prepare_command
+
+    missing = unprepared(cfgs)
+    if missing:
+        listed = "; ".join(f"{item.describe()}: {state}" for item, state in missing)
+        raise DataError(f"{len(missing)} input(s) of this sweep are not prepared — {listed}. Nothing was submitted: "
+                        f"fetch them on a node with network access with `{prepare_command()}`, then run the sweep "
+                        "again.")
+
+
+def print_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
+    """The dry run's view of the inputs: each one, what reads it, and whether it is prepared."""
+    from .inputs import FETCHED, inputs_dir, needed_inputs, read_manifest, state
+    from .prepare import prepare_command
+    from .status import print_table
+
+    directory = inputs_dir(cfgs[0])
+    try:
+        items = needed_inputs(cfgs)
+    except DataError as exc:
+        print(f"inputs: not listed ({exc})")
+        return
+    manifest = read_manifest(directory)
+    states = {i: state(i, manifest, directory) if i.kind in FETCHED else "local, checked at submission" for i in items}
+    print_table([{"input": f"{i.kind} {i.source}", "used by": ", ".join(i.users), "state": states[i]} for i in items],
+                title=f"inputs of the sweep (prepared into {directory})", columns=("input", "used by", "state"))
+    todo = sum(s in ("missing", "damaged") for s in states.values())
+    print(f"{todo} input(s) not prepared: fetch them with `{prepare_command()}`" if todo else
+          "every input the jobs fetch is prepared")
 
 
 def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
@@ -229,6 +265,7 @@ class Sweep:
         from .stages import holding_lock
         from .tracking import close_run, fail_if_running
 
+        check_prepared(self.cfgs)
         check_inputs(self.cfgs)
         with holding_lock(self.base / "dispatch"):  # one parent run and one description, however many start
             plan_file = write_plan(self.cfgs, self.plans)
@@ -283,5 +320,6 @@ def run_sweep(cfgs: list[dict[str, Any]]) -> int:
         with holding_lock(sweep.base / "dispatch"):
             plan_file, states, _ = sweep.decide()
         print_plan(sweep.cfgs, sweep.plans, states, plan_file, sweep.totals)
+        print_inputs(sweep.cfgs)
         return 0
     return sweep.run()

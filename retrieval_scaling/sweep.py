@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,9 +21,22 @@ from .errors import ConfigError, UserError
 
 EXIT: dict[str, int] = {}
 ERROR: list[UserError] = []
+# What the verb does with the cells Hydra composed: run the sweep, or (`prepare`) fetch their inputs.
+ACTION: dict[str, Callable[[list[dict[str, Any]]], int]] = {}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def act(cfgs: list[dict[str, Any]]) -> int:
+    from .scheduler import run_sweep
+
+    return ACTION.get("verb", run_sweep)(cfgs)
+
+
+# An absolute path: `prepare` runs this same main from another module, and Hydra resolves a relative
+# path against the module that is __main__.
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
     """Single-run mode (no grid): the same checks and scheduler as a grid, with one cell."""
     from hydra import compose
@@ -28,7 +44,6 @@ def main(cfg: DictConfig) -> None:
 
     from .budget import resolve_budget
     from .config_checks import check_cell
-    from .scheduler import run_sweep
 
     cell = OmegaConf.to_container(cfg, resolve=True)
     overrides = list(HydraConfig.get().overrides.task)
@@ -36,7 +51,7 @@ def main(cfg: DictConfig) -> None:
         check_cell(cell)
         resolve_budget(cell, overrides, lambda ov: OmegaConf.to_container(compose("config", overrides=ov),
                                                                           resolve=True))
-        EXIT["code"] = run_sweep([cell])
+        EXIT["code"] = act([cell])
     except UserError as exc:  # raised out of here, Hydra would print its own line about the job first
         ERROR.append(exc)
 

@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def planned(compose):
         return plan_cell(cfg)
 
     return _planned
+
+
+def build_dl19_ir_datasets_home(data_root: Path, home: Path) -> None:
+    """An ir_datasets home holding what it would download for msmarco-passage/trec-dl-2019/judged, with
+    the real DL19 topics and judgements over the relevant-only passages (4,103) in place of the 8.8M."""
+    base = home / "msmarco-passage"
+    (base / "trec-dl-2019").mkdir(parents=True)
+    (base / "irds_version.txt").write_text("v2")
+    with (base / "collection.tsv").open("w") as out:
+        for line in (data_root / "msmarco-dl19-relevant" / "corpus.jsonl").open():
+            row = json.loads(line)
+            out.write(f"{row['_id']}\t{row['text']}\n")
+    (base / "trec-dl-2019" / "queries.tsv").write_text((data_root / "trec-dl" / "topics.dl19-passage.txt").read_text())
+    (base / "trec-dl-2019" / "qrels").write_text((data_root / "trec-dl" / "qrels.dl19-passage.txt").read_text())

@@ -68,6 +68,13 @@ def test_full_grid_dry_run_prices_mntp_training_and_evaluation_per_cell_and_in_t
     assert {c["loss"]: c["teacher"] for c in plan} == {"cl": "none", "kd": "cross_encoder", "cl_kd": "cross_encoder"}
     cpu = next(x for x in proc.stdout.splitlines() if x.startswith("CPU-hours of the training data"))
     assert re.search(r"BM25 index 0\.1\d+, hard-negative mining 0\.\d+", cpu), cpu
+    # nothing is prepared yet: the dry run lists each input with what reads it, and the command to fetch them
+    for name, user in [("hub meta-llama/Meta-Llama-3-8B", "model llama3_8b"),
+                       ("hub cross-encoder/ms-marco-MiniLM-L-6-v2", "teacher cross_encoder"),
+                       ("ir_datasets msmarco-passage/train/judged", "data msmarco"),
+                       ("ir_datasets beir/fiqa/test", "eval fiqa")]:
+        assert re.search(rf"{re.escape(name)} +│ +{user} +│ missing", proc.stdout), name
+    assert "21 input(s) not prepared: fetch them with `python -m retrieval_scaling.prepare +grid=full`" in proc.stdout
 
 
 def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps, compose):

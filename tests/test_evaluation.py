@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_dl19_ir_datasets_home
 from scipy import sparse
 
 from retrieval_scaling.data import Collection, load_source
@@ -205,15 +206,7 @@ def test_dl19_measures_on_the_positives_only_collection_with_bm25(compose, data_
 
 def test_ir_datasets_source_reads_what_ir_datasets_caches(data_root, tmp_path):
     """ir_datasets' own loader over its cache layout, filled with the real DL19 files (offline)."""
-    home = tmp_path / "irds" / "msmarco-passage"
-    (home / "trec-dl-2019").mkdir(parents=True)
-    (home / "irds_version.txt").write_text("v2")
-    with (home / "collection.tsv").open("w") as out:
-        for line in (data_root / "msmarco-dl19-relevant" / "corpus.jsonl").open():
-            row = json.loads(line)
-            out.write(f"{row['_id']}\t{row['text']}\n")
-    (home / "trec-dl-2019" / "queries.tsv").write_text((data_root / "trec-dl" / "topics.dl19-passage.txt").read_text())
-    (home / "trec-dl-2019" / "qrels").write_text((data_root / "trec-dl" / "qrels.dl19-passage.txt").read_text())
+    build_dl19_ir_datasets_home(data_root, tmp_path / "irds")
     code = ("import json\nfrom retrieval_scaling.data import load_source\n"
             "spec = {'name': 'dl19', 'source': 'ir_datasets', 'id': 'msmarco-passage/trec-dl-2019/judged', "
             "'allow_missing_nonrelevant': True}\n"

@@ -1,6 +1,6 @@
 """Hydra sweeper and launcher of retrieval-scaling: compose every cell of the multirun, then hand
-them to `retrieval_scaling.scheduler` in one go (Hydra's own launchers run or submit jobs one by one
-and cannot plan, skip done cells, or cap concurrency)."""
+them to the verb (`retrieval_scaling.scheduler`, or `prepare`) in one go (Hydra's own launchers run or
+submit jobs one by one and cannot plan, skip done cells, or cap concurrency)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class CellLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from retrieval_scaling.budget import resolve_budget
         from retrieval_scaling.config_checks import check_cell
-        from retrieval_scaling.scheduler import run_sweep
+        from retrieval_scaling.sweep import act
 
         composer = Composer(self.hydra_context.config_loader, self.config)
         matched: dict[tuple[str, ...], dict] = {}  # cells that differ only in their axes match the same cell
@@ -95,7 +95,7 @@ class CellLauncher(Launcher):
             check_cell(cfg)
             resolve_budget(cfg, list(overrides), compose_matched)
             cfgs.append(cfg)
-        OUTCOME["exit_code"] = run_sweep(cfgs)
+        OUTCOME["exit_code"] = act(cfgs)
         returns = []
         for idx, overrides in enumerate(job_overrides):
             ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=None)
