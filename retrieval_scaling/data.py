@@ -120,14 +120,24 @@ def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool
 def fetch_ir_dataset(ds, dataset_id: str) -> None:
     """Make ir_datasets fetch a dataset's files (it downloads a file whole on first read), one process at a
     time: ir_datasets writes `<file>.tmp` without a lock between processes, so ranks or jobs reading the
-    same new dataset at once would write over each other. Reading, afterwards, needs no lock."""
+    same new dataset at once would write over each other. The lock is the dataset family's (ids of one
+    family share files: every `msmarco-passage/…` id reads `collection.tsv`). Reading, afterwards, needs
+    no lock."""
     from ir_datasets.util import home_path
 
     from .stages import holding_lock
 
-    with holding_lock(Path(home_path()) / "locks" / dataset_id.replace("/", "__")):
+    family = ir_datasets_dir(dataset_id, Path("."))
+    with holding_lock(Path(home_path()) / "locks" / "__".join(family.parts)):
         for part in ("docs", "queries", "qrels"):
             next(iter(getattr(ds, f"{part}_iter")()), None)
+
+
+def ir_datasets_dir(dataset_id: str, home: Path) -> Path:
+    """The directory ir_datasets keeps a dataset's files in: its first path component, or the first two
+    for BEIR, whose datasets each have their own (`beir/fiqa/test` → `<home>/beir/fiqa`)."""
+    parts = dataset_id.split("/")
+    return Path(home).joinpath(*parts[:2 if parts[0] == "beir" else 1])
 
 
 def _progress(items: Iterable, desc: str, total: int | None) -> Iterable:

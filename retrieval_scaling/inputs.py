@@ -11,10 +11,8 @@ in offline mode (`work_offline`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,177 +162,43 @@ def unprepared(cfgs: Sequence[Mapping[str, Any]]) -> list[tuple[Input, str]]:
     return [(item, s) for item, s in states if s != "prepared"]
 
 
-# --- content hashes ----------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_files(base: Path, rels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    return {rel: {"size": (base / rel).stat().st_size, "sha256": sha256_file(base / rel)} for rel in sorted(rels)}
-
-
-def content_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
-    """One hash of an input: of its files' names and hashes."""
-    return hashlib.sha256("".join(f"{rel}\t{m['sha256']}\n" for rel, m in sorted(files.items())).encode()).hexdigest()
-
-
-def damaged_files(entry: Mapping[str, Any], directory: Path) -> list[str]:
-    """The recorded files that are gone or whose bytes no longer hash to the manifest's."""
-    base = entry_path(entry, directory)
-    bad = []
-    for rel, meta in entry["files"].items():
-        path = base / rel
-        if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-            bad.append(rel)
-    return bad
-
-
-def _files_under(base: Path) -> list[str]:
-    """Every regular file under `base`, as relative paths, leaving out locks and half-written files."""
-    skip = (".lock", ".tmp", ".incomplete")
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*")
-                  if p.is_file() and not p.name.startswith(".") and not p.name.endswith(skip))
-
-
-# --- fetching ----------------------------------------------------------------------------------------
-
-def fetch(item: Input, directory: Path) -> dict[str, Any]:
-    """Fetch (or, for a local input, find and validate) one input; its manifest entry."""
-    if item.kind == HUB:
-        commit, path = _fetch_hub(item, directory)
-        rel = str(path.relative_to(directory))
-        files = hash_files(path, _files_under(path))
-        extra = {"revision": item.revision, "commit": commit}
-    elif item.kind == IR_DATASETS:
-        path = _fetch_ir_datasets(item, directory)
-        rel = str(path.relative_to(directory))
-        files = hash_files(path, _files_under(path))
-        extra = {}
-    else:
-        path, rel = Path(item.source), item.source
-        if not path.exists():
-            raise DataError(f"{item.describe()}: {path} does not exist; put it there or fix the config that names it.")
-        files = hash_files(path.parent, [path.name]) if path.is_file() else hash_files(path, _files_under(path))
-        if path.is_file():
-            files, rel = {path.name: files[path.name]}, str(path.parent)
-        extra = {}
-    return {"kind": item.kind, "source": item.source, **extra, "path": rel,
-            "size": sum(m["size"] for m in files.values()), "sha256": content_hash(files), "files": files,
-            "users": list(item.users),
-            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _fetch_hub(item: Input, directory: Path) -> tuple[str, Path]:
-    """snapshot_download into the inputs' hub cache. Its credentials are the environment's (HF_TOKEN):
-    none is passed, written or logged here. It resumes half-downloaded files and locks each blob."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    _discard_incomplete(hub_cache(directory) / f"models--{item.source.replace('/', '--')}" / "blobs")
-    try:
-        path = Path(snapshot_download(item.source, revision=item.revision, cache_dir=hub_cache(directory)))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise DataError(f"cannot fetch {item.describe()} from the hub ({type(exc).__name__}: {reason}); run prepare "
-                        "where the hub is reachable, with HF_TOKEN set for gated models (what was fetched is kept)"
-                        ) from None
-    return path.name, path
-
-
-def _discard_incomplete(blobs: Path) -> None:
-    """A killed download leaves `<blob>.<random>.incomplete`, which no later download resumes (each takes
-    a new name): up to a whole model's size of dead bytes. Under the input's lock, no live fetch owns one."""
-    for part in blobs.glob("*.incomplete") if blobs.is_dir() else ():
-        log.info("removing %s (%s) left by an interrupted download", part.name, human_size(part.stat().st_size))
-        part.unlink(missing_ok=True)
-
-
-def ir_datasets_dir(dataset_id: str, home: Path) -> Path:
-    """The directory ir_datasets keeps a dataset's files in: its first path component, or the first two
-    for BEIR, whose datasets each have their own (`beir/fiqa/test` → `<home>/beir/fiqa`)."""
-    parts = dataset_id.split("/")
-    return Path(home).joinpath(*parts[:2 if parts[0] == "beir" else 1])
-
-
-def _fetch_ir_datasets(item: Input, directory: Path) -> Path:
-    """ir_datasets' own download of the dataset, in a child process: ir_datasets fixes each dataset's
-    directory from $IR_DATASETS_HOME when it is imported, so the home must be set before that."""
-    import subprocess
+def prepare_command(argv: Sequence[str] | None = None) -> str:
+    """The prepare command for the sweep command line `argv` (this process's, by default)."""
+    import shlex
     import sys
 
-    home = ir_datasets_home(directory)
-    code = "import sys; from retrieval_scaling.inputs import fetch_ir_dataset_here; fetch_ir_dataset_here(sys.argv[1])"
-    env = {**os.environ, "IR_DATASETS_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-c", code, item.source], env=env, stderr=subprocess.PIPE, text=True)
-    last = ""
-    for line in proc.stderr:  # its progress, passed on; its last line says why it failed
-        sys.stderr.write(line)
-        last = line.strip() or last
-    if proc.wait() != 0:
-        reason = last.removeprefix("error: ")[:300]
-        raise DataError(f"cannot fetch {item.describe()} ({reason}); run prepare where its sources are reachable "
-                        "(what was fetched is kept)")
-    return ir_datasets_dir(item.source, home)
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("sweep.dry_run")]
+    return " ".join(["python -m retrieval_scaling.prepare", *(shlex.quote(a) for a in args)])
 
 
-def fetch_ir_dataset_here(dataset_id: str) -> None:
-    """In the child: load the id and read each part once (ir_datasets downloads a file on its first read)."""
-    import sys
+def check_prepared(cfgs: Sequence[Mapping[str, Any]]) -> None:
+    """Every hub repo and ir_datasets collection the cells read is in the inputs' manifest, whole: jobs
+    run offline, so one that is not would fail on a compute node, or wait for a download there."""
+    missing = unprepared(cfgs)
+    if missing:
+        listed = "; ".join(f"{item.describe()}: {state}" for item, state in missing)
+        raise DataError(f"{len(missing)} input(s) of this sweep are not prepared — {listed}. Nothing was submitted: "
+                        f"fetch them on a node with network access with `{prepare_command()}`, then run the sweep "
+                        "again.")
 
-    import ir_datasets
 
-    from .data import fetch_ir_dataset
+def print_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
+    """The dry run's view of the inputs: each one, what reads it, and whether it is prepared."""
+    from .status import print_table
 
+    directory = inputs_dir(cfgs[0])
     try:
-        fetch_ir_dataset(ir_datasets.load(dataset_id), dataset_id)
-    except KeyError:
-        print(f"error: ir_datasets has no dataset {dataset_id!r}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 — network, HTTP and checksum failures all end the same way
-        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(3)
-
-
-def discard_damaged(entry: Mapping[str, Any], bad: Sequence[str], directory: Path) -> None:
-    """Remove damaged files so that the next fetch downloads them again (a hub snapshot's file is a link
-    to a blob: both go)."""
-    base = entry_path(entry, directory)
-    for rel in bad:
-        path = base / rel
-        if path.is_symlink():
-            path.resolve().unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-
-
-def prepare_input(item: Input, directory: Path) -> tuple[str, dict[str, Any]]:
-    """One input made complete and verified, under its own lock: ('prepared' | 'fetched' | 'repaired' |
-    'verified', its entry). Two prepares at once take turns on each input; the second finds it done."""
-    from .stages import holding_lock
-
-    lock = Path(directory) / "locks" / hashlib.sha256(item.key.encode()).hexdigest()[:16]
-    with holding_lock(lock):
-        entry = read_manifest(directory).get(item.key)
-        outcome = "fetched"
-        if entry is not None:
-            bad = damaged_files(entry, directory)
-            if not bad:
-                return "prepared", entry
-            if item.kind == LOCAL:
-                outcome = "verified"
-            else:
-                log.warning("%s: %d damaged file(s), fetched again: %s", item.describe(), len(bad), ", ".join(bad[:5]))
-                discard_damaged(entry, bad, directory)
-                outcome = "repaired"
-        elif item.kind == LOCAL:
-            outcome = "verified"
-        entry = fetch(item, directory)
-        record(directory, item, entry)
-        return outcome, entry
+        items = needed_inputs(cfgs)
+    except DataError as exc:
+        print(f"inputs: not listed ({exc})")
+        return
+    manifest = read_manifest(directory)
+    states = {i: state(i, manifest, directory) if i.kind in FETCHED else "local, checked at submission" for i in items}
+    print_table([{"input": f"{i.kind} {i.source}", "used by": ", ".join(i.users), "state": states[i]} for i in items],
+                title=f"inputs of the sweep (prepared into {directory})", columns=("input", "used by", "state"))
+    todo = sum(s in ("missing", "damaged") for s in states.values())
+    print(f"{todo} input(s) not prepared: fetch them with `{prepare_command()}`" if todo else
+          "every input the jobs fetch is prepared")
 
 
 def work_offline(cfg: Mapping[str, Any]) -> None:

@@ -14,14 +14,14 @@ submits anything, and its jobs run offline.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 
 def run_prepare(cfgs: list[dict[str, Any]]) -> int:
     """Every input of these cells prepared and verified; a table of what was done. Exit status 0."""
     from .config_checks import check_cell
-    from .inputs import human_size, inputs_dir, manifest_path, needed_inputs, prepare_input
+    from .fetching import prepare_input
+    from .inputs import human_size, inputs_dir, manifest_path, needed_inputs
     from .scheduler import check_inputs, normalise_paths
     from .status import print_table
 
@@ -41,14 +41,6 @@ def run_prepare(cfgs: list[dict[str, Any]]) -> int:
                 columns=("input", "used by", "state", "files", "size", "sha256"))
     print(f"manifest: {manifest_path(directory)}; the sweep's jobs read these offline")
     return 0
-
-
-def prepare_command(argv: Sequence[str] | None = None) -> str:
-    """The prepare command for the sweep command line `argv` (this process's, by default)."""
-    import shlex
-
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("sweep.dry_run")]
-    return " ".join(["python -m retrieval_scaling.prepare", *(shlex.quote(a) for a in args)])
 
 
 def cli() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from .cell import run_cell
 from .data import DATA_ROOT_ENV, resolve_data_root, training_spec
 from .errors import ConfigError, DataError
+from .inputs import check_prepared, print_inputs
 from .jobs import Job, stage_jobs, stage_key, stage_targets
 from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
@@ -84,41 +86,6 @@ def check_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
                 load_source(spec, root)
 
 
-def check_prepared(cfgs: Sequence[Mapping[str, Any]]) -> None:
-    """Every hub repo and ir_datasets collection the cells read is in the inputs' manifest, whole: jobs
-    run offline, so one that is not would fail on a compute node, or wait for a download there."""
-    from .inputs import unprepared
-    from .prepare import prepare_command
-
-    missing = unprepared(cfgs)
-    if missing:
-        listed = "; ".join(f"{item.describe()}: {state}" for item, state in missing)
-        raise DataError(f"{len(missing)} input(s) of this sweep are not prepared — {listed}. Nothing was submitted: "
-                        f"fetch them on a node with network access with `{prepare_command()}`, then run the sweep "
-                        "again.")
-
-
-def print_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
-    """The dry run's view of the inputs: each one, what reads it, and whether it is prepared."""
-    from .inputs import FETCHED, inputs_dir, needed_inputs, read_manifest, state
-    from .prepare import prepare_command
-    from .status import print_table
-
-    directory = inputs_dir(cfgs[0])
-    try:
-        items = needed_inputs(cfgs)
-    except DataError as exc:
-        print(f"inputs: not listed ({exc})")
-        return
-    manifest = read_manifest(directory)
-    states = {i: state(i, manifest, directory) if i.kind in FETCHED else "local, checked at submission" for i in items}
-    print_table([{"input": f"{i.kind} {i.source}", "used by": ", ".join(i.users), "state": states[i]} for i in items],
-                title=f"inputs of the sweep (prepared into {directory})", columns=("input", "used by", "state"))
-    todo = sum(s in ("missing", "damaged") for s in states.values())
-    print(f"{todo} input(s) not prepared: fetch them with `{prepare_command()}`" if todo else
-          "every input the jobs fetch is prepared")
-
-
 def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
     import ir_datasets
 
@@ -159,6 +126,10 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
     print(f"CPU-hours of the training data (stages job; once per corpus and per training set and teacher): BM25 "
           f"index {totals['bm25_index_cpu_hours']:.3g}, hard-negative mining {totals['mining_cpu_hours']:.3g}"
           + (f"; not priced (no declared or readable size): {', '.join(unpriced_data)}" if unpriced_data else ""))
+    taught = Counter(p["teacher"] for p in plans if p["teacher"] != "none")
+    if taught:
+        print("teacher of the KD and CL+KD cells: " + ", ".join(f"teacher={t} ({n} of {len(plans)} cells)"
+                                                               for t, n in sorted(taught.items())))
     print(f"plan written to {plan_file} (dry run: nothing submitted)")
 
 
@@ -265,7 +236,7 @@ class Sweep:
         from .stages import holding_lock
         from .tracking import close_run, fail_if_running
 
-        check_prepared(self.cfgs)
+        check_prepared(self.cfgs)  # jobs run offline: what they read must be prepared before anything is submitted
         check_inputs(self.cfgs)
         with holding_lock(self.base / "dispatch"):  # one parent run and one description, however many start
             plan_file = write_plan(self.cfgs, self.plans)

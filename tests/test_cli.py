@@ -68,6 +68,7 @@ def test_full_grid_dry_run_prices_mntp_training_and_evaluation_per_cell_and_in_t
     assert {c["loss"]: c["teacher"] for c in plan} == {"cl": "none", "kd": "cross_encoder", "cl_kd": "cross_encoder"}
     cpu = next(x for x in proc.stdout.splitlines() if x.startswith("CPU-hours of the training data"))
     assert re.search(r"BM25 index 0\.1\d+, hard-negative mining 0\.\d+", cpu), cpu
+    assert "teacher of the KD and CL+KD cells: teacher=cross_encoder (12 of 18 cells)" in proc.stdout
     # nothing is prepared yet: the dry run lists each input with what reads it, and the command to fetch them
     for name, user in [("hub meta-llama/Meta-Llama-3-8B", "model llama3_8b"),
                        ("hub cross-encoder/ms-marco-MiniLM-L-6-v2", "teacher cross_encoder"),
