@@ -97,7 +97,9 @@ class JobCall:
         from .inputs import work_offline
 
         end_after_saved_result()
-        work_offline(self.args[0])  # every job's first argument is its (cell's or stages') config
+        cfg = self.args[0] if self.args else None
+        if isinstance(cfg, Mapping) and "inputs_dir" in cfg.get("sweep", {}):  # a cell's or stages job's config
+            work_offline(cfg)
         return self.fn(*self.args)
 
 
