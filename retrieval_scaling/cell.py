@@ -163,13 +163,15 @@ class Evaluator:
     def step0(self, encoder, tokenizer, out: Path) -> dict[str, float] | None:
         """At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
         evaluated once and shared. Rank 0 holds the lock; all ranks evaluate when it is missing."""
-        from .distributed import any_rank
+        from .distributed import from_rank0
         from .layout import step0_dir
         from .stages import holding_lock, is_built, write_stage
 
         shared = step0_dir(self.cfg)
+        # while another cell evaluates it (hours at the paper's size), rank 0 waits on the lock and the
+        # other ranks on the file system for its word: no collective waits that long
         with holding_lock(shared, self.rank == 0):
-            if any_rank(self.rank == 0 and not is_built(shared)):
+            if from_rank0(shared.parent, f"step0-{shared.name}", lambda: not is_built(shared)):
                 computed = self(encoder, tokenizer, out / "eval" / f"step0-{shared.name}")
                 if self.rank == 0:
                     write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))

@@ -1,12 +1,27 @@
 """Process setup for DeepSpeed: NCCL on GPUs; on CPU gloo, a few threads per process and no run-time
-op compilation; and the collectives training needs across ranks."""
+op compilation; the collectives training needs across ranks; and waits that are not collectives.
+
+A collective fails once it has waited the process group's timeout (NCCL's default: 10 minutes). Ranks
+that may wait longer on each other (one rank builds a shared stage for an hour, or holds a lock another
+job keeps; the last of an uneven split of shards) wait through the file system instead
+(`wait_for_ranks`, `from_rank0`): marker files in a directory the ranks share, polled, with a log line
+while they wait. The process group's timeout is the job's time limit unless the launcher sets one."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+TIMEOUT_ENV = "RS_COLLECTIVE_TIMEOUT_S"  # set by the job from the launcher (see `jobs.JobCall`)
 
 
 def configure_threads(threads: int) -> None:
@@ -51,7 +66,8 @@ def init_distributed() -> tuple[int, int]:
         if gpu:
             torch.cuda.set_device(device())
         if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=collective_timeout())
+            _share_run_token()
         else:
             os.environ.setdefault("LOCAL_RANK", "0")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -97,3 +113,85 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def collective_timeout():
+    """How long a collective may wait: $RS_COLLECTIVE_TIMEOUT_S, else torch's default for the backend."""
+    from datetime import timedelta
+
+    seconds = os.environ.get(TIMEOUT_ENV)
+    return timedelta(seconds=float(seconds)) if seconds else None
+
+
+# ---- waits through the file system --------------------------------------------------------------
+
+_RUN: dict[str, Any] = {"token": None, "count": {}}
+POLL_S, REPORT_EVERY_S = 0.5, 300.0
+
+
+def _share_run_token() -> None:
+    """One token per process group, from rank 0: markers of an earlier attempt never count in this one."""
+    import torch.distributed as dist
+
+    token = [f"{os.getpid()}-{time.time_ns()}"]
+    dist.broadcast_object_list(token, src=0)
+    _RUN["token"], _RUN["count"] = token[0], {}
+
+
+def _marker_dir(directory: Path, name: str) -> Path:
+    count = _RUN["count"][name] = _RUN["count"].get(name, 0) + 1
+    return Path(directory) / ".rank-waits" / f"{_RUN['token']}-{name}-{count}"
+
+
+def _wait_until(ready: Callable[[], bool], what: str) -> None:
+    start = last = time.monotonic()
+    while not ready():
+        time.sleep(POLL_S)
+        if time.monotonic() - last >= REPORT_EVERY_S:
+            last = time.monotonic()
+            log.info("rank %d still waiting for %s (%.0f s)", _rank(), what, last - start)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def wait_for_ranks(directory: Path, name: str) -> None:
+    """Every rank waits here until all have come, however long that takes: each leaves a marker file in
+    `directory` (shared by the ranks) and polls for the others'. A no-op on one rank."""
+    if world_size() == 1:
+        return
+    here = _marker_dir(directory, name)
+    here.mkdir(parents=True, exist_ok=True)
+    (here / f"rank{_rank()}").touch()
+    _wait_until(lambda: len(list(here.glob("rank*"))) >= world_size(), f"every rank at {name}")
+    _forget_old(here, name)
+
+
+def from_rank0(directory: Path, name: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` on rank 0, its (JSON) value on every rank: the others wait for it through the file
+    system, so rank 0 may take as long as it needs (a lock another job holds, a build)."""
+    if world_size() == 1:
+        return compute()
+    here = _marker_dir(directory, name)
+    here.mkdir(parents=True, exist_ok=True)
+    answer = here / "value.json"
+    if _rank() == 0:
+        from .layout import write_json
+
+        write_json(answer, {"value": compute()})
+    else:
+        _wait_until(answer.is_file, f"rank 0 at {name}")
+    return json.loads(answer.read_text())["value"]  # a few bytes left behind: rank 0 cannot know who read it
+
+
+def _forget_old(here: Path, name: str) -> None:
+    """Rank 0 removes the markers of this wait's run before last: every rank has come to the last one,
+    so every rank has left that one."""
+    import shutil
+
+    count = _RUN["count"][name]
+    if _rank() == 0 and count > 2:
+        shutil.rmtree(here.with_name(f"{_RUN['token']}-{name}-{count - 2}"), ignore_errors=True)

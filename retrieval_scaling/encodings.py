@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from .distributed import barrier
+from .distributed import wait_for_ranks
 from .layout import write_via
 from .search import InvertedIndex, to_csr
 from .topk import dense_top_k, merge_top_k, pad_top_k
@@ -41,6 +41,18 @@ EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
 def doc_key(text: str, max_len: int) -> bytes:
     """What identifies an encoding: the text and the length it is truncated to."""
     return hashlib.blake2b(f"{max_len}\x00{text}".encode(), digest_size=KEY_BYTES).digest()
+
+
+def balanced_shards(n: int, shard_size: int, world: int) -> list[slice]:
+    """`n` documents in shards of at most `shard_size`, their number a multiple of the ranks' and their
+    sizes within one of each other: shard j goes to rank j mod world, so every rank encodes as many
+    documents as the others, give or take one per shard."""
+    if n == 0:
+        return []
+    count = -(-n // max(1, shard_size))
+    count = -(-count // world) * world
+    bounds = [n * j // count for j in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
 
 
 def shard_name(keys: np.ndarray) -> str:
@@ -122,13 +134,13 @@ class EncodingStore:
         repeats: dict[int, list[int]] = {}
         for pos in again:
             repeats.setdefault(int(firsts[pos]), []).append(int(pos))
-        barrier()  # every rank reads the same store before any writes to it
+        self.wait("store-read")  # every rank reads the same store before any writes to it
         self.refresh()
         new_here = ~contains(self.known, distinct)
         order = np.argsort(first[new_here], kind="stable")  # by corpus position
         missing_keys, missing_first = distinct[new_here][order], first[new_here][order]
-        barrier()
-        plan = [slice(i, i + self.shard_size) for i in range(0, len(missing_keys), self.shard_size)]
+        self.wait("store-planned")
+        plan = balanced_shards(len(missing_keys), self.shard_size, self.world)
         log.info("%s: %d documents, %d distinct; %d already encoded, %d to encode in %d shard(s) over %d rank(s)",
                  label, len(texts), len(distinct), len(distinct) - len(missing_keys), len(missing_keys), len(plan),
                  self.world)
@@ -144,7 +156,7 @@ class EncodingStore:
             rate = done / max(time.time() - start, 1e-9)
             log.info("%s: rank %d encoded shard %d/%d (%d/%d of its documents, %.1f docs/s)", label, self.rank, n,
                      len(mine), done, todo, rate)
-        barrier()  # every shard is on disk before anyone searches
+        self.wait("shards-written")  # every shard is on disk before anyone searches
         self.refresh()
         new = {shard_name(missing_keys[part]) for part in plan}
         rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -159,6 +171,11 @@ class EncodingStore:
         self.reused_shards += reused
         log.info("%s: %d shard(s) hold its documents, %d of them reused from before", label, len(rows), reused)
         return CorpusView(label, len(texts), rows, repeats)
+
+    def wait(self, name: str) -> None:
+        """Every rank of the job here, waiting on the store's file system: one rank's last shard can take
+        longer than a collective may wait."""
+        wait_for_ranks(self.root, name)
 
     def refresh(self) -> None:
         """Read the keys of shards this process has not seen yet (other ranks', an earlier attempt's)."""
@@ -208,9 +225,9 @@ class EncodingStore:
         scratch.mkdir(parents=True, exist_ok=True)
         part = scratch / f"{view.label.replace('/', '_')}.rank{self.rank}.npz"
         write_via(part, lambda tmp: np.savez(tmp, scores=scores, positions=positions, doc_nnz=np.array(self.doc_nnz)))
-        barrier()
+        self.wait("searched")
         if self.rank != 0:
-            barrier()
+            self.wait("merged")
             return None
         for r in range(1, self.world):
             other = part.with_name(part.name.replace(".rank0.", f".rank{r}."))
@@ -219,7 +236,7 @@ class EncodingStore:
                 self.doc_nnz += int(z["doc_nnz"])
         for r in range(self.world):
             part.with_name(part.name.replace(".rank0.", f".rank{r}.")).unlink(missing_ok=True)
-        barrier()
+        self.wait("merged")
         return pad_top_k(scores, positions, k)
 
     def search_shard(self, name: str, view: CorpusView, queries, k: int) -> tuple[np.ndarray, np.ndarray]:

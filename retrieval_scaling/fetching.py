@@ -135,7 +135,8 @@ def _fetch_ir_datasets(item: Input, directory: Path) -> Path:
     from .data import ir_datasets_dir
 
     home = ir_datasets_home(directory)
-    code = "import sys; from retrieval_scaling.fetching import fetch_ir_dataset_here; fetch_ir_dataset_here(sys.argv[1])"
+    code = ("import sys; from retrieval_scaling.fetching import fetch_ir_dataset_here; "
+            "fetch_ir_dataset_here(sys.argv[1])")
     env = {**os.environ, "IR_DATASETS_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-c", code, item.source], env=env, stderr=subprocess.PIPE, text=True)
     last = ""

@@ -17,6 +17,7 @@ import submitit
 
 from .cell_model import stage_dirs
 from .data import load_training_collection
+from .distributed import TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,18 @@ class JobCall:
         cfg = self.args[0] if self.args else None
         if isinstance(cfg, Mapping) and "inputs_dir" in cfg.get("sweep", {}):  # a cell's or stages job's config
             work_offline(cfg)
+            seconds = collective_timeout_s(cfg["launcher"])
+            if seconds:
+                os.environ[TIMEOUT_ENV] = str(seconds)
         return self.fn(*self.args)
+
+
+def collective_timeout_s(launcher: Mapping[str, Any]) -> float | None:
+    """The launcher's `collective_timeout_s`, else the job's time limit: long waits between ranks happen
+    outside collectives (see `distributed`), so a collective that waits longer than that is stuck."""
+    explicit = launcher.get("collective_timeout_s")
+    minutes = launcher.get("time_limit_min") or launcher.get("timeout_min")
+    return float(explicit) if explicit else 60.0 * float(minutes) if minutes else None
 
 
 class Requeueable(JobCall, submitit.helpers.Checkpointable):

@@ -33,7 +33,7 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
             continue
         # Stages under their own resources: every rank of them trains the stages (DeepSpeed), see run_stages_job.
         res = slurm.stage_resources_for(launcher_cfg, cfg["model"]["name"])
-        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
+        cfg["launcher"].update(threads_per_job=res["cpus_per_task"], time_limit_min=res["time_min"])
         (job_id,) = slurm.submit(folder, launcher_cfg, res, f"rs-{sweep}-stages", [Requeueable(run_stages_job, cfg)])
         ledger.stage_submitted(job.stage, job_id)
         live_stage[job.stage] = job_id
@@ -42,7 +42,7 @@ def submit_slurm(jobs: Sequence[Job], cfg_of: Mapping[str, dict[str, Any]], laun
     for job in (j for j in jobs if j.cell):
         cfg = cfg_of[job.cell]
         res = slurm.resources_for(launcher_cfg, cfg["model"]["name"])
-        cfg["launcher"]["threads_per_job"] = res["cpus_per_task"]
+        cfg["launcher"].update(threads_per_job=res["cpus_per_task"], time_limit_min=res["time_min"])
         dep = live_stage[job.needs] if job.needs else None
         groups.setdefault((json.dumps(res, sort_keys=True), dep), []).append(job)
     arrays = []

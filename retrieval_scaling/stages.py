@@ -73,14 +73,16 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
     on rank 0 alone (into the directory renamed into place; the other ranks get a scratch one)."""
     import tempfile
 
-    from .distributed import any_rank, barrier, init_distributed, launched_ranks
+    from .distributed import from_rank0, init_distributed, launched_ranks, wait_for_ranks
 
     path = Path(path)
     if launched_ranks()[1] == 1:
         return build_once(path, build, what)
-    rank, world = init_distributed()  # the ranks agree below, through the process group
+    rank, world = init_distributed()
+    # rank 0 may wait on the lock for as long as another job builds the stage: the others wait for its
+    # word on the file system, not in a collective that would time out
     with holding_lock(path, take=rank == 0):
-        if not any_rank(rank == 0 and not is_built(path)):
+        if not from_rank0(path.parent, f"build-{path.name}", lambda: not is_built(path)):
             log.info("%s: reusing cached %s", what, path)
             return path
         log.info("%s: building %s over %d ranks", what, path, world)
@@ -92,7 +94,7 @@ def build_once_collective(path: Path, build: Callable[[Path], None], what: str) 
                 build(scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-    barrier()  # the stage is in place before any rank reads it
+    wait_for_ranks(path.parent, f"built-{path.name}")  # the stage is in place before any rank reads it
     return path
 
 

@@ -53,7 +53,7 @@ def _mine_and_score(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cac
     scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
     from tqdm import tqdm
 
-    from .distributed import barrier, launched_ranks
+    from .distributed import launched_ranks, wait_for_ranks
 
     rank, world = launched_ranks()
     coll: Collection = load_training_collection(data_cfg)
@@ -71,7 +71,7 @@ def _mine_and_score(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cac
     for start in tqdm(todo, desc=desc, mininterval=10):
         rows = miner.examples(qids[start:start + QUERIES_PER_PART])
         write_atomic(parts_dir / f"part-{start:09d}.jsonl", "".join(f"{r}\n" for r in rows))
-    barrier()  # every part is on disk before rank 0 joins them
+    wait_for_ranks(parts_dir, "parts")  # every part is on disk before rank 0 joins them, however uneven the split
     if rank == 0:
         _join_parts(data_cfg, coll, out, parts_dir, parts)
 

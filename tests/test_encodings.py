@@ -65,7 +65,8 @@ def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, 
     texts = [f"doc {i}" for i in range(90)] + ["doc 3", "doc 50", "doc 3"]  # repeats at 90, 91, 92
     store = EncodingStore(tmp_path, encode, sparse_reps, shard_size=20)
     view = store.ensure(texts, 64, "c")
-    assert store.encoded_docs == 90 and sorted(calls) == [10, 20, 20, 20, 20]  # each distinct text once
+    # each distinct text once, in 5 shards of at most 20 as equal as can be (ranks split them evenly)
+    assert store.encoded_docs == 90 and sorted(calls) == [18, 18, 18, 18, 18]
     queries = encode([f"query {i}" for i in range(7)], 16, "q")
     if sparse_reps:  # a query sharing no term with most documents: many exact ties at 0
         queries = sparse.vstack([queries, sparse.csr_matrix(([1.0], ([0], [0])), shape=(1, 24))])
@@ -313,3 +314,18 @@ def test_inference_pooling_equals_the_masked_max_of_the_whole_logits(with_bias):
     logits = hidden @ weight.T + (bias if with_bias else 0)
     want = logits.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).amax(dim=1)
     torch.testing.assert_close(pooled_logits_inference(hidden, mask, weight, bias), want)
+
+
+def test_shards_split_evenly_over_the_ranks():
+    from retrieval_scaling.encodings import balanced_shards
+
+    sizes = lambda n, size, world: [s.stop - s.start for s in balanced_shards(n, size, world)]  # noqa: E731
+    assert sizes(10, 4, 2) == [2, 3, 2, 3]  # 3 shards of ≤ 4 → 4 (a multiple of 2 ranks): 10·j//4 bounds
+    assert sizes(90, 20, 1) == [18] * 5
+    assert sizes(3, 100, 4) == [1, 1, 1]  # fewer documents than ranks: no empty shard
+    assert balanced_shards(0, 100, 4) == []
+    # MS MARCO over 4 ranks: 45 shards of 200k split 12/11/11/11; now 48 of ~184k, 12 per rank
+    msmarco = sizes(8_841_823, 200_000, 4)
+    assert len(msmarco) == 48 and max(msmarco) - min(msmarco) <= 1 and max(msmarco) <= 200_000
+    per_rank = [sum(msmarco[r::4]) for r in range(4)]
+    assert sum(per_rank) == 8_841_823 and max(per_rank) - min(per_rank) <= 12
