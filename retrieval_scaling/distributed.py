@@ -179,9 +179,9 @@ def from_rank0(directory: Path, name: str, compute: Callable[[], Any]) -> Any:
     here.mkdir(parents=True, exist_ok=True)
     answer = here / "value.json"
     if _rank() == 0:
-        from .layout import write_json
-
-        write_json(answer, {"value": compute()})
+        tmp = answer.with_name(f".value.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"value": compute()}))
+        os.replace(tmp, answer)  # whole or not at all: the others read it as soon as it is there
     else:
         _wait_until(answer.is_file, f"rank 0 at {name}")
     return json.loads(answer.read_text())["value"]  # a few bytes left behind: rank 0 cannot know who read it

@@ -18,13 +18,14 @@ TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size", "bf16", "params")
 # How an evaluation runs, not its results.
 EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings")
 # How a shared stage (pretraining, MNTP) runs, not what it builds.
-STAGE_RUNTIME_KEYS = ("checkpoint_every",)
+STAGE_RUNTIME_KEYS = ("checkpoint_every", "gradient_checkpointing")
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "eval.batch_size", "eval.keep_encodings",
                 # its name carries K and the seed: a cell evaluated another way logs another metric
                 "eval.contrastive_entropy",
-                "model.pretrain.checkpoint_every", "model.mntp.checkpoint_every", "planner", "train.compile",
+                *(f"model.{stage}.{key}" for stage in ("pretrain", "mntp") for key in STAGE_RUNTIME_KEYS),
+                "planner", "train.compile",
                 # how a teacher batches and caches (its scores do not change), wherever the teacher sits
                 *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),
                 # sources of values interpolated where they matter (sparse cells' paradigm)

@@ -17,7 +17,6 @@ import submitit
 
 from .cell_model import stage_dirs
 from .data import load_training_collection
-from .distributed import TIMEOUT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,7 @@ class JobCall:
         self.fn, self.args = fn, args
 
     def __call__(self) -> Any:
+        from .distributed import TIMEOUT_ENV
         from .inputs import work_offline
 
         end_after_saved_result()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .backbone import architecture, load_backbone, lora_config, lora_inputs_uncast
+from .backbone import architecture, enable_gradient_checkpointing, load_backbone, lora_config, lora_inputs_uncast
 from .data import Collection
 from .layout import mntp_dir
 from .precision import AUTO
@@ -56,17 +56,20 @@ def masked_lm_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
     return lm_head_loss(model, hidden[:, :-1][keep], targets[keep])
 
 
-def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predicted: int) -> int:
+def mntp_flops(model_cfg: Mapping[str, Any], tokens: int, block_len: int, predicted: int,
+               recompute: bool = False) -> int:
     """Same convention as cells (flops.py): frozen weights 4N per token, LoRA 6N, attention 12·L·d·S²
     with S² summed over blocks = tokens·block_len; the LM head 4·d·V per `predicted` token only (the
-    positions `masked_lm_loss` applies it to)."""
+    positions `masked_lm_loss` applies it to). `recompute`: the hardware's, with every decoder layer's
+    forward (2N, 2N LoRA, 4·L·d·S²) again under gradient checkpointing."""
     arch = architecture(model_cfg)
     n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
     n_lora = arch.num_hidden_layers * arch.lora_params_per_layer(int(model_cfg["lora"]["r"]),
                                                                 tuple(model_cfg["lora"]["targets"]))
     head = 4 * arch.hidden_size * arch.vocab_size
     attention = 12 * arch.num_hidden_layers * arch.hidden_size * block_len
-    return tokens * (4 * n_lin + 6 * n_lora + attention) + predicted * head
+    again = tokens * (2 * n_lin + 2 * n_lora + attention // 3) if recompute else 0
+    return tokens * (4 * n_lin + 6 * n_lora + attention) + predicted * head + again
 
 
 def ensure_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus: Collection,
@@ -99,6 +102,8 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     mask_id = tokenizer.convert_tokens_to_ids(recipe["mask_token"])
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         raise ValueError(f"MNTP mask token {recipe['mask_token']!r} is not in the tokenizer's vocabulary")
+    if recipe.get("gradient_checkpointing"):  # the paper's 8B holds ~60 GB of activations per GPU without it
+        enable_gradient_checkpointing(model)
     model = get_peft_model(model, lora_config(model_cfg))
     if recipe.get("train_embeddings"):
         model.get_input_embeddings().weight.requires_grad_(True)

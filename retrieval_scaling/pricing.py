@@ -145,7 +145,8 @@ def stage_flops(model_cfg: Mapping[str, Any]) -> float:
         return 0.0
     tokens = int(recipe["steps"]) * int(recipe["batch_size"]) * int(recipe["block_len"])
     predicted = int(tokens * float(recipe["mask_rate"]))
-    return float(mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted))
+    return float(mntp_flops(model_cfg, tokens, int(recipe["block_len"]), predicted,
+                            recompute=bool(recipe.get("gradient_checkpointing"))))
 
 
 def training_data_cost(cfg: Mapping[str, Any]) -> dict[str, Any]:

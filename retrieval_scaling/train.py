@@ -132,11 +132,35 @@ def resume(engine, ckpt_dir: Path, what: str) -> dict | None:
     if latest_checkpoint(ckpt_dir) is None:
         return None
     try:
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+        # the frozen base is not in the checkpoint (it is rebuilt from the stage cache): not strict
+        _, client = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
     except Exception as exc:  # noqa: BLE001 — any load failure means the same thing to the user
         raise DataError(f"checkpoint {ckpt_dir} cannot be loaded ({exc}). Delete it to restart {what} from "
                         "step 0.") from exc
+    saved = client.get("trainable") if client else None
+    if saved is not None and saved != trainable_names(engine):
+        raise DataError(f"checkpoint {ckpt_dir} holds other trainable parameters than {what} trains (another "
+                        "LoRA or head). Delete it to restart from step 0.")
     return client
+
+
+def _state_dict_without_frozen(engine):
+    """DeepSpeed's `module_state_dict`, leaving out every frozen parameter. DeepSpeed's own exclusion
+    walks `named_parameters()`, which lists a tied parameter once, so a frozen output layer tied to the
+    embeddings (Llama-3.2 1B and 3B, SmolLM2) stayed in: most of a small model's checkpoint."""
+    def state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        sd = engine.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    return state_dict
+
+
+def trainable_names(engine) -> list[str]:
+    return [name for name, p in engine.module.named_parameters() if p.requires_grad]
 
 
 @contextmanager
@@ -256,9 +280,14 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: Mapping[str, int]) -> None:
-    """Save, then drop older tags; DeepSpeed writes `latest` only after the new tag is complete."""
+    """Save the trainable state, then drop older tags; DeepSpeed writes `latest` only after the new tag
+    is complete."""
     tag = f"step{state['step']}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(state))
+    # what trains (LoRA, trained embeddings, heads), its optimizer and scheduler: not the frozen base,
+    # which would be 16 GB a checkpoint at 8B
+    engine.module_state_dict = _state_dict_without_frozen(engine)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "trainable": trainable_names(engine)},
+                           exclude_frozen_parameters=True)
     import torch.distributed as dist
 
     if dist.get_rank() != 0:

@@ -189,3 +189,15 @@ def test_mntp_flops_charge_the_head_only_at_predicted_tokens():
     # linears 4·16 + 3·32 = 160 (frozen: 4N per token); LoRA on q: 1·(4 + 4) = 8 (6N); attention
     # 12·1·4·block 10 = 480 per token; the head 4·4·10 = 160 per predicted token
     assert mntp_flops(model_cfg, tokens=100, block_len=10, predicted=20) == 100 * (640 + 48 + 480) + 20 * 160
+
+
+def test_mntp_under_gradient_checkpointing_is_priced_with_each_layers_forward_again(compose):
+    """tiny_s: d=64, 2 layers, MLP 176, LoRA r16 on all 7 projections. Per token, a layer's forward again:
+    frozen linears 2·(4·64² + 3·64·176) = 2·50,176; LoRA 2·(4·16·128 + 3·16·240) = 2·19,712; attention
+    4·d·S = 4·64·128; over 2 layers and 1,000 tokens of 128-token blocks: 1000·2·(100,352+39,424+32,768)."""
+    from retrieval_scaling.mntp import mntp_flops
+
+    model = compose("model=tiny_s")["model"]
+    assert mntp_flops(model, 1000, 128, 0, recompute=True) - mntp_flops(model, 1000, 128, 0) == 345_088_000
+    full = compose("model=llama3_8b", "+grid=full")["model"]
+    assert full["mntp"]["gradient_checkpointing"] is True  # the paper's backbones recompute in MNTP
