@@ -2,6 +2,9 @@
 
     make gpu-check          # or: python bench/gpu_check.py [--out bench/results/gpu_check.json]
 
+Needs only the repository: its data is a synthetic BEIR collection made on the spot (`--data <root>` to
+use real data instead).
+
 1. The stages (tiny pretraining, MNTP) in a fresh process: every decoder forward's batch and weights on
    `cuda:0` (tests/stage_run.py), DeepSpeed over the device.
 2. A tiny sparse cell end to end (stages, training, step-0 and final evaluations) through
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 from record import write_result  # bench/ is on sys.path when a script runs
+from synthetic_beir import write_collection
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +45,8 @@ def run_json(cmd: list[str], env: dict, timeout: int) -> tuple[dict | None, str,
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
-    default_data = os.environ.get("RS_DATA_DIR") or ROOT.parent / "shared" / "data"
-    parser.add_argument("--data", type=Path, default=Path(default_data))
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a data root holding scifact/ (default: a synthetic one, bench/synthetic_beir.py)")
     args = parser.parse_args()
     import importlib.util
 
@@ -59,10 +63,13 @@ def main() -> int:
         print("error: no CUDA device visible (torch.cuda.is_available() is False): run make gpu-check on a GPU node",
               file=sys.stderr)
         return 2
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "RS_DATA_DIR": str(args.data),
-           "MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     summary: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "checks": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:  # everything from the repository: no data from outside it, no network
+            args.data = write_collection(Path(tmp) / "data").parent
+        summary["data"] = str(args.data)
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "RS_DATA_DIR": str(args.data),
+               "MLFLOW_TRACKING_URI": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         stages, err, secs = run_json([sys.executable, "tests/stage_run.py", f"{tmp}/cache", str(args.data)], env, 1800)
         summary["checks"]["stages_on_gpu"] = {
             "ok": bool(stages) and stages["devices"] == ["batch:cuda:0", "weights:cuda:0"],

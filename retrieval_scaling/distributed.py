@@ -167,7 +167,7 @@ def wait_for_ranks(directory: Path, name: str) -> None:
     here.mkdir(parents=True, exist_ok=True)
     (here / f"rank{_rank()}").touch()
     _wait_until(lambda: len(list(here.glob("rank*"))) >= world_size(), f"every rank at {name}")
-    _forget_old(here, name)
+    _leave(here)
 
 
 def from_rank0(directory: Path, name: str, compute: Callable[[], Any]) -> Any:
@@ -184,14 +184,20 @@ def from_rank0(directory: Path, name: str, compute: Callable[[], Any]) -> Any:
         os.replace(tmp, answer)  # whole or not at all: the others read it as soon as it is there
     else:
         _wait_until(answer.is_file, f"rank 0 at {name}")
-    return json.loads(answer.read_text())["value"]  # a few bytes left behind: rank 0 cannot know who read it
+    value = json.loads(answer.read_text())["value"]
+    _leave(here)
+    return value
 
 
-def _forget_old(here: Path, name: str) -> None:
-    """Rank 0 removes the markers of this wait's run before last: every rank has come to the last one,
-    so every rank has left that one."""
+def _leave(here: Path) -> None:
+    """Mark this rank gone from a wait; the last to go removes the markers (and their directory once it
+    is empty): every rank has stopped reading them by then."""
     import shutil
 
-    count = _RUN["count"][name]
-    if _rank() == 0 and count > 2:
-        shutil.rmtree(here.with_name(f"{_RUN['token']}-{name}-{count - 2}"), ignore_errors=True)
+    (here / f"left{_rank()}").touch()
+    if len(list(here.glob("left*"))) >= world_size():
+        shutil.rmtree(here, ignore_errors=True)
+        try:
+            here.parent.rmdir()
+        except OSError:  # another wait's markers are there
+            pass

@@ -108,3 +108,32 @@ def test_modules_and_functions_stay_small_enough_to_read():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long_functions.append(f"{path.stem}.{node.name}")
     assert (long_modules, long_functions) == ([], [])
+
+
+def test_gpu_check_needs_only_the_repository(tmp_path):
+    """Without a GPU, `make gpu-check`'s script stops with one error line (exit 2). Its data is made from
+    nothing: a BEIR collection that loads and validates, in which BM25 finds most queries' passage first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RS_DATA_DIR"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: no CUDA device visible (torch.cuda.is_available() is False): run make gpu-check on a GPU node"]
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic_beir import write_collection
+
+    from retrieval_scaling.bm25 import BM25Index
+    from retrieval_scaling.data import load_collection
+
+    write_collection(tmp_path / "data", docs=1000, queries=200)
+    train = load_collection(tmp_path / "data", "scifact", "train")
+    test = load_collection(tmp_path / "data", "scifact", "test")
+    assert len(train.corpus) == 1000 and (len(train.queries), len(test.queries)) == (150, 50)
+    index = BM25Index(test.corpus)
+    _, top = index.top_k(list(test.queries.values()), 1)
+    found = sum(index.corpus_id(int(top[i, 0])) in test.qrels[q] for i, q in enumerate(test.queries))
+    assert found >= 40, found
