@@ -122,7 +122,7 @@ def run_cell(cfg: dict[str, Any]) -> dict[str, float]:
 def _shared_inputs(cfg: Mapping[str, Any], run) -> tuple[Path, Path | None, Path | None]:
     """(training data dir, tiny backbone dir, MNTP adapter): the backbone's shared stages, built by the
     sweep's stages job, or here when the cell runs alone. Their compute is logged as params."""
-    from .data import load_training_collection
+    from .passages import training_collection
     from .stages import is_built
     from .training_data import ensure_training_data
 
@@ -130,7 +130,7 @@ def _shared_inputs(cfg: Mapping[str, Any], run) -> tuple[Path, Path | None, Path
     data_dir = ensure_training_data(data_cfg, cache)
     local_dir, adapter = stage_dirs(model_cfg, data_cfg["name"], cache)
     if not all(is_built(d) for d in (local_dir, adapter) if d is not None):
-        local_dir, adapter = ensure_backbone(model_cfg, load_training_collection(data_cfg), cache,
+        local_dir, adapter = ensure_backbone(model_cfg, training_collection(data_cfg, cache), cache,
                                              deepspeed_config(cfg))
     for stage, directory in (("pretrain", local_dir), ("mntp", adapter)):
         if directory is not None and (directory / f"{stage}.json").is_file():  # not for hub/GGUF models

@@ -67,12 +67,13 @@ def collection_dir(root: str | os.PathLike | None, name: str) -> Path:
 
 
 def load_collection(root: str | os.PathLike | None, name: str, split: str, path: str | os.PathLike | None = None,
-                    allow_missing_nonrelevant: bool = False) -> Collection:
-    """Load and validate one split of a BEIR directory (`path`, else `<root>/<name>`)."""
+                    allow_missing_nonrelevant: bool = False, corpus: Mapping[str, str] | None = None) -> Collection:
+    """Load and validate one split of a BEIR directory (`path`, else `<root>/<name>`); `corpus`: its
+    documents, read already (a memory-mapped store), instead of reading them here."""
     base = Path(path) if path else collection_dir(root, name)
     if path and not (base / "corpus.jsonl").is_file():
         raise DataError(f"Collection '{name}': {base}/corpus.jsonl does not exist (a BEIR-format directory).")
-    docs = read_corpus(base)
+    docs = read_corpus(base) if corpus is None else corpus
     queries = read_jsonl(base / "queries.jsonl", ("text",))
     qrels_path = base / "qrels" / f"{split}.tsv"
     qrels = read_qrels(qrels_path)
@@ -81,17 +82,36 @@ def load_collection(root: str | os.PathLike | None, name: str, split: str, path:
 
 
 def load_trec(name: str, topics: str | os.PathLike, qrels: str | os.PathLike, corpus: str | os.PathLike,
-              allow_missing_nonrelevant: bool = False) -> Collection:
+              allow_missing_nonrelevant: bool = False, docs: Mapping[str, str] | None = None) -> Collection:
     """A collection from TREC-format topics and qrels over a corpus file or BEIR directory."""
-    docs = read_corpus(Path(corpus))
+    docs = read_corpus(Path(corpus)) if docs is None else docs
     queries = read_trec_topics(Path(topics))
     judged = read_trec_qrels(Path(qrels))
     check_judgements(judged, queries, docs, f"collection {name}", Path(qrels), allow_missing_nonrelevant)
     return Collection(name=name, corpus=docs, queries={q: queries[q] for q in judged}, qrels=judged)
 
 
-def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool = False) -> Collection:
+def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool = False,
+                     docs: Mapping[str, str] | None = None) -> Collection:
     """A collection through ir_datasets (downloads on first use, into $IR_DATASETS_HOME)."""
+    ds = open_ir_dataset(name, dataset_id)
+    corpus: Mapping[str, str] = {} if docs is None else docs
+    if docs is None:
+        for doc_id, text in ir_dataset_docs(ds, dataset_id):
+            if doc_id in corpus:
+                raise DataError(f"ir_datasets '{dataset_id}': duplicate document id '{doc_id}'.")
+            corpus[doc_id] = text
+    queries = {q.query_id: q.text for q in ds.queries_iter()}
+    qrels: dict[str, dict[str, int]] = {}
+    for row in ds.qrels_iter():
+        qrels.setdefault(row.query_id, {})[row.doc_id] = int(row.relevance)
+    check_judgements(qrels, queries, corpus, f"ir_datasets '{dataset_id}' (collection {name})",
+                     allow_missing_nonrelevant=allow_missing_nonrelevant)
+    return Collection(name=name, corpus=corpus, queries={q: queries[q] for q in qrels}, qrels=qrels)
+
+
+def open_ir_dataset(name: str, dataset_id: str):
+    """The ir_datasets dataset of an id, checked to have documents, queries and judgements, its files fetched."""
     import ir_datasets
 
     try:
@@ -103,18 +123,13 @@ def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool
             raise DataError(f"ir_datasets '{dataset_id}' has no {part} (collection {name}): pick a split id "
                             "with queries and judgements, e.g. beir/fiqa/test.")
     fetch_ir_dataset(ds, dataset_id)
-    corpus: dict[str, str] = {}
+    return ds
+
+
+def ir_dataset_docs(ds, dataset_id: str) -> Iterable[tuple[str, str]]:
+    """(id, "title text") of every document, streamed."""
     for doc in _progress(ds.docs_iter(), f"{dataset_id} docs", ds.docs_count()):
-        if doc.doc_id in corpus:
-            raise DataError(f"ir_datasets '{dataset_id}': duplicate document id '{doc.doc_id}'.")
-        corpus[doc.doc_id] = f"{getattr(doc, 'title', '') or ''} {doc.text}".strip()
-    queries = {q.query_id: q.text for q in ds.queries_iter()}
-    qrels: dict[str, dict[str, int]] = {}
-    for row in ds.qrels_iter():
-        qrels.setdefault(row.query_id, {})[row.doc_id] = int(row.relevance)
-    check_judgements(qrels, queries, corpus, f"ir_datasets '{dataset_id}' (collection {name})",
-                     allow_missing_nonrelevant=allow_missing_nonrelevant)
-    return Collection(name=name, corpus=corpus, queries={q: queries[q] for q in qrels}, qrels=qrels)
+        yield doc.doc_id, f"{getattr(doc, 'title', '') or ''} {doc.text}".strip()
 
 
 def fetch_ir_dataset(ds, dataset_id: str) -> None:
@@ -149,22 +164,24 @@ def _progress(items: Iterable, desc: str, total: int | None) -> Iterable:
 SOURCES = ("beir", "trec", "ir_datasets")
 
 
-def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None) -> Collection:
-    """One evaluation collection from its config (`conf/eval/*`: source beir | trec | ir_datasets)."""
+def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None,
+                docs: Mapping[str, str] | None = None) -> Collection:
+    """One collection from its config (`conf/eval/*`: source beir | trec | ir_datasets); `docs`: its
+    documents, read already (see `load_training_collection`)."""
     source, name = spec.get("source", "beir"), spec["name"]
     allow = bool(spec.get("allow_missing_nonrelevant", False))
     if source == "beir":
-        coll = load_collection(root, spec.get("dir") or name, spec["split"], spec.get("path"), allow)
+        coll = load_collection(root, spec.get("dir") or name, spec["split"], spec.get("path"), allow, docs)
         return replace(coll, name=name)
     if source == "trec":
         missing = [k for k in ("topics", "qrels", "corpus") if not spec.get(k)]
         if missing:
             raise DataError(f"collection {name}: source=trec needs {missing} (file paths).")
-        return load_trec(name, spec["topics"], spec["qrels"], spec["corpus"], allow)
+        return load_trec(name, spec["topics"], spec["qrels"], spec["corpus"], allow, docs)
     if source == "ir_datasets":
         if not spec.get("id"):
             raise DataError(f"collection {name}: source=ir_datasets needs an id (e.g. msmarco-passage/dev/small).")
-        return load_ir_datasets(name, spec["id"], allow)
+        return load_ir_datasets(name, spec["id"], allow, docs)
     raise DataError(f"collection {name}: unknown source {source!r}; one of {list(SOURCES)}.")
 
 
@@ -176,7 +193,7 @@ def training_spec(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_training_collection(data_cfg: Mapping[str, Any]) -> Collection:
     """The training collection: a BEIR directory under the data root, or an ir_datasets id (MS MARCO
-    passage train on a cluster)."""
+    passage train on a cluster). Jobs read it through `passages.training_collection` instead."""
     return load_source(training_spec(data_cfg), data_cfg.get("root"))
 
 

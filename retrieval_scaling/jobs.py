@@ -16,7 +16,7 @@ from typing import Any
 import submitit
 
 from .cell_model import stage_dirs
-from .data import load_training_collection
+from .passages import training_collection
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def run_stages_job(cfg: Mapping[str, Any]) -> None:
     init_distributed()  # every rank of the stages job builds the stages together (parts of the data, DeepSpeed)
     cache = Path(cfg["sweep"]["cache_dir"])
     data_dir = ensure_training_data(cfg["data"], cache)
-    corpus = load_training_collection(cfg["data"])
+    corpus = training_collection(cfg["data"], cache)  # the passages the training data mapped, not a dict
     local_dir, _ = ensure_backbone(cfg["model"], corpus, cache, deepspeed_config(cfg))
     # the training tokens for this backbone's tokenizer, so that no cell's GPUs wait while they are built
     tokenizer = load_tokenizer(cfg["model"], local_dir)

@@ -132,8 +132,8 @@ FINAL = "final/trainable.safetensors"  # a finished cell's trained parameters (L
 # Each stage's key holds what decides its content: its config (less the keys that only say how it runs),
 # the content of the files it reads, and the version of the code that builds it. Bump a version when
 # a change to that code changes what the stage contains, so that cached copies are built again.
-STAGE_VERSIONS = {"training_data": 2, "bm25_index": 1, "training_tokens": 1, "pretrain": 2, "mntp": 2, "gguf": 1,
-                  "step0": 2}
+STAGE_VERSIONS = {"training_data": 2, "bm25_index": 1, "passages": 1, "training_tokens": 1, "pretrain": 2,
+                  "mntp": 2, "gguf": 1, "step0": 2}
 
 
 def recipe_key(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +166,17 @@ def bm25_index_dir(data_cfg: Mapping[str, Any], cache_root: Path, k1: float, b: 
     key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id")}, "files": corpus, "k1": k1, "b": b,
                         "code": STAGE_VERSIONS["bm25_index"]})
     return Path(cache_root) / "bm25" / f"{data_cfg['name']}-{key}"
+
+
+def passages_dir(data_cfg: Mapping[str, Any], cache_root: Path) -> Path:
+    """A training corpus's passages as memory-mapped arrays: one per corpus, whatever its split or teacher."""
+    from .data import data_fingerprint, training_spec
+    from .identity import content_hash
+
+    corpus = {r: f for r, f in data_fingerprint(training_spec(data_cfg), data_cfg.get("root")).items() if r == "corpus"}
+    key = content_hash({**{k: data_cfg.get(k) for k in ("name", "source", "id")}, "files": corpus,
+                        "code": STAGE_VERSIONS["passages"]})
+    return Path(cache_root) / "passages" / f"{data_cfg['name']}-{key}"
 
 
 def training_tokens_dir(data_dir: Path, tokenizer: str, max_len: int, cache_root: Path) -> Path:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .bm25 import BM25Index
-from .data import Collection, load_training_collection
+from .data import Collection
 from .errors import ConfigError, DataError
 from .layout import write_atomic
+from .passages import training_collection
 from .readers import read_trec_run
 from .stages import build_once, build_resumable
 from .teachers import build_teacher
@@ -56,7 +57,7 @@ def _mine_and_score(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cac
     from .distributed import launched_ranks, wait_for_ranks
 
     rank, world = launched_ranks()
-    coll: Collection = load_training_collection(data_cfg)
+    coll: Collection = training_collection(data_cfg, cache_root)  # passages memory-mapped, shared by the ranks
     neg = data_cfg["negatives"]
     qids = list(coll.queries)
     parts = range(0, len(qids), QUERIES_PER_PART)
@@ -85,8 +86,8 @@ class Miner:
         self.coll, self.depth, self.keep = coll, int(neg["depth"]), int(neg["keep"])
         bm25_teacher = data_cfg["teacher"]["name"] == "bm25"
         self.index = mining_index(data_cfg, coll, cache_root) if neg["miner"] == "bm25" or bm25_teacher else None
-        # corpus id → index position, only where BM25 scores judged documents that it may not have ranked
-        self.position = {d: i for i, d in enumerate(coll.corpus)} if bm25_teacher else None
+        # corpus id → index position, where BM25 scores judged documents that it may not have ranked
+        self.position = coll.corpus.position
         self.run = read_trec_run(neg["run"]) if neg["miner"] == "run" else None
         self.teacher = build_teacher(data_cfg["teacher"], coll.corpus)
 
@@ -107,7 +108,7 @@ class Miner:
                 ranked = [index.corpus_id(int(i)) for i in top[row]]
             negatives = [d for d in ranked if d not in positives][:self.keep]
             judged = [*positives, *negatives]
-            teacher_scores = ([float(x) for x in index.scores_of(query, [self.position[d] for d in judged])]
+            teacher_scores = ([float(x) for x in index.scores_of(query, [self.position(d) for d in judged])]
                               if self.teacher is None else self.teacher(query, judged))
             rows.append(json.dumps({"qid": qid, "query": query, "positives": positives, "negatives": negatives,
                                     "teacher": dict(zip(judged, teacher_scores, strict=True)),

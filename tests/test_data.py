@@ -118,3 +118,25 @@ def test_ir_datasets_files_are_fetched_one_process_at_a_time(tmp_path, monkeypat
     coll = data.load_ir_datasets("dev", "msmarco-passage/dev/small")
     assert coll.corpus == {"d1": "a passage"} and coll.qrels == {"q1": {"d1": 1}}
     assert held[:3] == [True, True, True] and held[3:] == [False, False, False]  # the full reads: no lock
+
+
+def test_passage_store_maps_ids_to_texts_in_corpus_order(tmp_path):
+    from retrieval_scaling.passages import PassageStore, write_store
+
+    docs = [("p10", "ten"), ("p2", ""), ("b", "café ünïcode"), ("a", "first by id")]
+    write_store(tmp_path, iter(docs), "test corpus")  # streamed: a generator, read once
+    store = PassageStore(tmp_path)
+    assert list(store) == ["p10", "p2", "b", "a"] and len(store) == 4  # the corpus's order, not the ids'
+    assert dict(store.items()) == dict(docs) and list(store.values()) == [t for _, t in docs]
+    assert store.values()[1:3] == ["", "café ünïcode"] and store.values()[-1] == "first by id"
+    assert [store.position(d) for d in ("a", "b", "p10", "p2", "p1", "")] == [3, 2, 0, 1, None, None]
+    assert "b" in store and "c" not in store and 3 not in store
+    with pytest.raises(KeyError):
+        store["p1"]
+
+
+def test_a_passage_store_with_a_repeated_id_is_refused(tmp_path):
+    from retrieval_scaling.passages import write_store
+
+    with pytest.raises(DataError, match="dup corpus: duplicate document id 'x'"):
+        write_store(tmp_path, iter([("x", "1"), ("y", "2"), ("x", "3")]), "dup corpus")
