@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 TIMEOUT_ENV = "RS_COLLECTIVE_TIMEOUT_S"  # set by the job from the launcher (see `jobs.JobCall`)
 
 
+def balanced_shards(n: int, shard_size: int, world: int) -> list[slice]:
+    """`n` items (documents, queries) in shards of at most `shard_size`, their number a multiple of the
+    ranks' and their sizes within one of each other: shard j goes to rank j mod world, so every rank has
+    as much work as the others, give or take one item per shard, and the ranks finish together."""
+    if n == 0:
+        return []
+    count = -(-n // max(1, shard_size))
+    count = -(-count // world) * world
+    bounds = [n * j // count for j in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+
+
 def configure_threads(threads: int) -> None:
     """The job's share of the cores, for torch and for the sparse search's numba kernels alike."""
     os.environ["OMP_NUM_THREADS"] = str(threads)

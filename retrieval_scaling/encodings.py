@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from .distributed import wait_for_ranks
+from .distributed import balanced_shards, wait_for_ranks
 from .layout import write_via
 from .search import InvertedIndex, to_csr
 from .topk import dense_top_k, merge_top_k, pad_top_k
@@ -41,18 +41,6 @@ EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
 def doc_key(text: str, max_len: int) -> bytes:
     """What identifies an encoding: the text and the length it is truncated to."""
     return hashlib.blake2b(f"{max_len}\x00{text}".encode(), digest_size=KEY_BYTES).digest()
-
-
-def balanced_shards(n: int, shard_size: int, world: int) -> list[slice]:
-    """`n` documents in shards of at most `shard_size`, their number a multiple of the ranks' and their
-    sizes within one of each other: shard j goes to rank j mod world, so every rank encodes as many
-    documents as the others, give or take one per shard."""
-    if n == 0:
-        return []
-    count = -(-n // max(1, shard_size))
-    count = -(-count // world) * world
-    bounds = [n * j // count for j in range(count + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
 
 
 def shard_name(keys: np.ndarray) -> str:

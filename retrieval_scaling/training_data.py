@@ -49,29 +49,30 @@ QUERIES_PER_PART = 10_000
 
 
 def _mine_and_score(data_cfg: Mapping[str, Any], out: Path, parts_dir: Path, cache_root: Path) -> None:
-    """Mine negatives and score them with the teacher, `QUERIES_PER_PART` queries at a time: part j on
-    rank j mod W, each part written atomically into `parts_dir`, so a requeued or resubmitted stage
-    scores only the parts it had not finished (MS MARCO train: ~500k queries, ~9M teacher pairs)."""
+    """Mine negatives and score them with the teacher, at most `QUERIES_PER_PART` queries at a time: part
+    j on rank j mod W (every rank as many queries), each part written atomically into `parts_dir`, so a
+    requeued or resubmitted stage scores only the parts it had not finished (MS MARCO train: ~500k
+    queries, ~9M teacher pairs)."""
     from tqdm import tqdm
 
-    from .distributed import launched_ranks, wait_for_ranks
+    from .distributed import balanced_shards, launched_ranks, wait_for_ranks
 
     rank, world = launched_ranks()
     coll: Collection = training_collection(data_cfg, cache_root)  # passages memory-mapped, shared by the ranks
     neg = data_cfg["negatives"]
     qids = list(coll.queries)
-    parts = range(0, len(qids), QUERIES_PER_PART)
+    parts = balanced_shards(len(qids), QUERIES_PER_PART, world)  # as many per rank, as equal as can be
     parts_dir.mkdir(parents=True, exist_ok=True)
     mine = parts[rank::world]
-    todo = [p for p in mine if not (parts_dir / f"part-{p:09d}.jsonl").is_file()]
+    todo = [p for p in mine if not part_file(parts_dir, p).is_file()]
     if len(todo) < len(mine):
         log.info("training data: %d of this rank's %d part(s) done by an earlier attempt", len(mine) - len(todo),
                  len(mine))
     miner = Miner(data_cfg, coll, cache_root) if todo else None
     desc = f"mine negatives ({neg['miner']}), teacher {data_cfg['teacher']['name']}"
-    for start in tqdm(todo, desc=desc, mininterval=10):
-        rows = miner.examples(qids[start:start + QUERIES_PER_PART])
-        write_atomic(parts_dir / f"part-{start:09d}.jsonl", "".join(f"{r}\n" for r in rows))
+    for part in tqdm(todo, desc=desc, mininterval=10):
+        rows = miner.examples(qids[part])
+        write_atomic(part_file(parts_dir, part), "".join(f"{r}\n" for r in rows))
     wait_for_ranks(parts_dir, "parts")  # every part is on disk before rank 0 joins them, however uneven the split
     if rank == 0:
         _join_parts(data_cfg, coll, out, parts_dir, parts)
@@ -133,13 +134,20 @@ def mining_index(data_cfg: Mapping[str, Any], coll: Collection, cache_root: Path
     return index
 
 
-def _join_parts(data_cfg: Mapping[str, Any], coll: Collection, out: Path, parts_dir: Path, parts: range) -> None:
+def part_file(parts_dir: Path, part: slice) -> Path:
+    """A part's file, named by its queries' range: a part of another split (another rank count) is
+    never taken for it."""
+    return parts_dir / f"part-{part.start:09d}-{part.stop:09d}.jsonl"
+
+
+def _join_parts(data_cfg: Mapping[str, Any], coll: Collection, out: Path, parts_dir: Path,
+                parts: list[slice]) -> None:
     """Rank 0: the parts joined into `examples.jsonl`, the passages they name, and `meta.json`."""
     neg = data_cfg["negatives"]
     keep = int(neg["keep"])
     lines, used, short, unranked = [], {}, 0, 0  # used: the passages examples name, in first-use order
-    for start in parts:
-        for line in (parts_dir / f"part-{start:09d}.jsonl").read_text().splitlines():
+    for part in parts:
+        for line in part_file(parts_dir, part).read_text().splitlines():
             ex = json.loads(line)
             unranked += not ex.pop("in_run")
             short += len(ex["negatives"]) < keep
