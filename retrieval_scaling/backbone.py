@@ -60,7 +60,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
 
     where = _backbone_source(model_cfg, local_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = AutoTokenizer.from_pretrained(where, **_revision(model_cfg, local_dir))
     except OSError as exc:
         raise ConfigError(f"model '{model_cfg.get('name')}': cannot load the tokenizer of '{where}' ({exc}). Offline "
                           "machines need a local directory in model.name_or_path.") from None
@@ -76,6 +76,12 @@ def _backbone_source(model_cfg: Mapping[str, Any], local_dir: Path | None) -> st
     return where
 
 
+def _revision(model_cfg: Mapping[str, Any], local_dir: Path | None) -> dict[str, str]:
+    """The hub revision `prepare` fetched (`model.revision`), for a hub id; nothing for a directory."""
+    revision = model_cfg.get("revision")
+    return {"revision": revision} if revision and local_dir is None else {}
+
+
 def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
     """(model, tokenizer) for a `*ForCausalLM` backbone, with attention made bidirectional if asked."""
     from transformers import AutoModelForCausalLM
@@ -84,7 +90,7 @@ def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
     where = _backbone_source(model_cfg, local_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=model_cfg.get("dtype", "float32"),
+            where, **_revision(model_cfg, local_dir), dtype=model_cfg.get("dtype", "float32"),
             attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
         )
     except OSError as exc:

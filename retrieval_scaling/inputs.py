@@ -163,12 +163,15 @@ def unprepared(cfgs: Sequence[Mapping[str, Any]]) -> list[tuple[Input, str]]:
 
 
 def prepare_command(argv: Sequence[str] | None = None) -> str:
-    """The prepare command for the sweep command line `argv` (this process's, by default)."""
+    """The prepare command for the sweep command line `argv` (this process's, by default), with any
+    password or token in it masked (a tracking URI may carry one)."""
     import shlex
     import sys
 
+    from .credentials import redact
+
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("sweep.dry_run")]
-    return " ".join(["python -m retrieval_scaling.prepare", *(shlex.quote(a) for a in args)])
+    return redact(" ".join(["python -m retrieval_scaling.prepare", *(shlex.quote(a) for a in args)]))
 
 
 def check_prepared(cfgs: Sequence[Mapping[str, Any]]) -> None:

@@ -25,9 +25,10 @@ def cross_encoder_teacher(cfg: Mapping[str, Any], corpus: Mapping[str, str]) -> 
     from .precision import use_bf16
 
     where = cfg["name_or_path"]
+    revision = {"revision": cfg["revision"]} if cfg.get("revision") else {}  # the one `prepare` fetched
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForSequenceClassification.from_pretrained(where).eval()
+        tokenizer = AutoTokenizer.from_pretrained(where, **revision)
+        model = AutoModelForSequenceClassification.from_pretrained(where, **revision).eval()
     except OSError as exc:
         raise ConfigError(f"teacher.name_or_path={where!r} cannot be loaded ({exc}). Offline machines "
                           "need a local directory.") from None

@@ -231,3 +231,12 @@ def test_the_full_grid_needs_three_backbones_the_teacher_and_seventeen_collectio
     assert items["hub:cross-encoder/ms-marco-MiniLM-L-6-v2"] == ("teacher cross_encoder",)
     assert items["ir_datasets:msmarco-passage/train/judged"] == ("data msmarco",)
     assert sum(k.startswith("hub:") for k in items) == 4 and sum(k.startswith("ir_datasets:") for k in items) == 17
+
+
+def test_the_prepare_command_repeats_the_sweeps_overrides_without_its_secrets():
+    from retrieval_scaling.inputs import prepare_command
+
+    argv = ["+grid=full", "launcher=my cluster", "sweep.dry_run=true", "tracking=server",
+            "tracking.uri=postgresql://rs:s3cret@db.example/mlflow"]
+    assert prepare_command(argv) == ("python -m retrieval_scaling.prepare +grid=full 'launcher=my cluster' "
+                                     "tracking=server tracking.uri=postgresql://rs:***@db.example/mlflow")
