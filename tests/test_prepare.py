@@ -96,7 +96,7 @@ def test_an_unprepared_sweep_submits_nothing_then_prepare_fetches_and_the_sweep_
     with the hub gone."""
     args = ["model=tiny_s", "model.source=hub", f"model.name_or_path={LLAMA}", "model.mntp.steps=10",
             "paradigm=dense", "loss=kd", "teacher=cross_encoder", f"teacher.name_or_path={CROSS_ENCODER}",
-            "budget.flops=5e10", "sweep.name=offline", "eval=dl19",
+            "teacher.max_len=128", "budget.flops=5e10", "sweep.name=offline", "eval=dl19",
             "eval.collections.dl19.allow_missing_nonrelevant=true", "eval.subset={queries:10,bm25_depth:10,seed:0}"]
     env = env_for(tmp_path, data_root, hub.url)
     inputs, sweeps = inputs_of(tmp_path), tmp_path / "sweeps"
