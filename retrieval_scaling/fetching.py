@@ -17,12 +17,14 @@ from .inputs import (
     IR_DATASETS,
     LOCAL,
     Input,
+    damaged_files,
     entry_path,
     hub_cache,
     human_size,
     ir_datasets_home,
     read_manifest,
     record,
+    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -30,32 +32,13 @@ log = logging.getLogger(__name__)
 
 # --- content hashes ----------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_files(base: Path, rels: Sequence[str]) -> dict[str, dict[str, Any]]:
     return {rel: {"size": (base / rel).stat().st_size, "sha256": sha256_file(base / rel)} for rel in sorted(rels)}
 
 
-def content_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
+def files_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
     """One hash of an input: of its files' names and hashes."""
     return hashlib.sha256("".join(f"{rel}\t{m['sha256']}\n" for rel, m in sorted(files.items())).encode()).hexdigest()
-
-
-def damaged_files(entry: Mapping[str, Any], directory: Path) -> list[str]:
-    """The recorded files that are gone or whose bytes no longer hash to the manifest's."""
-    base = entry_path(entry, directory)
-    bad = []
-    for rel, meta in entry["files"].items():
-        path = base / rel
-        if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-            bad.append(rel)
-    return bad
 
 
 def _files_under(base: Path) -> list[str]:
@@ -69,16 +52,14 @@ def _files_under(base: Path) -> list[str]:
 
 def fetch(item: Input, directory: Path) -> dict[str, Any]:
     """Fetch (or, for a local input, find and validate) one input; its manifest entry."""
-    if item.kind == HUB:
-        commit, path = _fetch_hub(item, directory)
-        rel = str(path.relative_to(directory))
-        files = hash_files(path, _files_under(path))
-        extra = {"revision": item.revision, "commit": commit}
-    elif item.kind == IR_DATASETS:
-        path = _fetch_ir_datasets(item, directory)
-        rel = str(path.relative_to(directory))
-        files = hash_files(path, _files_under(path))
-        extra = {}
+    if item.kind in (HUB, IR_DATASETS):
+        extra: dict[str, Any] = {}
+        if item.kind == HUB:
+            commit, path = _fetch_hub(item, directory)
+            extra = {"revision": item.revision, "commit": commit}
+        else:
+            path = _fetch_ir_datasets(item, directory)
+        rel, files = str(path.relative_to(directory)), hash_files(path, _files_under(path))
     else:
         path = Path(item.source)
         if not path.exists():
@@ -86,7 +67,7 @@ def fetch(item: Input, directory: Path) -> dict[str, Any]:
         base, rels = (path.parent, [path.name]) if path.is_file() else (path, _files_under(path))
         rel, files, extra = str(base), hash_files(base, rels), {}
     return {"kind": item.kind, "source": item.source, **extra, "path": rel,
-            "size": sum(m["size"] for m in files.values()), "sha256": content_hash(files), "files": files,
+            "size": sum(m["size"] for m in files.values()), "sha256": files_hash(files), "files": files,
             "users": list(item.users),
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

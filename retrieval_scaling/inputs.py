@@ -11,6 +11,7 @@ in offline mode (`work_offline`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,12 +40,16 @@ class Input:
     users: tuple[str, ...] = field(default=(), compare=False)  # "model llama3_8b", "eval fiqa", …
 
     @property
+    def pinned(self) -> str:
+        """`@<revision>` where one other than the default branch is asked for, else nothing."""
+        return f"@{self.revision}" if self.revision not in (None, "main") else ""
+
+    @property
     def key(self) -> str:
-        return f"{self.kind}:{self.source}" + (f"@{self.revision}" if self.revision not in (None, "main") else "")
+        return f"{self.kind}:{self.source}{self.pinned}"
 
     def describe(self) -> str:
-        return f"{self.kind} {self.source}" + (f"@{self.revision}" if self.revision not in (None, "main") else "") \
-            + f" ({', '.join(self.users)})"
+        return f"{self.kind} {self.source}{self.pinned} ({', '.join(self.users)})"
 
 
 def inputs_dir(cfg: Mapping[str, Any]) -> Path:
@@ -141,12 +146,23 @@ def state(item: Input, manifest: Mapping[str, Mapping[str, Any]], directory: Pat
     entry = manifest.get(item.key)
     if entry is None:
         return "missing"
+    return "damaged" if damaged_files(entry, directory, hashes=False) else "prepared"
+
+
+def damaged_files(entry: Mapping[str, Any], directory: Path, hashes: bool = True) -> list[str]:
+    """The recorded files that are gone, have another size or (`hashes`) no longer hash to the manifest's."""
     base = entry_path(entry, directory)
-    for rel, meta in entry["files"].items():
-        path = base / rel
-        if not path.is_file() or path.stat().st_size != meta["size"]:
-            return "damaged"
-    return "prepared"
+    return [rel for rel, meta in entry["files"].items()
+            if not (base / rel).is_file() or (base / rel).stat().st_size != meta["size"]
+            or (hashes and sha256_file(base / rel) != meta["sha256"])]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def entry_path(entry: Mapping[str, Any], directory: Path) -> Path:
@@ -154,12 +170,20 @@ def entry_path(entry: Mapping[str, Any], directory: Path) -> Path:
     return Path(entry["path"]) if entry["kind"] == LOCAL else Path(directory) / entry["path"]
 
 
-def unprepared(cfgs: Sequence[Mapping[str, Any]]) -> list[tuple[Input, str]]:
-    """(input, 'missing' | 'damaged') for each fetched input these cells need that is not prepared."""
+LOCAL_STATE = "local, checked at submission"
+
+
+def input_states(cfgs: Sequence[Mapping[str, Any]]) -> list[tuple[Input, str]]:
+    """Each input these cells read, and its `state` (`LOCAL_STATE` for a local one: the sweep loads it)."""
     directory = inputs_dir(cfgs[0])
     manifest = read_manifest(directory)
-    states = [(item, state(item, manifest, directory)) for item in needed_inputs(cfgs) if item.kind in FETCHED]
-    return [(item, s) for item, s in states if s != "prepared"]
+    return [(item, state(item, manifest, directory) if item.kind in FETCHED else LOCAL_STATE)
+            for item in needed_inputs(cfgs)]
+
+
+def unprepared(cfgs: Sequence[Mapping[str, Any]]) -> list[tuple[Input, str]]:
+    """(input, 'missing' | 'damaged') for each fetched input these cells need that is not prepared."""
+    return [(item, s) for item, s in input_states(cfgs) if s in ("missing", "damaged")]
 
 
 def prepare_command(argv: Sequence[str] | None = None) -> str:
@@ -189,17 +213,15 @@ def print_inputs(cfgs: Sequence[Mapping[str, Any]]) -> None:
     """The dry run's view of the inputs: each one, what reads it, and whether it is prepared."""
     from .status import print_table
 
-    directory = inputs_dir(cfgs[0])
     try:
-        items = needed_inputs(cfgs)
+        states = input_states(cfgs)
     except DataError as exc:
         print(f"inputs: not listed ({exc})")
         return
-    manifest = read_manifest(directory)
-    states = {i: state(i, manifest, directory) if i.kind in FETCHED else "local, checked at submission" for i in items}
-    print_table([{"input": f"{i.kind} {i.source}", "used by": ", ".join(i.users), "state": states[i]} for i in items],
-                title=f"inputs of the sweep (prepared into {directory})", columns=("input", "used by", "state"))
-    todo = sum(s in ("missing", "damaged") for s in states.values())
+    print_table([{"input": f"{i.kind} {i.source}", "used by": ", ".join(i.users), "state": s} for i, s in states],
+                title=f"inputs of the sweep (prepared into {inputs_dir(cfgs[0])})",
+                columns=("input", "used by", "state"))
+    todo = sum(s in ("missing", "damaged") for _, s in states)
     print(f"{todo} input(s) not prepared: fetch them with `{prepare_command()}`" if todo else
           "every input the jobs fetch is prepared")
 
