@@ -102,7 +102,7 @@ def _train_mntp(model_cfg: Mapping[str, Any], backbone_dir: Path | None, corpus:
     mask_id = tokenizer.convert_tokens_to_ids(recipe["mask_token"])
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         raise ValueError(f"MNTP mask token {recipe['mask_token']!r} is not in the tokenizer's vocabulary")
-    if recipe.get("gradient_checkpointing"):  # the paper's 8B holds ~60 GB of activations per GPU without it
+    if recipe.get("gradient_checkpointing"):  # without it every layer's activations are held at once (8B: too many)
         enable_gradient_checkpointing(model)
     model = get_peft_model(model, lora_config(model_cfg))
     if recipe.get("train_embeddings"):
