@@ -14,7 +14,9 @@ Each step runs in its own process, so each peak RSS is that step's alone:
    then the top-k), on a sample of queries: queries/s per core of each, and identical top-k (scores and
    positions) on the sample;
 3. share: two ranks mining their halves at once from the same saved index, against one rank alone:
-   peak RSS and PSS (a shared page counted once across processes, from /proc/<pid>/smaps_rollup);
+   peak RSS and PSS (a shared page counted once across processes, from /proc/<pid>/smaps_rollup), of
+   the whole process and of mining alone (its PSS above what the rank held before it loaded the index:
+   the interpreter, torch and numba's compiled kernels, which a rank holds whether it mines or not);
 4. the time MS MARCO's mining would take (8.84M passages, 503k queries), extrapolated linearly in the
    corpus size (a query's postings grow with it) from the measured rate.
 
@@ -58,6 +60,26 @@ def pss_gb() -> float:
     return float("nan")
 
 
+def anonymous_gb() -> float:
+    """This process's anonymous memory (heap, arrays): private to it, unlike file pages it maps."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def mapped_pss_gb(directory: Path) -> float:
+    """PSS of the file pages this process maps from `directory`: a page n processes share counts 1/n."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            inside = len(fields) >= 6 and fields[-1].startswith(str(directory))
+        elif inside and fields[0] == "Pss:":
+            total += int(fields[1])
+    return total / 2**20
+
+
 def synthetic_queries(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(3.6), 0.4, n).astype(int), 1, 12)
@@ -89,8 +111,14 @@ def child_mine(args) -> dict:
     """Mine queries [lo, hi) of the query set from the saved index, a part of 10,000 at a time."""
     from retrieval_scaling.bm25 import BM25Index
     from retrieval_scaling.distributed import configure_threads
+    from retrieval_scaling.search import search_positive_postings
 
     configure_threads(args.threads)
+    tiny = [np.array([0, 1]), np.array([0], dtype=np.int32), np.ones(1, dtype=np.float32)]
+    for array in tiny:
+        array.flags.writeable = False  # as the memory-mapped index's arrays are: numba's same specialisation
+    search_positive_postings(*tiny, 1, np.array([0, 1]), np.array([0]), 1)  # the kernels, compiled or loaded
+    before_load = anonymous_gb()  # interpreter, torch, numba's kernels: what a rank holds whether it mines or not
     index = BM25Index.load(args.index)
     queries = synthetic_queries(args.queries, seed=1)[args.lo:args.hi]
     index.top_k(queries[:2], args.depth)  # compile (numba caches it on disk afterwards)
@@ -100,11 +128,24 @@ def child_mine(args) -> dict:
     seconds = time.perf_counter() - start
     postings = np.diff(np.asarray(index.indptr))
     work = np.mean([postings[t].sum() for t in index.query_tokens(queries[:2000])]) / index.n_docs
+    if args.peers > 1:
+        rendezvous(Path(args.index).parent / "mined", args.peers)  # PSS splits pages among the ranks mapping them
     out = {"queries": len(queries), "seconds": seconds, "peak_rss_gb": peak_rss_gb(), "pss_gb": pss_gb(),
+           "mining_pss_gb": anonymous_gb() - before_load + mapped_pss_gb(Path(args.index).resolve()),
            "postings_per_query_over_docs": float(work)}
+    if args.peers > 1:
+        rendezvous(Path(args.index).parent / "measured", args.peers)  # each keeps its pages until all measured
     if args.sample_out:
         np.savez(args.sample_out, scores=done[0][0][:args.sample], positions=done[0][1][:args.sample])
     return out
+
+
+def rendezvous(directory: Path, peers: int) -> None:
+    """Wait until `peers` processes have arrived in `directory`."""
+    directory.mkdir(exist_ok=True)
+    (directory / str(os.getpid())).touch()
+    while len(list(directory.iterdir())) < peers:
+        time.sleep(0.05)
 
 
 def child_loop(args) -> dict:
@@ -138,7 +179,7 @@ def run_child(step: str, args, **extra) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", step, "--docs", str(args.docs), "--queries", str(args.queries),
            "--depth", str(args.depth), "--sample", str(args.sample), "--index", str(args.index),
            "--threads", str(extra.get("threads", args.threads))]
-    for key in ("lo", "hi", "sample_out"):
+    for key in ("lo", "hi", "sample_out", "peers"):
         if key in extra:
             cmd += [f"--{key.replace('_', '-')}", str(extra[key])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -157,13 +198,14 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=20_000)
     parser.add_argument("--depth", type=int, default=100)  # data.negatives.depth for MS MARCO
-    parser.add_argument("--sample", type=int, default=200)  # queries the one-query loop is timed and checked on
+    parser.add_argument("--sample", type=int, default=1000)  # queries the one-query loop is timed and checked on
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--index", default="")
     parser.add_argument("--child", default="")
     parser.add_argument("--lo", type=int, default=0)
     parser.add_argument("--hi", type=int, default=None)
     parser.add_argument("--sample-out", default="")
+    parser.add_argument("--peers", type=int, default=1)  # ranks mining at once, measured together
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "mining.json"))
     args = parser.parse_args()
     if args.child:
@@ -177,7 +219,7 @@ def main() -> None:
         one = result_of(run_child("mine", args, sample_out=Path(tmp) / "batched.npz"))
         loop = result_of(run_child("loop", args, threads=1, sample_out=Path(tmp) / "loop.npz"))
         half = args.queries // 2
-        pair = [run_child("mine", args, threads=max(1, args.threads // 2), lo=lo, hi=hi)
+        pair = [run_child("mine", args, threads=max(1, args.threads // 2), lo=lo, hi=hi, peers=2)
                 for lo, hi in ((0, half), (half, args.queries))]
         two = [result_of(p) for p in pair]
         with np.load(Path(tmp) / "batched.npz") as a, np.load(Path(tmp) / "loop.npz") as b:
@@ -199,6 +241,8 @@ def main() -> None:
         "two_ranks_peak_rss_gb": [r["peak_rss_gb"] for r in two], "two_ranks_pss_gb": [r["pss_gb"] for r in two],
         "two_ranks_pss_over_one": sum(r["pss_gb"] for r in two) / one["pss_gb"],
         "two_ranks_rss_over_one": sum(r["peak_rss_gb"] for r in two) / one["peak_rss_gb"],
+        "one_rank_mining_pss_gb": one["mining_pss_gb"], "two_ranks_mining_pss_gb": [r["mining_pss_gb"] for r in two],
+        "two_ranks_mining_pss_over_one": sum(r["mining_pss_gb"] for r in two) / one["mining_pss_gb"],
         # before: every rank built its own index, so each rank's peak was at least the build's
         "two_ranks_peak_rss_gb_before": 2 * build["build_peak_rss_gb"],
         "msmarco_build_h_extrapolated": build["build_s"] * scale / 3600,

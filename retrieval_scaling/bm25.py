@@ -93,14 +93,13 @@ class BM25Index:
     def top_k(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, corpus positions) of each query's k best documents, best first, ties by lower
         position: exact, every document is scored. All queries at once, on every numba thread."""
-        from .search import search_postings  # numba: imported only where searched
+        from .search import search_positive_postings  # numba: imported only where searched
 
         tokens = self.query_tokens(queries)
         q_indptr = np.zeros(len(tokens) + 1, dtype=np.int64)
         q_indptr[1:] = np.cumsum([len(t) for t in tokens])
         q_terms = np.fromiter((t for ts in tokens for t in ts), dtype=np.int64, count=int(q_indptr[-1]))
-        return search_postings(self.indptr, self.doc_ids, self.weights, self.n_docs, q_indptr, q_terms,
-                               np.ones(len(q_terms), dtype=np.float32), min(k, self.n_docs))
+        return search_positive_postings(self.indptr, self.doc_ids, self.weights, self.n_docs, q_indptr, q_terms, k)
 
 
 def _tokenizer():

@@ -26,8 +26,8 @@ from .mntp import mntp_flops
 TOKENS_PER_WORD = 1.3  # Llama-3's tokenizer on English prose, roughly; BEIR publishes words
 # Core-seconds per million corpus documents (bench/mining.py on MS MARCO-shaped data; docs/benchmarks.md):
 # building the BM25 index (one core), and mining one query's top-k with the batched kernel.
-BM25_INDEX_CORE_S_PER_MDOC = 62.0
-BM25_MINING_CORE_S_PER_QUERY_PER_MDOC = 7.4e-4
+BM25_INDEX_CORE_S_PER_MDOC = 53.0
+BM25_MINING_CORE_S_PER_QUERY_PER_MDOC = 4.8e-4
 
 
 @dataclass(frozen=True)

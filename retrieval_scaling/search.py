@@ -20,6 +20,8 @@ from scipy import sparse
 
 from .topk import top_k_rows
 
+QUERIES_PER_TASK = 64  # queries a thread takes at a time: small enough to balance the threads' loads
+
 
 def to_csr(reps: np.ndarray | sparse.spmatrix) -> sparse.csr_matrix:
     """Non-zero weights of sparse representations, float32 CSR (explicit zeros dropped)."""
@@ -68,15 +70,16 @@ class InvertedIndex:
                        max(1, min(q.shape[0], numba.get_num_threads() * 4)))
 
 
-def search_postings(indptr: np.ndarray, doc_ids: np.ndarray, weights: np.ndarray, n_docs: int,
-                    q_indptr: np.ndarray, q_terms: np.ndarray, q_weights: np.ndarray,
-                    k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over postings (term t: `doc_ids[indptr[t]:indptr[t+1]]`, `weights` alike) for queries
-    given as CSR arrays, a term listed twice counted twice, summed in the listed order: (scores, doc
-    indices), each (queries, k), best first, ties by lower index, documents sharing no term at 0."""
-    no_dense = np.zeros((0, n_docs), dtype=np.float32)
-    return _search(indptr, doc_ids, weights, no_dense, np.full(len(indptr) - 1, -1, dtype=np.int64), n_docs,
-                   q_indptr, q_terms, q_weights, k, max(1, min(len(q_indptr) - 1, numba.get_num_threads() * 4)))
+def search_positive_postings(indptr: np.ndarray, doc_ids: np.ndarray, weights: np.ndarray, n_docs: int,
+                             q_indptr: np.ndarray, q_terms: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over postings whose weights are all > 0 (BM25's; term t: `doc_ids[indptr[t]:indptr[t+1]]`,
+    `weights` alike) for queries given as CSR arrays of term ids, a term listed twice counted twice,
+    summed in the listed order: (scores, doc indices), each (queries, k), best first, ties by lower
+    index, documents sharing no term at 0. Positive weights let a zero score mark an untouched document,
+    so the scan keeps no per-document flags and no branch per posting."""
+    n_q = len(q_indptr) - 1
+    return _search_positive(indptr, doc_ids, weights, n_docs, q_indptr, q_terms, min(k, n_docs),
+                            max(1, min(QUERIES_PER_TASK, -(-n_q // max(1, numba.get_num_threads())))))
 
 
 def brute_force_sparse(queries: sparse.spmatrix | np.ndarray, docs: sparse.spmatrix | np.ndarray,
@@ -215,10 +218,72 @@ def _search(indptr, doc_ids, weights, dense_cols, dense_slot, n_docs, q_indptr, 
             else:
                 size = _scan_touched(acc, hit, touched, hs, hi, qi, q_indptr, q_terms, q_weights, indptr, doc_ids,
                                      weights, n_docs, k)
-            # pop the heap worst-first into the output, back to front
-            for r in range(size - 1, -1, -1):
-                out_s[qi, r] = hs[0]
-                out_i[qi, r] = hi[0]
-                last_s, last_i = hs[r], hi[r]
-                _sift_root(hs, hi, r, last_s, last_i)
+            _pop_into(hs, hi, size, out_s[qi], out_i[qi])
     return out_s, out_i
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_positive(acc, touched, hs, hi, qi, q_indptr, q_terms, indptr, doc_ids, weights, n_docs):  # pragma: no cover
+    """`_scan_touched` for weights > 0: a document is new while its score is still 0, appended without a
+    branch. Returns the heap's size; `acc` is left zeroed."""
+    n_touched = 0
+    for p in range(q_indptr[qi], q_indptr[qi + 1]):
+        t = q_terms[p]
+        for j in range(indptr[t], indptr[t + 1]):
+            d = doc_ids[j]
+            a = acc[d]
+            touched[n_touched] = d
+            n_touched += a == 0.0
+            acc[d] = a + weights[j]
+    size, k = 0, hs.shape[0]
+    if n_touched < k:  # fewer than k documents share a term: the rest at 0, in index order
+        for x in range(n_touched):
+            size = _heap_push(hs, hi, size, acc[touched[x]], touched[x])
+        d = 0
+        while size < k and d < n_docs:
+            if acc[d] == 0.0:
+                size = _heap_push(hs, hi, size, np.float32(0.0), d)
+            d += 1
+        for x in range(n_touched):
+            acc[touched[x]] = 0.0
+        return size
+    for x in range(k):
+        d = touched[x]
+        size = _heap_push(hs, hi, size, acc[d], d)
+        acc[d] = 0.0
+    worst_s, worst_i = hs[0], hi[0]
+    for x in range(k, n_touched):  # almost every document fails the first comparison
+        d = touched[x]
+        s = acc[d]
+        acc[d] = 0.0
+        if s >= worst_s and _ranks_before(s, d, worst_s, worst_i):
+            _sift_root(hs, hi, size, s, d)
+            worst_s, worst_i = hs[0], hi[0]
+    return size
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def _search_positive(indptr, doc_ids, weights, n_docs, q_indptr, q_terms, k, per_task):  # pragma: no cover
+    n_q = q_indptr.shape[0] - 1
+    out_s = np.empty((n_q, k), dtype=np.float32)
+    out_i = np.empty((n_q, k), dtype=np.int64)
+    for task in numba.prange((n_q + per_task - 1) // per_task):
+        # a task's scratch, allocated per task of many queries: a thread holds one at a time
+        acc = np.zeros(n_docs, dtype=np.float32)
+        touched = np.empty(n_docs, dtype=np.int32)
+        hs = np.empty(k, dtype=np.float32)
+        hi = np.empty(k, dtype=np.int64)
+        for qi in range(task * per_task, min(n_q, (task + 1) * per_task)):
+            size = _scan_positive(acc, touched, hs, hi, qi, q_indptr, q_terms, indptr, doc_ids, weights, n_docs)
+            _pop_into(hs, hi, size, out_s[qi], out_i[qi])
+    return out_s, out_i
+
+
+@numba.njit(cache=True, nogil=True)
+def _pop_into(hs, hi, size, out_s, out_i):  # pragma: no cover — compiled
+    """Pop a heap of `size` hits worst-first into the outputs, back to front: best first."""
+    for r in range(size - 1, -1, -1):
+        out_s[r] = hs[0]
+        out_i[r] = hi[0]
+        last_s, last_i = hs[r], hi[r]
+        _sift_root(hs, hi, r, last_s, last_i)

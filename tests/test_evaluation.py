@@ -53,6 +53,37 @@ def test_inverted_index_equals_brute_force_with_ties_negatives_and_short_corpora
     np.testing.assert_array_equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_positive_postings_search_equals_brute_force_with_ties_repeats_and_few_hits(seed):
+    """BM25's kernel (weights > 0, a zero score marks an untouched document): the same hits and bits
+    as scoring every document, including queries that repeat a term, touch fewer than k documents,
+    touch none, and a k beyond the corpus; with 1 to 3 queries per thread task."""
+    from retrieval_scaling import search
+
+    rng = np.random.default_rng(seed)
+    n_docs, n_terms = int(rng.integers(1, 300)), int(rng.integers(1, 30))
+    docs = sparse.random(n_docs, n_terms, density=rng.uniform(0.01, 0.4), random_state=seed, dtype=np.float32)
+    docs.data = np.ceil(docs.data * 4) / 4  # on a grid of 1/4, > 0: sums exact in float32, many exact ties
+    csc = sparse.csc_matrix(docs)
+    csc.sort_indices()
+    queries = [list(rng.integers(0, n_terms, int(rng.integers(0, 6)))) for _ in range(int(rng.integers(1, 20)))]
+    queries[0] = [queries[-1][0]] * 3 if queries[-1] else []  # a repeated term counts three times
+    q_indptr = np.cumsum([0] + [len(q) for q in queries]).astype(np.int64)
+    q_terms = np.array([t for q in queries for t in q], dtype=np.int64)
+    dense_q = np.zeros((len(queries), n_terms), dtype=np.float32)
+    for row, q in enumerate(queries):
+        np.add.at(dense_q[row], q, 1.0)
+    k = int(rng.integers(1, n_docs + 5))
+    want = brute_force_sparse(dense_q, docs, k)
+    for per_task in (1, 3):
+        got = search._search_positive(csc.indptr.astype(np.int64), csc.indices.astype(np.int32),
+                                      csc.data.astype(np.float32), n_docs, q_indptr, q_terms, min(k, n_docs), per_task)
+        assert got[1].tolist() == want[1].tolist()
+        np.testing.assert_array_equal(got[0], want[0])
+    assert search.search_positive_postings(csc.indptr, csc.indices, csc.data.astype(np.float32), n_docs, q_indptr,
+                                           q_terms, k)[1].tolist() == want[1].tolist()
+
+
 def test_inverted_index_from_shards_equals_one_matrix():
     rng = np.random.default_rng(0)
     docs = (rng.random((50, 30)) < 0.2) * rng.random((50, 30)).astype(np.float32)
