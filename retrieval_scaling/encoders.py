@@ -65,7 +65,7 @@ class SparseEncoder(Encoder):
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         head = self.backbone.get_output_embeddings()
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.training:  # training: also a gradient-cached step's first encoding
             if weight_usable_directly(head):
                 pooled = MaxPooledLogits.apply(hidden, head.weight, mask)
                 return sparse_activation(pooled if head.bias is None else pooled + head.bias, hidden.shape[-1])
@@ -106,44 +106,67 @@ def weight_usable_directly(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not hasattr(head.weight, "ds_id")
 
 
+POOL_CHUNK_ELEMENTS = 2**26  # logits built at once by the training pooling: ~128 MB in bf16, whatever the batch
+
+
+def pool_chunk_rows(length: int, vocab: int) -> int:
+    """Sequences whose (L, V) logits the training pooling builds at once."""
+    return max(1, POOL_CHUNK_ELEMENTS // max(1, length * vocab))
+
+
 class MaxPooledLogits(torch.autograd.Function):
     """max over non-pad positions of `hidden @ weight.T`: (N, L, d), (V, d), (N, L) → (N, V).
 
     The same values and gradients as `sparse_pool(head(hidden), mask, …)`'s max, without keeping the
     (N, L, V) logits for autograd or differentiating `masked_fill` and `amax` through them (five passes
     over a tensor of N·L·V; tiny_s's sparse CL step spends 70 % of its time there). The logits are
-    built once in the forward (under the caller's autocast, as `head` would compute them) and the
-    argmax positions kept; the backward routes each term's gradient to its argmax position in a zero
-    (N, L, V) tensor and multiplies it out. On an exact tie between positions the gradient goes to
-    one of them (`amax` splits it), another subgradient of the same max."""
+    built in chunks of sequences (`pool_chunk_rows`: no (N, L, V) tensor is ever whole, forward or
+    backward), under the caller's autocast as `head` would compute them, and the argmax positions
+    kept; the backward routes each term's gradient to its argmax position in a zero chunk of logits
+    and multiplies it out. On an exact tie between positions the gradient goes to one of them (`amax`
+    splits it), another subgradient of the same max."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, weight)
-        if not bool(mask.all()):
-            logits.masked_fill_(mask.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min)
-        pooled, argmax = logits.max(dim=1)
-        ctx.save_for_backward(hidden, weight, argmax)
-        ctx.compute_dtype = logits.dtype
-        return pooled
+        rows = pool_chunk_rows(hidden.shape[1], weight.shape[0])
+        pooled, argmax = [], []
+        for h, m in zip(hidden.split(rows), mask.split(rows), strict=True):
+            logits = nn.functional.linear(h, weight)
+            if not bool(m.all()):
+                logits.masked_fill_(m.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min)
+            values, positions = logits.max(dim=1)
+            pooled.append(values)
+            argmax.append(positions)
+            ctx.compute_dtype = logits.dtype
+            del logits
+        ctx.save_for_backward(hidden, weight, torch.cat(argmax))
+        return torch.cat(pooled)
 
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor):
         hidden, weight, argmax = ctx.saved_tensors
         dtype = ctx.compute_dtype
-        (n, length), vocab = hidden.shape[:2], weight.shape[0]
-        grad_logits = torch.zeros((n, length, vocab), dtype=dtype, device=hidden.device)
-        # Flat positions (row, argmax, term) written directly: `scatter_` along dim 1 copies the whole
-        # (N, L, V) tensor twice on CPU (4× slower here).
-        rows = torch.arange(n, device=hidden.device).unsqueeze(1) * length
-        flat = (rows + argmax) * vocab + torch.arange(vocab, device=hidden.device)
-        grad_logits.view(-1)[flat.view(-1)] = grad_pooled.reshape(-1).to(dtype)
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.flatten(0, 1).T @ hidden.flatten(0, 1).to(dtype)).to(weight.dtype)
-        return grad_hidden, grad_weight, None
+        length, vocab = hidden.shape[1], weight.shape[0]
+        rows = pool_chunk_rows(length, vocab)
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
+        grad_logits = torch.zeros((min(rows, hidden.shape[0]), length, vocab), dtype=dtype, device=hidden.device)
+        for lo in range(0, hidden.shape[0], rows):
+            h, top, g = hidden[lo:lo + rows], argmax[lo:lo + rows], grad_pooled[lo:lo + rows]
+            n = h.shape[0]
+            chunk = grad_logits[:n]
+            chunk.zero_()
+            # Flat positions (row, argmax, term) written directly: `scatter_` along dim 1 copies the whole
+            # chunk twice on CPU (4× slower here).
+            flat = (torch.arange(n, device=h.device).unsqueeze(1) * length + top) * vocab + torch.arange(
+                vocab, device=h.device)
+            chunk.view(-1)[flat.view(-1)] = g.reshape(-1).to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[lo:lo + n] = (chunk @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += chunk.flatten(0, 1).T @ h.flatten(0, 1).to(dtype)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
 
 
 def dense_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

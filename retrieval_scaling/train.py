@@ -182,15 +182,16 @@ def compiled_layers(encoder: Encoder, on: bool) -> Iterator[None]:
 
 
 def build_engine(encoder: Encoder, micro_batch: int, steps: int, train_cfg: Mapping[str, Any],
-                 ds_cfg: Mapping[str, Any]):
-    """(DeepSpeed engine, LR scheduler): AdamW over the trainable parameters, linear warm-up and decay."""
+                 ds_cfg: Mapping[str, Any], accumulation: int = 1):
+    """(DeepSpeed engine, LR scheduler): AdamW over the trainable parameters, linear warm-up and decay;
+    `accumulation` backward passes per optimizer step (a gradient-cached step's micro-batches)."""
     import deepspeed
 
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
     warmup = max(1, math.ceil(steps * float(train_cfg["warmup_fraction"])))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
-    config = {**ds_cfg, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+    config = {**ds_cfg, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
               "gradient_clipping": float(train_cfg["grad_clip"]), "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=encoder, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine, scheduler
@@ -231,7 +232,9 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     if sampler.queries_per_step % world:
         raise ConfigError(f"{sampler.queries_per_step} queries per step do not split over {world} ranks; make "
                           "train.queries_per_step a multiple of the ranks (launcher.resources tasks × nodes)")
-    engine, scheduler = build_engine(encoder, sampler.queries_per_step // world, steps, train_cfg, ds_cfg)
+    local_queries = sampler.queries_per_step // world
+    micro = MicroBatches.of(train_cfg.get("micro_batch"), local_queries, local_queries * sampler.group)
+    engine, scheduler = build_engine(encoder, micro.size, steps, train_cfg, ds_cfg, micro.backward_passes)
     start, real_tokens = 0, 0  # real: without padding (the budget counts padded tokens: `tokens_seen`)
     client = resume(engine, ckpt_dir, "the cell")
     if client is not None:
@@ -249,13 +252,8 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
             batch = to_device(sampler.batch(step), device)
             real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
             local = shard(batch, rank, world)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                q = engine(local.query_ids, local.query_mask).float()
-                p = engine(local.passage_ids, local.passage_mask).float()
-            q, p = gather_rows(q), gather_rows(p)
-            loss, parts = step_loss(q, p, batch.teacher, step)
-            engine.backward(loss)
-            engine.step()
+            q, p, loss, parts = optimizer_step(engine, local, micro, bf16,
+                                               lambda q, p: step_loss(q, p, batch.teacher, step))  # noqa: B023
             done = step + 1
             if done % log_every == 0 or done == steps or done == start + 1:
                 elapsed = max(time.time() - tick, 1e-9)
@@ -277,6 +275,91 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                 faults.at_step(done)
     REQUEUE.training(False)
     return engine.module
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """How a rank's share of a step is encoded: `size` sequences per forward (queries and passages
+    alike), `whole` when the share goes through at once, and the backward passes an optimizer step takes."""
+
+    size: int
+    whole: bool
+    backward_passes: int
+
+    @classmethod
+    def of(cls, micro_batch: int | None, queries: int, passages: int) -> MicroBatches:
+        if micro_batch is None or int(micro_batch) >= max(queries, passages):
+            return cls(queries, True, 1)
+        size = int(micro_batch)
+        if size < 1:
+            raise ConfigError(f"train.micro_batch={micro_batch}: give a positive number of sequences per forward "
+                              "pass, or null for the whole share of the step at once")
+        return cls(size, False, -(-queries // size) + -(-passages // size))
+
+
+LossOf = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]  # gathered (q, p) → (loss, parts)
+
+
+def optimizer_step(engine, local: Batch, micro: MicroBatches, bf16: bool, loss_of: LossOf):
+    """One optimizer step over this rank's share of the batch, whole or in micro-batches; the loss is
+    over every rank's reps. Returns (q, p, loss, parts): the gathered reps and the loss, detached."""
+    if not micro.whole:
+        return gradient_cached_step(engine, local, micro.size, bf16, loss_of)
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        q = engine(local.query_ids, local.query_mask).float()
+        p = engine(local.passage_ids, local.passage_mask).float()
+    q, p = gather_rows(q), gather_rows(p)
+    loss, parts = loss_of(q, p)
+    engine.backward(loss)
+    engine.step()
+    return q.detach(), p.detach(), loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+
+def gradient_cached_step(engine, local: Batch, size: int, bf16: bool, loss_of: LossOf):
+    """One optimizer step over micro-batches of `size` sequences with the whole batch's loss (gradient
+    caching, as Tevatron's GradCache): every rep is encoded without a graph, the loss and its gradient
+    with respect to the reps are taken over all of them (every in-batch and gathered negative), then
+    each micro-batch is encoded again with its graph and back-propagated with its cached gradient.
+    The RNG is replayed per micro-batch, so dropout masks match between the two encodings.
+    Returns (q, p, loss, parts): the gathered reps and the loss, detached."""
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    pieces = [(ids, mask) for ids_all, mask_all in ((local.query_ids, local.query_mask),
+                                                     (local.passage_ids, local.passage_mask))
+              for ids, mask in zip(ids_all.split(size), mask_all.split(size), strict=True)]
+    n_queries = -(-local.query_ids.shape[0] // size)
+    states, reps = [], []
+    with torch.no_grad():
+        for ids, mask in pieces:
+            states.append(rng_state(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                reps.append(engine(ids, mask).float())
+    after = rng_state(device)
+    q_local = torch.cat(reps[:n_queries]).requires_grad_()
+    p_local = torch.cat(reps[n_queries:]).requires_grad_()
+    q, p = gather_rows(q_local), gather_rows(p_local)
+    loss, parts = loss_of(q, p)
+    loss.backward()  # the loss's gradient with respect to this rank's reps; no parameter is in its graph
+    grads = [*q_local.grad.split(size), *p_local.grad.split(size)]
+    for (ids, mask), state, grad in zip(pieces, states, grads, strict=True):
+        set_rng_state(device, state)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            rep = engine(ids, mask).float()
+        # d(rep · grad)/dθ = grad · d rep/dθ: this micro-batch's share of d loss/dθ, summed over the step
+        engine.backward((rep * grad).sum(), scale_wrt_gas=False)
+        engine.step()  # DeepSpeed steps the optimizer at the last backward pass of the step
+    set_rng_state(device, after)
+    return q.detach(), p.detach(), loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+
+def rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: Mapping[str, int]) -> None:

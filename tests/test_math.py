@@ -69,10 +69,15 @@ def test_max_pooled_logits_routes_each_terms_gradient_to_its_argmax(mask, pooled
     assert weight.grad.tolist() == grad_weight
 
 
+@pytest.mark.parametrize("chunk_elements", [2**26, 300, 900])  # whole; one sequence (6 × 50); 3, then 1
 @pytest.mark.parametrize("autocast", [False, True])
-def test_max_pooled_logits_equals_autograd_through_the_masked_logits(autocast):
+def test_max_pooled_logits_equals_autograd_through_the_masked_logits(autocast, chunk_elements, monkeypatch):
     """The sparse head's training path: the values and gradients autograd gets through the (N, L, V)
-    logits, masked fill and amax (fp32: to rounding; bf16 autocast: the same logits, close gradients)."""
+    logits, masked fill and amax (fp32: to rounding; bf16 autocast: the same logits, close gradients),
+    whether the logits are built whole or a chunk of sequences at a time."""
+    from retrieval_scaling import encoders
+
+    monkeypatch.setattr(encoders, "POOL_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     hidden = torch.randn(4, 6, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
@@ -91,9 +96,12 @@ def test_max_pooled_logits_equals_autograd_through_the_masked_logits(autocast):
         outs.append((pooled.detach().float(), hidden.grad.clone(), weight.grad.clone()))
         hidden.grad = weight.grad = None
     (fused_out, fused_gh, fused_gw), (ref_out, ref_gh, ref_gw) = outs
-    assert torch.equal(fused_out, ref_out)  # exact: the same linear on the same tensors, then a max
-    assert (fused_gh[0, :2] == 0).all() and (fused_gh[2, :5] == 0).all()  # padding gets no gradient
     tol = 2e-2 if autocast else 1e-5
+    if chunk_elements == 2**26:
+        assert torch.equal(fused_out, ref_out)  # exact: the same linear on the same tensors, then a max
+    else:  # a linear over fewer rows may round its last bit otherwise (another BLAS blocking)
+        torch.testing.assert_close(fused_out, ref_out, rtol=tol, atol=tol)
+    assert (fused_gh[0, :2] == 0).all() and (fused_gh[2, :5] == 0).all()  # padding gets no gradient
     torch.testing.assert_close(fused_gh, ref_gh, rtol=tol, atol=tol)
     torch.testing.assert_close(fused_gw, ref_gw, rtol=tol, atol=tol)
 
