@@ -60,6 +60,7 @@ bench: setup  ## every CPU benchmark, each writing bench/results/<name>.json (af
 	$(PY) bench/mining.py
 	$(PY) bench/training_tokens.py
 	$(PY) bench/checkpoint.py
+	$(PY) bench/micro_batch.py
 	$(PY) bench/passages.py
 	$(PY) bench/train_step.py
 	$(PY) bench/orchestration.py

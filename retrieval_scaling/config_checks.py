@@ -23,6 +23,7 @@ NUMBERS: dict[str, tuple[type, float, bool]] = {
     "log.heartbeat_s": (float, 1.0, False),
     "train.lr": (float, 0.0, False),
     "train.checkpoint_every": (int, 1, False),
+    "train.micro_batch": (int, 1, True),
 }
 
 

@@ -78,6 +78,21 @@ def main() -> None:
             assert len(received) == 1, f"{len(received)} optimizer steps in one step"
             results[(paradigm, loss_name, micro_batch)] = {"loss": loss.item(), "grads": received[0],
                                                             "backward_passes": micro.backward_passes}
+    # LoRA dropout: the second encoding of each micro-batch draws the first one's masks
+    encoder = lora_encoder("sparse", dropout=0.5).train()
+    micro = MicroBatches.of(3, QUERIES // world, QUERIES // world * 3)
+    engine, _ = build_engine(encoder, micro.size, 10, train_cfg, ds_cfg, micro.backward_passes)
+    outputs = []
+    engine.register_forward_hook(lambda module, inputs, out: outputs.append(out.detach().clone()))
+    whole = batch(3)
+    local = shard(whole, rank, world)
+    optimizer_step(engine, local, micro, False,
+                   lambda q, p: StepLoss(losses["cl"], 3, {"temperature": 1.0}, 10)(q, p, whole.teacher, 5))
+    first, second = outputs[:micro.backward_passes], outputs[micro.backward_passes:]
+    with torch.no_grad():  # other draws, other masks: dropout is on, so the replay is what matched them
+        again = engine(local.query_ids[:3], local.query_mask[:3])
+    replayed = len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    results["dropout"] = {"replayed": replayed, "masks_differ": not torch.equal(first[0], again)}
     torch.save(results, f"{args.out}.rank{rank}")
 
 

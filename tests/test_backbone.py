@@ -17,7 +17,7 @@ def tiny_llama(attn: str) -> LlamaForCausalLM:
                                         num_attention_heads=2, num_key_value_heads=2, attn_implementation=attn)).eval()
 
 
-def lora_encoder(paradigm: str, checkpointing: bool = False):
+def lora_encoder(paradigm: str, checkpointing: bool = False, dropout: float = 0.0):
     """`tiny_llama`, bidirectional, with LoRA on q, v and down (B ≠ 0: the adapters change the output)
     and the paradigm's head."""
     from peft import LoraConfig, get_peft_model
@@ -27,7 +27,7 @@ def lora_encoder(paradigm: str, checkpointing: bool = False):
 
     model = tiny_llama("eager")
     set_bidirectional(model, True)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
                                              target_modules=["q_proj", "v_proj", "down_proj"]))
     if checkpointing:
         enable_gradient_checkpointing(model)

@@ -69,7 +69,7 @@ def test_a_sparse_temperature_changes_the_sparse_cells_of_its_loss_only(compose)
 
 @pytest.mark.parametrize("override", ["sweep.name=other", "log.every=3", "launcher.max_parallel=5",
                                       "data.root=/elsewhere", "sweep.root=/tmp/x", "tracking.uri=sqlite:///x.db",
-                                      "train.compile=true", "eval.batch_size=7"])
+                                      "train.compile=true", "train.micro_batch=8", "eval.batch_size=7"])
 def test_identity_ignores_where_and_how_a_cell_is_run_or_logged(compose, override):
     assert cell_id(compose(override)) == cell_id(compose())
 

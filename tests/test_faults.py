@@ -43,6 +43,7 @@ def one_error_line(proc) -> str:
     ("budget.flops=nan", "budget.flops=nan: expected a finite number"),
     ("budget.flops=abc", "budget.flops='abc'"),
     ("launcher.max_parallel=0", "launcher.max_parallel=0"),
+    ("train.micro_batch=0", "train.micro_batch=0: expected a whole number ≥ 1 or null"),
     ("launcher.max_parallel=abc", "launcher.max_parallel='abc'"),
     ("sweep.name=../../escaped", "sweep.name='../../escaped'"),
     ("sweep.name=/tmp/rs-absolute-name", "sweep.name='/tmp/rs-absolute-name'"),

@@ -48,6 +48,8 @@ def test_gradient_cached_steps_equal_the_whole_batch_step_on_one_and_two_ranks(t
     sums only run in another order)."""
     reference = run_ranks(tmp_path / "one", 1)[0]
     two = run_ranks(tmp_path / "two", 2)
+    for results in (reference, *two):  # LoRA dropout 0.5: each micro-batch's two encodings drew the same masks
+        assert results.pop("dropout") == {"replayed": True, "masks_differ": True}
     assert len(reference) == 18
     for (paradigm, loss, micro), want in reference.items():
         assert sum(g.abs().sum() for g in want["grads"]) > 0 and len(want["grads"]) == 12  # A, B × 3 targets × 2 layers
@@ -67,6 +69,8 @@ def test_gradient_cached_steps_equal_the_whole_batch_step_on_one_and_two_ranks(t
             assert torch.equal(g0, g1)
     # ZeRO-2, as the cells run: each rank's optimizer holds its half of the flat gradient
     zero2 = run_ranks(tmp_path / "zero2", 2, "--stage", "2")
+    for results in zero2:
+        assert results.pop("dropout") == {"replayed": True, "masks_differ": True}
     for (paradigm, loss, micro), got in zero2[0].items():
         whole = torch.cat([g.flatten() for g in reference[(paradigm, loss, None)]["grads"]])
         halves = torch.cat([g.flatten() for rank in zero2 for g in rank[(paradigm, loss, micro)]["grads"]])
