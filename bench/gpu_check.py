@@ -82,7 +82,7 @@ def main() -> int:
         summary["checks"]["tiny_cell_end_to_end"] = {
             "ok": len(done) == 1, "seconds": secs, "error": err,
             "metrics": json.loads(done[0].read_text())["metrics"] if done else None}
-    step, err, secs = run_json([sys.executable, "bench/gpu_step.py"], env, 1800)
+    step, err, secs = run_json([sys.executable, "bench/gpu_step.py", "--checkpointing"], env, 1800)
     summary["checks"]["gpu_step"] = {"ok": step is not None, "seconds": secs, "error": err, "result": step}
     scale, err, secs = run_json([sys.executable, "bench/scale.py", "--docs", "20000", "--search-docs", "0",
                                  "--out", str(Path(tempfile.gettempdir()) / "scale-gpu.json")], env, 1800)

@@ -1,15 +1,16 @@
 """GPU training-step efficiency: model FLOP/s of the paper's 1B cell over the GPU's bf16 matmul peak,
 with the cell's bf16 autocast and DeepSpeed ZeRO-2 engine, on random weights of its architecture.
 
-    python bench/gpu_step.py [--case llama3_1b/dense/cl] [--queries 8] [--passages-per-query 17]
-                             [--passage-len 256] [--steps 10] [--checkpointing] [--out ...]
+    python bench/gpu_step.py [--case llama3_1b/dense/cl] [--queries 16] [--passages-per-query 17]
+                             [--passage-len 128] [--micro-batch 64] [--steps 10] [--checkpointing] [--out ...]
 
 Per step as the cell trains it: frozen weights in bf16 (the model config's `dtype`), LoRA and optimizer
 state fp32, autocast bf16, SDPA, the paradigm's head and loss with the FLOPS term, one fixed batch
-(`--queries` × `--passages-per-query` passages: a micro-batch; the recipe's effective batch is reached
-by accumulation, which does not change the per-step efficiency). MFU = our FLOP model's FLOPs per step
-(`plan_cell`, the budget's count: no recomputation) ÷ median step time ÷ peak, against the bf16 matmul
-peak measured in the same run and against the datasheet's dense bf16 peak where the GPU is known.
+(`--queries` × `--passages-per-query` passages: one GPU's share of a step), encoded `--micro-batch`
+sequences at a time with gradient caching as `train` does (`train.micro_batch`), and its peak memory.
+MFU = our FLOP model's FLOPs per step (`plan_cell`, the budget's count: no recomputation) ÷ median
+step time ÷ peak, against the bf16 matmul peak measured in the same run and against the datasheet's
+dense bf16 peak where the GPU is known.
 Also a CUDA profile of one step. Needs a GPU (`--device cpu` runs the same code path, for a check of
 the script). Prints one JSON object. Target: MFU ≥ 0.45 on an H100 (issue 8).
 """
@@ -83,13 +84,16 @@ def main() -> None:
     from retrieval_scaling.cell_model import deepspeed_config
     from retrieval_scaling.distributed import init_distributed
     from retrieval_scaling.plan import plan_cell
+    from retrieval_scaling.train import Batch, MicroBatches, StepLoss, optimizer_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="llama3_1b/dense/cl", help="<model>/<paradigm>/<loss>")
-    parser.add_argument("--queries", type=int, default=8, help="queries in the micro-batch")
+    parser.add_argument("--queries", type=int, default=16, help="queries in a GPU's share of the step")
     parser.add_argument("--passages-per-query", type=int, default=17, help="positive + hard negatives (the paper: 17)")
-    parser.add_argument("--query-len", type=int, default=32)
-    parser.add_argument("--passage-len", type=int, default=256)
+    parser.add_argument("--query-len", type=int, default=64)  # the paper's lengths (docs/recipe.md)
+    parser.add_argument("--passage-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward (train.micro_batch; 0: "
+                        "the whole share at once)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (the paper's setting)")
     parser.add_argument("--device", default="cuda")
@@ -110,17 +114,17 @@ def main() -> None:
     peak = peak_matmul_flops(torch.bfloat16, n=8192, repeats=20, device=device)
     step = build_step(cfg, device, attn=cfg["model"].get("attn_implementation") or "sdpa")
     params = [p for p in step.encoder.parameters() if p.requires_grad]
-    ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": step.queries,
-              "gradient_accumulation_steps": 1, "gradient_clipping": float(cfg["train"]["grad_clip"]),
-              "zero_allow_untested_optimizer": True}
+    micro = MicroBatches.of(args.micro_batch or None, step.queries, step.queries * step.group)
+    ds_cfg = {**deepspeed_config(cfg), "train_micro_batch_size_per_gpu": micro.size,
+              "gradient_accumulation_steps": micro.backward_passes,
+              "gradient_clipping": float(cfg["train"]["grad_clip"]), "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=step.encoder, optimizer=torch.optim.AdamW(params, lr=1e-5),
                                            config=ds_cfg)
+    batch = Batch(step.q_ids, torch.ones_like(step.q_ids), step.p_ids, torch.ones_like(step.p_ids), step.teacher)
+    step_loss = StepLoss(step.loss_fn, step.group, cfg["paradigm"], steps=1)  # the FLOPS term at full weight
 
-    def engine_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss_value = step.loss(engine)
-        engine.backward(loss_value)
-        engine.step()
+    def engine_step():  # as `train` steps: whole, or gradient-cached micro-batches
+        optimizer_step(engine, batch, micro, True, lambda q, p: step_loss(q, p, batch.teacher, 1))
         sync(device)
 
     with lora_inputs_uncast(step.encoder, True):
@@ -133,6 +137,7 @@ def main() -> None:
     result = {"benchmark": "gpu_step", "device": name, "case": args.case,
               "batch": f"{step.queries}x{step.group}", "lengths": f"{step.query_len}/{step.passage_len}",
               "gradient_checkpointing": args.checkpointing, "zero_stage": ds_cfg["zero_optimization"]["stage"],
+              "micro_batch": args.micro_batch or None, "backward_passes": micro.backward_passes,
               "flops_per_step": plan["flops_per_step"], "step_s": step_s, "model_flops_per_s": achieved,
               "peak_bf16_matmul_flops_measured": peak, "peak_bf16_datasheet": sheet,
               "mfu_vs_measured_peak": achieved / peak, "mfu_vs_datasheet": achieved / sheet if sheet else None,
