@@ -16,8 +16,9 @@ Each step runs in its own process, so each peak RSS is that step's alone:
    core of each, and identical top-k (scores and positions) on the sample;
 3. share: two ranks mining their halves at once from the same saved index, against one rank alone:
    peak RSS and PSS (a shared page counted once across processes, from /proc/<pid>/smaps_rollup), of
-   the whole process and of mining alone (its PSS above what the rank held before it loaded the index:
-   the interpreter, torch and numba's compiled kernels, which a rank holds whether it mines or not);
+   the whole process and of mining alone: the PSS of the index's mapped pages plus the anonymous memory
+   the rank gained from loading the index on (not the interpreter, torch and numba's compiled kernels,
+   which a rank holds whether it mines or not), both ranks measured while both still map the index;
 4. the time MS MARCO's mining would take (8.84M passages, 503k queries), extrapolated linearly in the
    corpus size (a query's postings grow with it) from the measured rate.
 
