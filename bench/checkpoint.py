@@ -4,7 +4,9 @@ A SmolLM2-135M cell (random weights of its shapes, its LoRA, head and loss, `mak
 CL+KD cell) in its DeepSpeed ZeRO-2 engine takes one optimizer step, then is checkpointed twice: with
 every parameter (DeepSpeed's default, what cells wrote before) and as `train.save_checkpoint` writes it
 (the frozen base left out). A third engine built the same way loads the second checkpoint and must
-hold the same trainable weights. Prints one JSON object.
+hold the same trainable weights. Then a cell killed after its checkpoint: 4 steps straight through
+against 2 steps, a checkpoint, a new engine resumed from it and 2 more steps, with the model's LoRA
+dropout on: the same final trainable weights (atol 1e-6). Prints one JSON object.
 
     python bench/checkpoint.py [--case smollm2_135m/dense/cl_kd] [--out bench/results/checkpoint.json]
 """
@@ -60,6 +62,38 @@ def size_of(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+def train_steps(engine, step, steps: range) -> None:
+    from retrieval_scaling.train import seed_step
+
+    for number in steps:
+        seed_step(0, number)  # as `train` seeds each step: the same dropout masks after a resume
+        engine.backward(step.loss(engine))
+        engine.step()
+
+
+def trainable(engine) -> dict:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def killed_and_resumed(cfg: dict, tmp: Path, steps: int, kill_after: int) -> float:
+    """Max |difference| of the trainable weights after `steps` steps, run straight through against run
+    to a checkpoint at `kill_after`, dropped, rebuilt and resumed from it."""
+    from retrieval_scaling.train import resume, save_checkpoint
+
+    straight, step = engine_of(cfg)
+    train_steps(straight, step, range(steps))
+    want = trainable(straight)
+    first, step = engine_of(cfg)
+    train_steps(first, step, range(kill_after))
+    save_checkpoint(first, tmp / "killed", {"step": kill_after})
+    del first  # the job dies here; a new one builds the cell again and resumes
+    second, step = engine_of(cfg)
+    start = int(resume(second, tmp / "killed", "the cell")["step"])
+    train_steps(second, step, range(start, steps))
+    got = trainable(second)
+    return max(float((got[n] - want[n]).abs().max()) for n in want)
+
+
 def main() -> None:
     import torch
 
@@ -71,8 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = case_config(args.case)
     engine, step = engine_of(cfg)
-    engine.backward(step.loss(engine))
-    engine.step()
+    train_steps(engine, step, range(1))
     with tempfile.TemporaryDirectory(prefix="rs-ckpt-") as tmp:
         whole, trainable = Path(tmp) / "whole", Path(tmp) / "trainable"
         engine.save_checkpoint(str(whole), tag="step1", client_state={"step": 1})
@@ -95,6 +128,9 @@ def main() -> None:
                                                                   if p.requires_grad),
         }
         result["projected_trainable_over_whole"] = projected(result["bytes_per_trainable_param"])
+        result["lora_dropout"] = float(cfg["model"]["lora"]["dropout"])
+        result["killed_at_step_2_of_4_max_abs_diff"] = killed_and_resumed(cfg, Path(tmp), steps=4, kill_after=2)
+        result["killed_and_resumed_equal_atol_1e-6"] = result["killed_at_step_2_of_4_max_abs_diff"] <= 1e-6
     write_result(args.out, result)
 
 

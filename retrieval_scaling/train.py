@@ -1,6 +1,7 @@
 """Retrieval fine-tuning of one cell: a DeepSpeed ZeRO engine for exactly the budget's steps.
 
-Batches are a pure function of (seed, step), so a resumed run sees the same data it would have seen.
+Batches, and the random draws of a step (dropout), are a pure function of (seed, step), so a resumed
+run sees the same data and masks it would have seen.
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
     tick = time.time()
     with compiled_layers(encoder, bool(train_cfg.get("compile", False))), lora_inputs_uncast(encoder, bf16):
         for step in range(start, steps):
+            seed_step(sampler.seed, step)
             batch = to_device(sampler.batch(step), device)
             real_tokens += int(batch.query_mask.sum()) + int(batch.passage_mask.sum())
             local = shard(batch, rank, world)
@@ -275,6 +277,12 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                 faults.at_step(done)
     REQUEUE.training(False)
     return engine.module
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Seed torch's generators (the CPU's and every GPU's) from (seed, step): a step draws the same
+    dropout masks whether or not the run was resumed before it."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, 2_000_003, step]).generate_state(1)[0]))
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,23 @@ def test_token_arrays_give_the_batches_the_examples_gave_and_load_memory_mapped(
         assert torch.equal(got.teacher, torch.tensor(teacher, dtype=torch.float32))
 
 
+def test_a_steps_random_draws_depend_on_seed_and_step_only():
+    """A resumed run draws a step's dropout masks as a run straight through does."""
+    import torch
+
+    from retrieval_scaling.train import seed_step
+
+    seed_step(45, 7)
+    want = torch.rand(5)
+    torch.rand(100)  # whatever came before: another run's earlier steps
+    seed_step(45, 7)
+    assert torch.equal(torch.rand(5), want)
+    seed_step(45, 8)
+    assert not torch.equal(torch.rand(5), want)
+    seed_step(46, 7)
+    assert not torch.equal(torch.rand(5), want)
+
+
 def test_linear_schedule_warms_up_then_decays_to_zero():
     f = linear_schedule(warmup_steps=2, total_steps=10)
     assert [f(0), f(1)] == [0.5, 1.0]
