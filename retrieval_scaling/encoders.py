@@ -33,6 +33,9 @@ class Encoder(nn.Module):
     """A backbone (`*ForCausalLM`, possibly LoRA-wrapped) plus a pooling head."""
 
     sparse = False
+    # A gradient-cached step's pooling results, kept from its first encoding for its second (a list,
+    # filled then consumed in order; None outside such a step). Only pooling that can reuse them does.
+    pooling_cache: list | None = None
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -67,7 +70,12 @@ class SparseEncoder(Encoder):
         head = self.backbone.get_output_embeddings()
         if torch.is_grad_enabled() or self.training:  # training: also a gradient-cached step's first encoding
             if weight_usable_directly(head):
-                pooled = MaxPooledLogits.apply(hidden, head.weight, mask)
+                cache = self.pooling_cache
+                if cache is not None and not torch.is_grad_enabled():  # a gradient-cached step's first encoding
+                    pooled, argmax = max_pool_logits(hidden, head.weight, mask)
+                    cache.append((pooled, argmax))
+                else:  # its second encoding reuses the first's logits' max: the head's forward is not run again
+                    pooled = MaxPooledLogits.apply(hidden, head.weight, mask, cache.pop(0) if cache else None)
                 return sparse_activation(pooled if head.bias is None else pooled + head.bias, hidden.shape[-1])
             return sparse_pool(head(hidden), mask, hidden.shape[-1])  # keeps the logits for autograd
         # Inference: one sequence's real tokens at a time, so the (N, L, V) logits are never built
@@ -127,20 +135,13 @@ class MaxPooledLogits(torch.autograd.Function):
     splits it), another subgradient of the same max."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        rows = pool_chunk_rows(hidden.shape[1], weight.shape[0])
-        pooled, argmax = [], []
-        for h, m in zip(hidden.split(rows), mask.split(rows), strict=True):
-            logits = nn.functional.linear(h, weight)
-            if not bool(m.all()):
-                logits.masked_fill_(m.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min)
-            values, positions = logits.max(dim=1)
-            pooled.append(values)
-            argmax.append(positions)
-            ctx.compute_dtype = logits.dtype
-            del logits
-        ctx.save_for_backward(hidden, weight, torch.cat(argmax))
-        return torch.cat(pooled)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # `cached`: (pooled, argmax) that `max_pool_logits` gave for these same hidden states
+        pooled, argmax = max_pool_logits(hidden, weight, mask) if cached is None else (cached[0].clone(), cached[1])
+        ctx.compute_dtype = pooled.dtype
+        ctx.save_for_backward(hidden, weight, argmax)
+        return pooled
 
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor):
@@ -166,7 +167,24 @@ class MaxPooledLogits(torch.autograd.Function):
                 grad_hidden[lo:lo + n] = (chunk @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += chunk.flatten(0, 1).T @ h.flatten(0, 1).to(dtype)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def max_pool_logits(hidden: torch.Tensor, weight: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max over non-pad positions of `hidden @ weight.T`, its positions): (N, V) each, the logits built a
+    chunk of sequences at a time, under the caller's autocast."""
+    rows = pool_chunk_rows(hidden.shape[1], weight.shape[0])
+    pooled, argmax = [], []
+    for h, m in zip(hidden.split(rows), mask.split(rows), strict=True):
+        logits = nn.functional.linear(h, weight)
+        if not bool(m.all()):
+            logits.masked_fill_(m.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min)
+        values, positions = logits.max(dim=1)
+        pooled.append(values)
+        argmax.append(positions)
+        del logits
+    return torch.cat(pooled), torch.cat(argmax)
 
 
 def dense_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -329,13 +329,22 @@ def gradient_cached_step(engine, local: Batch, size: int, bf16: bool, loss_of: L
     caching, as Tevatron's GradCache): every rep is encoded without a graph, the loss and its gradient
     with respect to the reps are taken over all of them (every in-batch and gathered negative), then
     each micro-batch is encoded again with its graph and back-propagated with its cached gradient.
-    The RNG is replayed per micro-batch, so dropout masks match between the two encodings.
+    The RNG is replayed per micro-batch, so dropout masks match between the two encodings, and a
+    sparse head's max-pooled logits are kept from the first: the second runs no head forward.
     Returns (q, p, loss, parts): the gathered reps and the loss, detached."""
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     pieces = [(ids, mask) for ids_all, mask_all in ((local.query_ids, local.query_mask),
                                                      (local.passage_ids, local.passage_mask))
               for ids, mask in zip(ids_all.split(size), mask_all.split(size), strict=True)]
-    n_queries = -(-local.query_ids.shape[0] // size)
+    engine.module.pooling_cache = []  # the first encoding's pooling, reused by the second
+    try:
+        return _encode_twice(engine, pieces, -(-local.query_ids.shape[0] // size), size, bf16, loss_of, device)
+    finally:
+        engine.module.pooling_cache = None
+
+
+def _encode_twice(engine, pieces: list, n_queries: int, size: int, bf16: bool, loss_of: LossOf, device):
+    """`gradient_cached_step`'s two encodings of `pieces` (the query micro-batches first)."""
     states, reps = [], []
     with torch.no_grad():
         for ids, mask in pieces:
