@@ -83,8 +83,9 @@ def main() -> None:
     from retrieval_scaling.backbone import lora_inputs_uncast
     from retrieval_scaling.cell_model import deepspeed_config
     from retrieval_scaling.distributed import init_distributed
+    from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.plan import plan_cell
-    from retrieval_scaling.train import Batch, MicroBatches, StepLoss, optimizer_step
+    from retrieval_scaling.train import Batch, StepLoss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="llama3_1b/dense/cl", help="<model>/<paradigm>/<loss>")

@@ -50,9 +50,10 @@ def child(micro_batch: int | None, steps: int, chunked: bool) -> dict:
     from retrieval_scaling.backbone import set_bidirectional
     from retrieval_scaling.distributed import configure_threads, init_distributed
     from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.losses import ContrastiveLoss
     from retrieval_scaling.precision import AUTO, use_bf16
-    from retrieval_scaling.train import Batch, MicroBatches, StepLoss, build_engine, optimizer_step
+    from retrieval_scaling.train import Batch, StepLoss, build_engine
 
     if not chunked:  # the pooling as it was: the (N, L, V) logits of the whole forward at once
         encoders.POOL_CHUNK_ELEMENTS = 2**62

@@ -8,7 +8,8 @@ directory given as `name_or_path`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,21 @@ def set_bidirectional(model, on: bool) -> None:
     """transformers ≥5 builds a padding-only mask and passes is_causal=False to the kernels when the
     config says so; setting it on attention modules alone is not enough (stays causal under eager)."""
     model.config.is_causal = not on
+
+
+@contextmanager
+def compiled_layers(encoder, on: bool) -> Iterator[None]:
+    """Within the block, each decoder layer runs `torch.compile`d (inductor fuses the norms, rotary,
+    softmax, LoRA's scale-and-add and autocast's casts that dominate a small model's step). Layers
+    share one compiled graph per input shape, so compilation costs one layer's, not the model's; it
+    is cached on disk (TORCHINDUCTOR_CACHE_DIR). In place, so parameter names, checkpoints and saved
+    weights are those of an eager run; the layers are eager again afterwards (evaluation's shapes
+    vary batch to batch and would recompile)."""
+    layers = list(encoder.backbone.get_decoder().layers) if on else []
+    for layer in layers:
+        layer.compile()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; no public way to undo it

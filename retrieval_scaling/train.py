@@ -11,20 +11,20 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .backbone import lora_inputs_uncast
-from .distributed import any_rank, gather_rows, world_size
+from .backbone import compiled_layers, lora_inputs_uncast
+from .batch import Batch
+from .distributed import any_rank, world_size
 from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, DataError
 from .faults import Faults
+from .gradient_cache import MicroBatches, optimizer_step
 from .losses import LossOutput
 from .precision import AUTO, use_bf16
 from .regularizers import flops_regularizer, quadratic_warmup
@@ -32,15 +32,6 @@ from .requeue import REQUEUE
 from .training_tokens import TrainingTokens
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    passage_ids: torch.Tensor  # (B·G, L), positive first in each group
-    passage_mask: torch.Tensor
-    teacher: torch.Tensor  # (B, G)
 
 
 class BatchSampler:
@@ -164,24 +155,6 @@ def trainable_names(engine) -> list[str]:
     return [name for name, p in engine.module.named_parameters() if p.requires_grad]
 
 
-@contextmanager
-def compiled_layers(encoder: Encoder, on: bool) -> Iterator[None]:
-    """Within the block, each decoder layer runs `torch.compile`d (inductor fuses the norms, rotary,
-    softmax, LoRA's scale-and-add and autocast's casts that dominate a small model's step). Layers
-    share one compiled graph per input shape, so compilation costs one layer's, not the model's; it
-    is cached on disk (TORCHINDUCTOR_CACHE_DIR). In place, so parameter names, checkpoints and saved
-    weights are those of an eager run; the layers are eager again afterwards (evaluation's shapes
-    vary batch to batch and would recompile)."""
-    layers = list(encoder.backbone.get_decoder().layers) if on else []
-    for layer in layers:
-        layer.compile()
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set; no public way to undo it
-
-
 def build_engine(encoder: Encoder, micro_batch: int, steps: int, train_cfg: Mapping[str, Any],
                  ds_cfg: Mapping[str, Any], accumulation: int = 1):
     """(DeepSpeed engine, LR scheduler): AdamW over the trainable parameters, linear warm-up and decay;
@@ -283,100 +256,6 @@ def seed_step(seed: int, step: int) -> None:
     """Seed torch's generators (the CPU's and every GPU's) from (seed, step): a step draws the same
     dropout masks whether or not the run was resumed before it."""
     torch.manual_seed(int(np.random.SeedSequence([seed, 2_000_003, step]).generate_state(1)[0]))
-
-
-@dataclass(frozen=True)
-class MicroBatches:
-    """How a rank's share of a step is encoded: `size` sequences per forward (queries and passages
-    alike), `whole` when the share goes through at once, and the backward passes an optimizer step takes."""
-
-    size: int
-    whole: bool
-    backward_passes: int
-
-    @classmethod
-    def of(cls, micro_batch: int | None, queries: int, passages: int) -> MicroBatches:
-        if micro_batch is None or int(micro_batch) >= max(queries, passages):
-            return cls(queries, True, 1)
-        size = int(micro_batch)
-        if size < 1:
-            raise ConfigError(f"train.micro_batch={micro_batch}: give a positive number of sequences per forward "
-                              "pass, or null for the whole share of the step at once")
-        return cls(size, False, -(-queries // size) + -(-passages // size))
-
-
-LossOf = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]  # gathered (q, p) → (loss, parts)
-
-
-def optimizer_step(engine, local: Batch, micro: MicroBatches, bf16: bool, loss_of: LossOf):
-    """One optimizer step over this rank's share of the batch, whole or in micro-batches; the loss is
-    over every rank's reps. Returns (q, p, loss, parts): the gathered reps and the loss, detached."""
-    if not micro.whole:
-        return gradient_cached_step(engine, local, micro.size, bf16, loss_of)
-    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        q = engine(local.query_ids, local.query_mask).float()
-        p = engine(local.passage_ids, local.passage_mask).float()
-    q, p = gather_rows(q), gather_rows(p)
-    loss, parts = loss_of(q, p)
-    engine.backward(loss)
-    engine.step()
-    return q.detach(), p.detach(), loss.detach(), {k: v.detach() for k, v in parts.items()}
-
-
-def gradient_cached_step(engine, local: Batch, size: int, bf16: bool, loss_of: LossOf):
-    """One optimizer step over micro-batches of `size` sequences with the whole batch's loss (gradient
-    caching, as Tevatron's GradCache): every rep is encoded without a graph, the loss and its gradient
-    with respect to the reps are taken over all of them (every in-batch and gathered negative), then
-    each micro-batch is encoded again with its graph and back-propagated with its cached gradient.
-    The RNG is replayed per micro-batch, so dropout masks match between the two encodings, and a
-    sparse head's max-pooled logits are kept from the first: the second runs no head forward.
-    Returns (q, p, loss, parts): the gathered reps and the loss, detached."""
-    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
-    pieces = [(ids, mask) for ids_all, mask_all in ((local.query_ids, local.query_mask),
-                                                     (local.passage_ids, local.passage_mask))
-              for ids, mask in zip(ids_all.split(size), mask_all.split(size), strict=True)]
-    engine.module.pooling_cache = []  # the first encoding's pooling, reused by the second
-    try:
-        return _encode_twice(engine, pieces, -(-local.query_ids.shape[0] // size), size, bf16, loss_of, device)
-    finally:
-        engine.module.pooling_cache = None
-
-
-def _encode_twice(engine, pieces: list, n_queries: int, size: int, bf16: bool, loss_of: LossOf, device):
-    """`gradient_cached_step`'s two encodings of `pieces` (the query micro-batches first)."""
-    states, reps = [], []
-    with torch.no_grad():
-        for ids, mask in pieces:
-            states.append(rng_state(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                reps.append(engine(ids, mask).float())
-    after = rng_state(device)
-    q_local = torch.cat(reps[:n_queries]).requires_grad_()
-    p_local = torch.cat(reps[n_queries:]).requires_grad_()
-    q, p = gather_rows(q_local), gather_rows(p_local)
-    loss, parts = loss_of(q, p)
-    loss.backward()  # the loss's gradient with respect to this rank's reps; no parameter is in its graph
-    grads = [*q_local.grad.split(size), *p_local.grad.split(size)]
-    for (ids, mask), state, grad in zip(pieces, states, grads, strict=True):
-        set_rng_state(device, state)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rep = engine(ids, mask).float()
-        # d(rep · grad)/dθ = grad · d rep/dθ: this micro-batch's share of d loss/dθ, summed over the step
-        engine.backward((rep * grad).sum(), scale_wrt_gas=False)
-        engine.step()  # DeepSpeed steps the optimizer at the last backward pass of the step
-    set_rng_state(device, after)
-    return q.detach(), p.detach(), loss.detach(), {k: v.detach() for k, v in parts.items()}
-
-
-def rng_state(device: torch.device) -> tuple:
-    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def save_checkpoint(engine, ckpt_dir: Path, state: Mapping[str, int]) -> None:

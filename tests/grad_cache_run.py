@@ -41,8 +41,9 @@ def main() -> None:
     from test_backbone import lora_encoder
 
     from retrieval_scaling.distributed import configure_threads, init_distributed
+    from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.losses import ContrastiveDistillationLoss, ContrastiveLoss, MarginMSELoss
-    from retrieval_scaling.train import MicroBatches, StepLoss, build_engine, optimizer_step, shard
+    from retrieval_scaling.train import StepLoss, build_engine, shard
 
     configure_threads(1)
     rank, world = init_distributed()

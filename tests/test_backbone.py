@@ -211,8 +211,8 @@ def test_compiled_layers_train_as_eager_layers_do_and_are_eager_again_afterwards
     weights), and the layers are eager again after the block."""
     from torch._dynamo.utils import counters
 
+    from retrieval_scaling.backbone import compiled_layers
     from retrieval_scaling.encoders import encode_inputs
-    from retrieval_scaling.train import compiled_layers
 
     ids, mask = encode_inputs([[5, 6, 7, 8], [9, 10]], bos_id=1, pad_id=2, max_len=8)
     encoder = lora_encoder("dense", checkpointing).train()

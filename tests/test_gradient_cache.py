@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from retrieval_scaling.errors import ConfigError
-from retrieval_scaling.train import MicroBatches
+from retrieval_scaling.gradient_cache import MicroBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
