@@ -182,7 +182,7 @@ def max_pool_logits(hidden: torch.Tensor, weight: torch.Tensor,
             logits.masked_fill_(m.unsqueeze(-1) == 0, torch.finfo(logits.dtype).min)
         values, positions = logits.max(dim=1)
         pooled.append(values)
-        argmax.append(positions)
+        argmax.append(positions.to(torch.int32))  # positions within a sequence: int32 halves what is kept
         del logits
     return torch.cat(pooled), torch.cat(argmax)
 
