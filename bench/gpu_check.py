@@ -9,7 +9,8 @@ use real data instead).
    `cuda:0` (tests/stage_run.py), DeepSpeed over the device.
 2. A tiny sparse cell end to end (stages, training, step-0 and final evaluations) through
    `python -m retrieval_scaling.sweep`, local launcher: its DONE metrics and wall time.
-3. `bench/gpu_step.py`: the 1B cell's training-step MFU.
+3. `bench/gpu_step.py`: the 1B cell's training-step MFU, and its peak memory against the planner's
+   estimate (retrieval_scaling/memory.py).
 4. `bench/scale.py` on 20,000 synthetic passages: the evaluation path's docs/s and memory on the GPU.
 
 Prints one JSON summary (also written to --out). Without a CUDA device: `error:` and exit 2.
@@ -83,7 +84,10 @@ def main() -> int:
             "ok": len(done) == 1, "seconds": secs, "error": err,
             "metrics": json.loads(done[0].read_text())["metrics"] if done else None}
     step, err, secs = run_json([sys.executable, "bench/gpu_step.py", "--checkpointing"], env, 1800)
-    summary["checks"]["gpu_step"] = {"ok": step is not None, "seconds": secs, "error": err, "result": step}
+    summary["checks"]["gpu_step"] = {"ok": step is not None, "seconds": secs, "error": err, "result": step,
+                                     # the planner's memory model against torch's peak (issue 31: within ±25 %)
+                                     "memory_estimate_within_25pct": step is not None
+                                     and abs(step["memory_estimate_over_measured"] - 1) <= 0.25}
     scale, err, secs = run_json([sys.executable, "bench/scale.py", "--docs", "20000", "--search-docs", "0",
                                  "--out", str(Path(tempfile.gettempdir()) / "scale-gpu.json")], env, 1800)
     summary["checks"]["evaluation_scale"] = {"ok": scale is not None, "seconds": secs, "error": err,

@@ -84,6 +84,7 @@ def main() -> None:
     from retrieval_scaling.cell_model import deepspeed_config
     from retrieval_scaling.distributed import init_distributed
     from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
+    from retrieval_scaling.memory import Precision, training_peak
     from retrieval_scaling.plan import plan_cell
     from retrieval_scaling.train import Batch, StepLoss
 
@@ -106,7 +107,8 @@ def main() -> None:
                    f"model.recipe.{loss}.queries={args.queries}",
                    f"model.recipe.{loss}.passages_per_query={args.passages_per_query}",
                    f"data.query_max_len={args.query_len}", f"data.passage_max_len={args.passage_len}",
-                   f"train.gradient_checkpointing={str(args.checkpointing).lower()}"])
+                   f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
+                   f"train.micro_batch={args.micro_batch or 'null'}"])
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; this benchmark needs a GPU (or --device cpu to check the script).")
@@ -132,6 +134,9 @@ def main() -> None:
         times = timed_steps(engine_step, args.steps)
         top_ops = profile_ops(engine_step, device)
     step_s = statistics.median(times)
+    frozen_bytes = 2 if str(cfg["model"].get("dtype")) in ("bfloat16", "float16") else 4
+    estimate = sum(training_peak(cfg, 1, Precision(autocast=True, weight_bytes=frozen_bytes)).values()) / 1e9
+    measured = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     sheet = datasheet_peak(name) if device.type == "cuda" else None
     achieved = plan["flops_per_step"] / step_s
@@ -145,7 +150,10 @@ def main() -> None:
               # with checkpointing the GPU also recomputes each layer's forward: hardware FLOPs utilisation
               "hardware_flops_per_step": plan["hardware_flops_per_step"],
               "hfu_vs_measured_peak": plan["hardware_flops_per_step"] / step_s / peak,
-              "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+              "max_memory_gib": measured and measured * 1e9 / 2**30,
+              # the planner's memory model (retrieval_scaling/memory.py) against torch's peak of allocated bytes
+              "memory_estimate_gb": estimate, "memory_measured_gb": measured,
+              "memory_estimate_over_measured": measured and estimate / measured,
               "profile_top_ops": top_ops}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)

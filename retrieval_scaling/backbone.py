@@ -28,6 +28,13 @@ def architecture(model_cfg: Mapping[str, Any]) -> Architecture:
     return Architecture(**arch)
 
 
+def lora_params(model_cfg: Mapping[str, Any]) -> int:
+    """The LoRA adapter's parameters over every decoder layer."""
+    lora = model_cfg["lora"]
+    return architecture(model_cfg).num_hidden_layers * architecture(model_cfg).lora_params_per_layer(
+        int(lora["r"]), tuple(lora["targets"]))
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE like Llama-3's (cased, no normaliser), trained on `texts` in about a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

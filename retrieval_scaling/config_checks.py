@@ -24,6 +24,8 @@ NUMBERS: dict[str, tuple[type, float, bool]] = {
     "train.lr": (float, 0.0, False),
     "train.checkpoint_every": (int, 1, False),
     "train.micro_batch": (int, 1, True),
+    "planner.gpu_memory_gb": (float, 0.001, True),
+    "planner.memory_overhead_gb": (float, 0.0, True),
 }
 
 

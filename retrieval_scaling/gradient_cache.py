@@ -87,6 +87,7 @@ def _encode_twice(engine, pieces: list, n_queries: int, size: int, bf16: bool, l
     after = rng_state(device)
     q_local = torch.cat(reps[:n_queries]).requires_grad_()
     p_local = torch.cat(reps[n_queries:]).requires_grad_()
+    del reps  # the pieces, copied whole: at 128k terms each rep is 0.5 MB, kept twice otherwise
     q, p = gather_rows(q_local), gather_rows(p_local)
     loss, parts = loss_of(q, p)
     loss.backward()  # the loss's gradient with respect to this rank's reps; no parameter is in its graph

@@ -25,7 +25,7 @@ NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "d
                 # its name carries K and the seed: a cell evaluated another way logs another metric
                 "eval.contrastive_entropy",
                 *(f"model.{stage}.{key}" for stage in ("pretrain", "mntp") for key in STAGE_RUNTIME_KEYS),
-                "planner", "train.compile", "train.micro_batch",
+                "planner", "train.compile", "train.micro_batch", "deepspeed.zero_optimization.reduce_bucket_size",
                 # how a teacher batches and caches (its scores do not change), wherever the teacher sits
                 *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),
                 # sources of values interpolated where they matter (sparse cells' paradigm)

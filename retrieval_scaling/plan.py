@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .backbone import architecture
+from .backbone import architecture, lora_params
 from .errors import ConfigError
 from .flops import CONVENTION, StepShape, step_flops
 from .identity import cell_id
@@ -65,23 +65,21 @@ def plan_cell(cfg: Mapping[str, Any]) -> dict[str, Any]:
     check_settings(cfg)  # precision: resolved where the cell runs, but a typo fails here
     model = cfg["model"]
     arch = architecture(model)
-    lora = model["lora"]
-    targets = tuple(lora["targets"])
     shape = step_shape(cfg)
     train_emb = bool(model.get("train_embeddings", False))
     terms = step_cost(cfg)
     per_step = terms["total"]
     budget = float(cfg["budget"]["flops"])
     steps = math.floor(budget / per_step)
-    lora_params = arch.num_hidden_layers * arch.lora_params_per_layer(int(lora["r"]), targets)
-    trainable = lora_params + (arch.vocab_size * arch.hidden_size if train_emb else 0)
+    adapter = lora_params(model)
+    trainable = adapter + (arch.vocab_size * arch.hidden_size if train_emb else 0)
     planner = cfg["planner"]
     nodes, gpus = accelerators(cfg)
     hardware_total = steps * terms["hardware_total"]
     gpu_hours = hardware_total / (float(planner["peak_flops"]) * float(planner["utilization"])) / 3600
     return {
         "cell_id": cell_id(cfg), "model": model["name"], "paradigm": cfg["paradigm"]["name"],
-        "loss": cfg["loss"]["name"], "teacher": taught_by(cfg), "params_total": arch.params_total() + lora_params,
+        "loss": cfg["loss"]["name"], "teacher": taught_by(cfg), "params_total": arch.params_total() + adapter,
         "params_trainable": trainable, "params_non_embedding": arch.params_non_embedding(),
         "queries_per_step": shape.queries, "passages_per_query": shape.passages_per_query,
         "query_len": shape.query_len, "passage_len": shape.passage_len,
@@ -91,8 +89,56 @@ def plan_cell(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "hardware_flops_per_step": terms["hardware_total"], "hardware_flops_total": hardware_total,
         "nodes": nodes, "gpus": gpus, "accelerator": planner["accelerator"], "gpu_hours": gpu_hours,
         "wall_hours": gpu_hours / gpus,
-        "flops_terms": terms, "flops_convention": CONVENTION,
+        "flops_terms": terms, "flops_convention": CONVENTION, **memory_plan(cfg, gpus),
     }
+
+
+def memory_plan(cfg: Mapping[str, Any], gpus: int) -> dict[str, Any]:
+    """Each stage's estimated peak per GPU on the planner's GPUs (GB by term), the largest, and that peak
+    with the planner's per-GPU overhead."""
+    from .memory import Precision, evaluation_peak, gigabytes, mntp_peak, training_peak
+
+    planner, model = cfg["planner"], cfg["model"]
+    bf16 = bool(planner.get("bf16", True))
+    weights = 2 if str(model.get("dtype") or "float32") in ("bfloat16", "float16") else 4
+    eval_bf16 = bf16 and cfg["eval"].get("dtype") in ("auto", "bfloat16")  # inference weights: LoRA merged, cast
+    stages = {"train": training_peak(cfg, gpus, Precision(bf16 and cfg["train"].get("bf16") is not False, weights)),
+              "mntp": mntp_peak(cfg, gpus, Precision(bf16 and (model.get("mntp") or {}).get("bf16") is not False,
+                                                     weights)),
+              "eval": evaluation_peak(cfg, Precision(bf16, 2 if eval_bf16 else 4))}
+    sizes = {stage: gigabytes(terms) for stage, terms in stages.items() if terms}
+    peak = max(sizes, key=sizes.get)
+    return {"memory_gb": {stage: {"total": round(sizes[stage], 3), **{k: round(v / 1e9, 3) for k, v in terms.items()}}
+                          for stage, terms in stages.items() if terms},
+            "memory_peak_stage": peak, "gpu_memory_gb": sizes[peak] + float(planner.get("memory_overhead_gb") or 0)}
+
+
+# What to change when a stage does not fit, by stage.
+MEMORY_REMEDY = {
+    "train": "lower train.micro_batch{micro}, set model.deepspeed.zero_optimization.stage=3, or give each cell more "
+             "GPUs (the launcher's resources)",
+    "mntp": "lower model.mntp.batch_size, set model.mntp.gradient_checkpointing=true, or give the stage more GPUs "
+            "(launcher.stage_resources)",
+    "eval": "lower eval.batch_size",
+}
+
+
+def check_memory(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, Any]]) -> None:
+    """Every cell's stages must fit the planner's GPU memory: one error naming the cell that needs most."""
+    limit = cfgs[0]["planner"].get("gpu_memory_gb")
+    if not limit:
+        return
+    cfg, plan = max(zip(cfgs, plans, strict=True), key=lambda cp: cp[1]["gpu_memory_gb"])
+    if plan["gpu_memory_gb"] <= float(limit):
+        return
+    stage = plan["memory_peak_stage"]
+    micro = cfg["train"].get("micro_batch")
+    remedy = MEMORY_REMEDY[stage].format(micro=f" (now {micro})" if micro else " (now null: the whole share at once)")
+    raise ConfigError(
+        f"cell {plan['cell_id']} ({plan['model']}/{plan['paradigm']}/{plan['loss']}) needs about "
+        f"{plan['gpu_memory_gb']:.1f} GB per GPU in its {stage} stage (estimate with "
+        f"{float(cfg['planner'].get('memory_overhead_gb') or 0):g} GB overhead, {plan['gpus']} GPUs) but "
+        f"planner.gpu_memory_gb={float(limit):g} ({cfg['planner']['accelerator']}): {remedy}")
 
 
 def check_budget(plans: Sequence[Mapping[str, Any]]) -> None:

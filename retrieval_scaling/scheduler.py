@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from .inputs import check_prepared, print_inputs
 from .jobs import Job, stage_jobs, stage_key, stage_targets
 from .layout import cell_dir, ledger_path, plan_path, sweep_dir, write_json
 from .ledger import Ledger
-from .plan import check_budget, plan_cell
+from .plan import check_budget, check_memory, plan_cell
+from .plan_report import print_plan
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def plan_sweep(cfgs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             raise ConfigError(f"cells {other['model']}/{other['paradigm']}/{other['loss']} and "
                               f"{p['model']}/{p['paradigm']}/{p['loss']} have the same identity {p['cell_id']}")
     check_budget(plans)
+    check_memory(cfgs, plans)
     return plans
 
 
@@ -93,44 +94,6 @@ def check_ir_datasets_id(spec: Mapping[str, Any]) -> None:
         ir_datasets.load(spec["id"])
     except KeyError:
         raise DataError(f"collection {spec['name']}: ir_datasets has no dataset '{spec['id']}'.") from None
-
-
-def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, Any]],
-               states: Mapping[str, Mapping[str, Any]], plan_file: Path, totals: Mapping[str, float]) -> None:
-    """The dry run's table and the study's GPU-hours."""
-    from .status import RESUBMIT, print_table
-
-    first, sweep = cfgs[0], cfgs[0]["sweep"]
-    todo = [p for p in plans if states[p["cell_id"]]["state"] in RESUBMIT]
-    rows = [{**p, "batch": p["queries_per_step"], "group": p["passages_per_query"],
-             "lengths": f"{p['query_len']}/{p['passage_len']}", "params": p["params_total"],
-             "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
-             "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
-             "mntp_gpu_h": f"{p['mntp_gpu_hours']:.4g}", "eval_gpu_h": f"{p['eval_gpu_hours']:.4g}"
-             + ("*" if p["eval_unpriced"] else ""),
-             "state": states[p["cell_id"]]["state"],
-             "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
-    print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
-                            f"{totals['total_gpu_hours']:.4g} GPU-hours on {first['planner']['accelerator']} "
-                            f"at {first['planner']['utilization']:.0%} of peak)",
-                columns=("cell_id", "model", "paradigm", "loss", "teacher", "batch", "group", "lengths", "params",
-                         "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
-                         "mntp_gpu_h", "eval_gpu_h", "state", "action"))
-    unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
-    print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
-          f"MNTP {totals['mntp_gpu_hours']:.4g}, teacher scoring {totals['teacher_gpu_hours']:.4g}, training "
-          f"{totals['train_gpu_hours']:.4g}, evaluation {totals['eval_gpu_hours']:.4g}, total "
-          f"{totals['total_gpu_hours']:.4g}"
-          + (f"; * not priced (no declared or readable size): {', '.join(unpriced)}" if unpriced else ""))
-    unpriced_data = sorted({c["data"]["name"] for c, p in zip(cfgs, plans, strict=True) if p["data_unpriced"]})
-    print(f"CPU-hours of the training data (stages job; once per corpus and per training set and teacher): BM25 "
-          f"index {totals['bm25_index_cpu_hours']:.3g}, hard-negative mining {totals['mining_cpu_hours']:.3g}"
-          + (f"; not priced (no declared or readable size): {', '.join(unpriced_data)}" if unpriced_data else ""))
-    taught = Counter(p["teacher"] for p in plans if p["teacher"] != "none")
-    if taught:
-        print("teacher of the KD and CL+KD cells: " + ", ".join(f"teacher={t} ({n} of {len(plans)} cells)"
-                                                               for t, n in sorted(taught.items())))
-    print(f"plan written to {plan_file} (dry run: nothing submitted)")
 
 
 def end_stale(ledger: Ledger, cells: Sequence[str]) -> None:

@@ -76,6 +76,33 @@ def test_full_grid_dry_run_prices_mntp_training_and_evaluation_per_cell_and_in_t
                        ("ir_datasets beir/fiqa/test", "eval fiqa")]:
         assert re.search(rf"{re.escape(name)} +│ +{user} +│ missing", proc.stdout), name
     assert "21 input(s) not prepared: fetch them with `python -m retrieval_scaling.prepare +grid=full`" in proc.stdout
+    # each cell's estimated GPU memory by stage, on the planner's 80 GB GPUs: every one fits
+    rows = re.findall(r"│ ([0-9a-f]{8}) +│ (llama3_\w+) +│ (\w+) +│ (\w+) +│ +4 │ +([\d.]+) │ +([\d.]+) │ +([\d.]+) │ "
+                      r"+([\d.]+) │ +(\w+) +│", proc.stdout)
+    assert len(rows) == 18 and {r[-1] for r in rows} == {"yes"}
+    for cell, *_, train_gb, mntp_gb, eval_gb, peak, _ in rows:
+        planned = next(c for c in plan if c["cell_id"] == cell)
+        assert float(peak) == pytest.approx(max(map(float, (train_gb, mntp_gb, eval_gb))) + 3.0, abs=0.11)
+        assert planned["gpu_memory_gb"] == pytest.approx(float(peak), abs=0.06)
+    assert by[("llama3_8b", "sparse", "cl")]["gpu_memory_gb"] > by[("llama3_1b", "sparse", "cl")]["gpu_memory_gb"]
+
+
+@pytest.mark.parametrize("overrides, stage, limit, fix", [
+    # before micro-batches: a rank's whole share of the 8B sparse CL step in one forward
+    (["planner=a100_40gb", "train.micro_batch=null"], "train", 40,
+     "lower train.micro_batch (now null: the whole share at once)"),
+    (["planner=l4_24gb"], "train", 24, "lower train.micro_batch (now 64)"),
+    (["planner=a100_40gb", "model.mntp.batch_size=256"], "mntp", 40,
+     "lower model.mntp.batch_size, set model.mntp.gradient_checkpointing=true"),
+])
+def test_a_grid_whose_cells_do_not_fit_the_gpus_is_refused_in_one_line(sweeps, overrides, stage, limit, fix):
+    proc = run_cli("sweep", "+grid=full", "sweep.dry_run=true", *overrides, env_extra=sweeps)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    needs = re.match(rf"error: cell [0-9a-f]{{8}} \(llama3_8b/\w+/\w+\) needs about ([\d.]+) GB per GPU in its "
+                     rf"{stage} stage \(estimate with 3 GB overhead, 4 GPUs\) but planner.gpu_memory_gb={limit} ", line)
+    assert needs and float(needs[1]) > limit and fix in line, line
+    assert not (Path(sweeps["RS_SWEEPS_DIR"]) / "full").exists()  # refused before anything is written
 
 
 def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps, compose):
