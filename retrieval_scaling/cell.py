@@ -148,13 +148,15 @@ class Evaluator:
 
         self.cfg, self.cid, self.rank, self.world = cfg, cid, rank, world_size()
 
-    def __call__(self, encoder, tokenizer, store_dir: Path, runs_dir: Path | None = None) -> dict[str, float]:
+    def __call__(self, encoder, tokenizer, store_dir: Path, runs_dir: Path | None = None,
+                 max_terms: int | None = None) -> dict[str, float]:
         from .evaluation import encoder_retriever, entropy_spec, evaluate_all, inference_encoder
 
         eval_cfg = self.cfg["eval"]
         inference = inference_encoder(encoder, eval_cfg["dtype"], self.cfg["model"].get("eval_attn_implementation"))
         retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), f"cell-{self.cid}",
-                                      store_dir, self.rank, self.world, entropy_spec(eval_cfg, self.cfg["paradigm"]))
+                                      store_dir, self.rank, self.world, entropy_spec(eval_cfg, self.cfg["paradigm"]),
+                                      max_terms)
         metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, self.rank)
         if self.rank == 0 and not eval_cfg.get("keep_encodings"):
             shutil.rmtree(store_dir, ignore_errors=True)
@@ -162,17 +164,23 @@ class Evaluator:
 
     def step0(self, encoder, tokenizer, out: Path) -> dict[str, float] | None:
         """At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
-        evaluated once and shared. Rank 0 holds the lock; all ranks evaluate when it is missing."""
+        evaluated once and shared. Rank 0 holds the lock; all ranks evaluate when it is missing. An
+        untrained sparse head weighs most of the vocabulary: its vectors are pruned to
+        `eval.step0_max_terms` terms, and its metrics named for it (`evaluation.pruned_names`)."""
         from .distributed import from_rank0
+        from .evaluation import pruned_names
         from .layout import step0_dir
         from .stages import holding_lock, is_built, write_stage
 
         shared = step0_dir(self.cfg)
+        pruned = self.cfg["eval"].get("step0_max_terms") if self.cfg["paradigm"]["name"] == "sparse" else None
         # while another cell evaluates it (hours at the paper's size), rank 0 waits on the lock and the
         # other ranks on the file system for its word: no collective waits that long
         with holding_lock(shared, self.rank == 0):
             if from_rank0(shared.parent, f"step0-{shared.name}", lambda: not is_built(shared)):
-                computed = self(encoder, tokenizer, out / "eval" / f"step0-{shared.name}")
+                computed = self(encoder, tokenizer, out / "eval" / f"step0-{shared.name}", max_terms=pruned)
+                if pruned and self.rank == 0:
+                    computed = pruned_names(computed, int(pruned))
                 if self.rank == 0:
                     write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))
         return json.loads((shared / "metrics.json").read_text()) if self.rank == 0 else None

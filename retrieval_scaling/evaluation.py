@@ -48,9 +48,10 @@ def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation
 
 @torch.no_grad()
 def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
-                 desc: str) -> torch.Tensor | sparse.csr_matrix:
+                 desc: str, max_terms: int | None = None) -> torch.Tensor | sparse.csr_matrix:
     """Reps of `texts` in input order: fp32 for a dense encoder; for a sparse one CSR, each batch's
-    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's.
+    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's;
+    with `max_terms`, each sparse rep keeps only its `max_terms` largest weights.
     Batches are formed over length-sorted texts so that padding is small, on the encoder's device,
     under bf16 autocast where its weights are bf16 (see `inference_encoder`)."""
     from tqdm import tqdm
@@ -67,7 +68,7 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
                                         tokenizer.pad_token_id, max_len)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
             reps = encoder(input_ids.to(device), mask.to(device)).float()
-        chunks.append(batch_csr(reps) if encoder.sparse else reps.cpu())
+        chunks.append(batch_csr(reps, max_terms) if encoder.sparse else reps.cpu())
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     if encoder.sparse:
@@ -75,9 +76,19 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
     return torch.cat(chunks)[torch.as_tensor(inverse)]
 
 
-def batch_csr(reps: torch.Tensor) -> sparse.csr_matrix:
+def pruned_names(metrics: Mapping[str, float], max_terms: int) -> dict[str, float]:
+    """`scifact/ndcg_10` → `scifact:top256/ndcg_10`: metrics of vectors pruned to `max_terms` terms."""
+    return {f"{where}:top{max_terms}/{what}": value
+            for key, value in metrics.items() for where, what in [key.split("/", 1)]}
+
+
+def batch_csr(reps: torch.Tensor, max_terms: int | None = None) -> sparse.csr_matrix:
     """A batch's sparse reps as CSR, made on their device: only the non-zeros cross to host memory (a
-    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document)."""
+    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document). With
+    `max_terms`, each row keeps its `max_terms` largest weights (the rest set to zero) first."""
+    if max_terms is not None and reps.shape[1] > max_terms:
+        top = reps.topk(int(max_terms), dim=1)
+        reps = torch.zeros_like(reps).scatter_(1, top.indices, top.values)
     m = reps.to_sparse_csr()
     return sparse.csr_matrix((m.values().cpu().numpy(), m.col_indices().cpu().numpy(), m.crow_indices().cpu().numpy()),
                              shape=tuple(reps.shape))
@@ -85,11 +96,12 @@ def batch_csr(reps: torch.Tensor) -> sparse.csr_matrix:
 
 def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
                       store_root: Path | None = None, rank: int = 0, world: int = 1,
-                      entropy: Mapping[str, Any] | None = None) -> EncoderRetriever:
+                      entropy: Mapping[str, Any] | None = None, max_terms: int | None = None) -> EncoderRetriever:
     """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
-    encodings persist under `store_root` (see `EncoderRetriever`)."""
+    encodings persist under `store_root` (see `EncoderRetriever`). `max_terms`: a sparse encoder's
+    queries and documents pruned to their largest weights (`encode_texts`)."""
     def encode(texts: list[str], max_len: int, desc: str):
-        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc)
+        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc, max_terms)
         return reps if encoder.sparse else reps.numpy()
 
     return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy)

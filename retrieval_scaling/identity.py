@@ -22,6 +22,8 @@ STAGE_RUNTIME_KEYS = ("checkpoint_every", "gradient_checkpointing")
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
                 "eval.shard_size", "eval.batch_size", "eval.keep_encodings",
+                # the step-0 point's pruning: its metrics carry it in their names (scifact:top256/…)
+                "eval.step0_max_terms",
                 # its name carries K and the seed: a cell evaluated another way logs another metric
                 "eval.contrastive_entropy",
                 *(f"model.{stage}.{key}" for stage in ("pretrain", "mntp") for key in STAGE_RUNTIME_KEYS),

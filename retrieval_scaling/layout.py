@@ -223,8 +223,11 @@ def step0_key(cfg: Mapping[str, Any]) -> str:
     from .identity import EVAL_RUNTIME_KEYS, content_hash
 
     eval_cfg = cfg["eval"]
+    pruned = eval_cfg.get("step0_max_terms") if cfg["paradigm"]["name"] == "sparse" else None
+    settings = {k: v for k, v in eval_cfg.items() if k not in (*EVAL_RUNTIME_KEYS, "step0_max_terms")}
     return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
-                         "eval": {k: v for k, v in eval_cfg.items() if k not in EVAL_RUNTIME_KEYS},
+                         "eval": settings,
+                         **({"step0_max_terms": int(pruned)} if pruned else {}),  # what a sparse step 0 keeps
                          # the test sets' files, not only their names: another data root may hold other ones
                          "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
                                    for name, spec in eval_cfg["collections"].items()},

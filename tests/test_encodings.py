@@ -117,9 +117,9 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     widest = []
     real_batch_csr = __import__("retrieval_scaling.evaluation", fromlist=["batch_csr"]).batch_csr
 
-    def spy(reps):
+    def spy(reps, max_terms=None):
         widest.append(reps.shape[0])
-        return real_batch_csr(reps)
+        return real_batch_csr(reps, max_terms)
 
     monkeypatch.setattr("retrieval_scaling.evaluation.batch_csr", spy)
     texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
@@ -128,6 +128,41 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     # rows in input order: each equals its text encoded alone
     alone = encode_texts(encoder, Tok(), texts[13:14], 16, 8, "one")
     np.testing.assert_allclose(out[13].toarray(), alone.toarray(), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_sparse_reps_keep_each_rows_largest_weights_and_name_their_metrics():
+    """An untrained sparse head at Llama-3's vocabulary weighs most terms; pruned to k per row, each
+    row keeps exactly its k largest weights (all of them when it has fewer), in CSR of k entries."""
+    import torch
+
+    from retrieval_scaling.evaluation import batch_csr, pruned_names
+
+    gen = torch.Generator().manual_seed(3)
+    reps = torch.relu(torch.randn(6, 128_256, generator=gen))  # about half the vocabulary non-zero
+    reps[5] = 0
+    reps[5, [7, 70_000, 128_255]] = torch.tensor([0.5, 2.0, 1.0])  # a row with fewer than k terms
+    whole, pruned = batch_csr(reps), batch_csr(reps, 256)
+    assert whole.nnz > 5 * 60_000
+    assert np.diff(pruned.indptr).tolist() == [256] * 5 + [3]
+    for row in range(5):
+        top = torch.topk(reps[row], 256)
+        assert sorted(pruned[row].indices.tolist()) == sorted(top.indices.tolist())
+        np.testing.assert_array_equal(np.sort(pruned[row].data), np.sort(top.values.numpy()))
+    assert pruned[5].toarray().ravel()[[7, 70_000, 128_255]].tolist() == [0.5, 2.0, 1.0]
+    assert (batch_csr(reps[:, :200], 256) != batch_csr(reps[:, :200])).nnz == 0  # narrower than k: unchanged
+    assert pruned_names({"scifact/ndcg_10": 0.5, "beir/recall_100": 0.25, "scifact:q50-bm25_10/ndcg_10": 0.1},
+                        256) == {"scifact:top256/ndcg_10": 0.5, "beir:top256/recall_100": 0.25,
+                                 "scifact:q50-bm25_10:top256/ndcg_10": 0.1}
+
+
+def test_the_step0_key_follows_the_pruning_of_sparse_cells_only(compose):
+    from retrieval_scaling.identity import cell_id
+    from retrieval_scaling.layout import step0_key
+
+    for paradigm in ("sparse", "dense"):
+        base, other = (compose("model=tiny_s", f"paradigm={paradigm}", f"eval.step0_max_terms={k}") for k in (256, 64))
+        assert cell_id(base) == cell_id(other)  # the trained cell is evaluated whole either way
+        assert (step0_key(base) != step0_key(other)) == (paradigm == "sparse")
 
 
 # ---- an eval=paper-shaped rehearsal with a real tiny encoder, 1 and 2 ranks -------------------------
