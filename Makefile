@@ -73,6 +73,7 @@ test: setup  ## ruff, then the fast tests, then the slow ones (what CI runs)
 bench: setup  ## every CPU benchmark, each writing bench/results/<name>.json (after `make demo`)
 	$(PY) bench/retrieval.py
 	$(PY) bench/scale.py
+	$(PY) bench/step0.py
 	$(PY) bench/mining.py
 	$(PY) bench/training_tokens.py
 	$(PY) bench/checkpoint.py
