@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from record import write_result  # bench/ is on sys.path when a script runs
+from train_step import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,15 +51,6 @@ TOLERANCE = 0.25
 # Every allocation of 64 KiB or more is its own mapping, returned to the OS when freed: RSS then follows
 # the live tensors, not glibc's retained free memory.
 LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def compose(overrides: list[str]) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(hydra_compose("config", overrides=overrides), resolve=True)
 
 
 def proc_status_gb(field: str) -> float:

@@ -30,9 +30,8 @@ def architecture(model_cfg: Mapping[str, Any]) -> Architecture:
 
 def lora_params(model_cfg: Mapping[str, Any]) -> int:
     """The LoRA adapter's parameters over every decoder layer."""
-    lora = model_cfg["lora"]
-    return architecture(model_cfg).num_hidden_layers * architecture(model_cfg).lora_params_per_layer(
-        int(lora["r"]), tuple(lora["targets"]))
+    lora, arch = model_cfg["lora"], architecture(model_cfg)
+    return arch.num_hidden_layers * arch.lora_params_per_layer(int(lora["r"]), tuple(lora["targets"]))
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):

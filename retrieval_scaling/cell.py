@@ -169,19 +169,17 @@ class Evaluator:
         `eval.step0_max_terms` terms, and its metrics named for it (`evaluation.pruned_names`)."""
         from .distributed import from_rank0
         from .evaluation import pruned_names
-        from .layout import step0_dir
+        from .layout import step0_dir, step0_max_terms
         from .stages import holding_lock, is_built, write_stage
 
-        shared = step0_dir(self.cfg)
-        pruned = self.cfg["eval"].get("step0_max_terms") if self.cfg["paradigm"]["name"] == "sparse" else None
+        shared, pruned = step0_dir(self.cfg), step0_max_terms(self.cfg)
         # while another cell evaluates it (hours at the paper's size), rank 0 waits on the lock and the
         # other ranks on the file system for its word: no collective waits that long
         with holding_lock(shared, self.rank == 0):
             if from_rank0(shared.parent, f"step0-{shared.name}", lambda: not is_built(shared)):
                 computed = self(encoder, tokenizer, out / "eval" / f"step0-{shared.name}", max_terms=pruned)
-                if pruned and self.rank == 0:
-                    computed = pruned_names(computed, int(pruned))
                 if self.rank == 0:
+                    computed = pruned_names(computed, pruned) if pruned else computed
                     write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))
         return json.loads((shared / "metrics.json").read_text()) if self.rank == 0 else None
 

@@ -217,17 +217,24 @@ def converted_dir(cache_root: Path, model_cfg: Mapping[str, Any]) -> Path:
     return Path(cache_root) / "backbones" / f"{model_cfg['name']}-gguf-{key}"
 
 
+def step0_max_terms(cfg: Mapping[str, Any]) -> int | None:
+    """Terms a vector keeps in this cell's step-0 evaluation: `eval.step0_max_terms` for a sparse cell,
+    None (all) otherwise."""
+    pruned = cfg["eval"].get("step0_max_terms") if cfg["paradigm"]["name"] == "sparse" else None
+    return int(pruned) if pruned else None
+
+
 def step0_key(cfg: Mapping[str, Any]) -> str:
     """The step-0 evaluation's key: what decides a (backbone, paradigm)'s untrained scores."""
     from .data import data_fingerprint
     from .identity import EVAL_RUNTIME_KEYS, content_hash
 
     eval_cfg = cfg["eval"]
-    pruned = eval_cfg.get("step0_max_terms") if cfg["paradigm"]["name"] == "sparse" else None
+    pruned = step0_max_terms(cfg)
     settings = {k: v for k, v in eval_cfg.items() if k not in (*EVAL_RUNTIME_KEYS, "step0_max_terms")}
     return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
                          "eval": settings,
-                         **({"step0_max_terms": int(pruned)} if pruned else {}),  # what a sparse step 0 keeps
+                         **({"step0_max_terms": pruned} if pruned else {}),  # what a sparse step 0 keeps
                          # the test sets' files, not only their names: another data root may hold other ones
                          "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
                                    for name, spec in eval_cfg["collections"].items()},

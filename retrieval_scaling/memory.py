@@ -69,29 +69,28 @@ def trainable_state(trainable: int, world: int, zero_stage: int) -> dict[str, fl
             "optimizer": FP32 * 3 * trainable / shard}
 
 
-def gradient_bucket(cfg: Mapping[str, Any]) -> float:
-    """DeepSpeed's contiguous gradient bucket (ZeRO-2), allocated in each backward pass."""
+def zero_settings(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The cell's `zero_optimization` (the `deepspeed` group with the model's overlay)."""
     from .cell_model import deepspeed_config
 
-    zero = deepspeed_config(cfg).get("zero_optimization") or {}
+    return deepspeed_config(cfg).get("zero_optimization") or {}
+
+
+def gradient_bucket(zero: Mapping[str, Any]) -> float:
+    """DeepSpeed's contiguous gradient bucket (ZeRO-2), allocated in each backward pass."""
     if int(zero.get("stage", 0)) < 2 or zero.get("contiguous_gradients") is False:
         return 0.0
     return float(FP32 * int(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET)))
 
 
-def zero_stage(cfg: Mapping[str, Any]) -> int:
-    from .cell_model import deepspeed_config
-
-    return int((deepspeed_config(cfg).get("zero_optimization") or {}).get("stage", 0))
-
-
 def decoder_activations(arch, tokens: int, length: int, attention: str, prec: Precision, dropout: bool,
-                        checkpointing: bool, residual_bytes: int) -> dict[str, float]:
-    """One forward with a graph over `tokens` tokens (sequences of `length`) and its backward's peak."""
+                        checkpointing: bool) -> dict[str, float]:
+    """One forward with a graph over `tokens` tokens (sequences of `length`) and its backward's peak;
+    with checkpointing each layer keeps its input, in the frozen weights' dtype (the residual stream's)."""
     layer = saved_per_token_layer(arch, attention, prec, dropout, length) * tokens
     casts = BF16 * arch.linear_params_per_layer() if prec.autocast and prec.weight_bytes == FP32 else 0
     if checkpointing:  # each layer's input kept; one layer recomputed at a time in backward
-        kept = arch.num_hidden_layers * tokens * arch.hidden_size * residual_bytes + layer + casts
+        kept = arch.num_hidden_layers * tokens * arch.hidden_size * prec.weight_bytes + layer + casts
     else:
         kept = arch.num_hidden_layers * (layer + casts)
     # backward: the gradient flowing through a layer and one MLP-wide gradient, in fp32
@@ -152,7 +151,8 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     shape = train_shape(cfg, world)
     train_emb = bool(model.get("train_embeddings"))
     trainable = lora_params(model) + (arch.vocab_size * arch.hidden_size if train_emb else 0)
-    stage = zero_stage(cfg)
+    zero = zero_settings(cfg)
+    stage = int(zero.get("stage", 0))
     held = {"weights": frozen_weights(arch, prec, train_emb) / (world if stage >= 3 else 1),
             **trainable_state(trainable, world, stage)}
     width = arch.vocab_size if shape.sparse else arch.hidden_size
@@ -165,7 +165,7 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     acts = decoder_activations(arch, shape.tokens_in_graph(), shape.passage_len,
                                str(model.get("attn_implementation") or "sdpa"), prec,
                                float(model["lora"].get("dropout") or 0) > 0,
-                               bool(train.get("gradient_checkpointing")), prec.weight_bytes)
+                               bool(train.get("gradient_checkpointing")))
     if shape.whole and not train.get("gradient_checkpointing") and prec.autocast and prec.weight_bytes == FP32:
         # the query and the passage forwards each keep autocast's weight copies
         acts["activations"] += arch.num_hidden_layers * BF16 * arch.linear_params_per_layer()
@@ -174,7 +174,7 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     head_kept = (prec.compute_bytes + 4) * width * local if shape.sparse else 0
     head = head_backward(arch, shape.passages if shape.whole else min(int(shape.micro_batch), shape.passages),
                          shape.passage_len, prec, train_emb and arch.tie_word_embeddings) if shape.sparse else 0.0
-    bucket = {"representations": reps + (gathered if world > 1 else 0), "gradient_bucket": gradient_bucket(cfg)}
+    bucket = {"representations": reps + (gathered if world > 1 else 0), "gradient_bucket": gradient_bucket(zero)}
     if shape.whole:
         phases = [{**held, **acts, "representations": reps + head_kept + loss},
                   {**held, **acts, "representations": reps + head_kept, "vocabulary_scores": head}]
@@ -218,14 +218,15 @@ def mntp_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[str, 
     arch = architecture(model)
     batch, length = max(1, int(recipe["batch_size"]) // world), int(recipe["block_len"])
     tokens = batch * length
+    zero = zero_settings(cfg)
     terms = {"weights": frozen_weights(arch, prec, False),
-             **trainable_state(lora_params(model), world, zero_stage(cfg))}
+             **trainable_state(lora_params(model), world, int(zero.get("stage", 0)))}
     terms.update(decoder_activations(arch, tokens, length, str(model.get("attn_implementation") or "sdpa"), prec,
                                      float(model["lora"].get("dropout") or 0) > 0,
-                                     bool(recipe.get("gradient_checkpointing")), prec.weight_bytes))
+                                     bool(recipe.get("gradient_checkpointing"))))
     predicted = math.ceil(tokens * float(recipe["mask_rate"]))
     terms["vocabulary_scores"] = float(predicted * arch.vocab_size * (prec.compute_bytes + 3 * FP32))
-    return {**terms, "gradient_bucket": gradient_bucket(cfg)}
+    return {**terms, "gradient_bucket": gradient_bucket(zero)}
 
 
 def gigabytes(terms: Mapping[str, float]) -> float:
