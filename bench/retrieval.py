@@ -65,8 +65,8 @@ def encoding_throughput(case: str, docs: int = 256, length: int = 128, batch: in
     sys.path.insert(0, str(ROOT / "bench"))
     from train_step import case_config
 
-    from retrieval_scaling.evaluation import inference_encoder
     from retrieval_scaling.flopcheck import RandomStep
+    from retrieval_scaling.inference import inference_encoder
 
     step = RandomStep(case_config(case), queries=1, passages_per_query=1)
     encoder = inference_encoder(step.encoder, "auto", "sdpa")
@@ -87,7 +87,7 @@ def main() -> None:
 
     from retrieval_scaling.cell_model import load_trained_encoder
     from retrieval_scaling.data import load_collection
-    from retrieval_scaling.evaluation import encode_texts, inference_encoder
+    from retrieval_scaling.inference import encode_texts, inference_encoder
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse, to_csr
     from retrieval_scaling.topk import search_dense
 

@@ -7,8 +7,9 @@
    lengths. Each run is its own process: its peak RSS is that of the evaluation alone. On the smaller
    corpus the top-k is checked against brute force over the same reps.
 2. Exact sparse search at MS MARCO's order of size: 1M synthetic SPLADE-like documents (~200 non-zeros,
-   Zipfian term use over 128k terms) and 1,000 queries; our inverted index vs scipy brute force on the
-   same vectors (a sample of queries for scipy), top-k compared on that sample.
+   Zipfian term use over 128k terms) and 1,000 queries; our inverted index, torch's path (a GPU cell's,
+   run on the CPU device, 200k-document shards) and scipy brute force on the same vectors (a sample of
+   queries for scipy), top-1000 compared hit for hit.
 
     python bench/scale.py [--docs 20000 100000] [--search-docs 1000000] [--out bench/results/scale.json]
 
@@ -91,7 +92,7 @@ def eval_child(paradigm: str, n_docs: int, shard_size: int, check: bool) -> dict
 
     from retrieval_scaling.data import Collection
     from retrieval_scaling.distributed import configure_threads
-    from retrieval_scaling.evaluation import encoder_retriever, inference_encoder
+    from retrieval_scaling.inference import encoder_retriever, inference_encoder
     from retrieval_scaling.search import brute_force_sparse
     from retrieval_scaling.topk import top_k_rows
 
@@ -130,20 +131,28 @@ def eval_child(paradigm: str, n_docs: int, shard_size: int, check: bool) -> dict
     return out
 
 
-def sparse_search(n_docs: int, n_queries: int, scipy_sample: int, k: int) -> dict:
-    """Synthetic SPLADE-like vectors: ~200 (documents) / ~30 (queries) distinct Zipfian terms, log-normal weights."""
+def sparse_search(n_docs: int, n_queries: int, scipy_sample: int, k: int, shard_size: int = 200_000) -> dict:
+    """Synthetic SPLADE-like vectors: ~200 (documents) / ~30 (queries) distinct Zipfian terms, log-normal
+    weights on a grid of 1/64 below 32, so that every score is exact in float32 (and every weight in
+    float16) whatever the order of its sum: the three searches can then be compared hit for hit. Our
+    numba index over the whole corpus, torch's path (what a GPU cell runs; here on the CPU device) shard
+    by shard as the store feeds it, and scipy brute force on a sample of the queries."""
     import numba
+    import torch
     from scipy import sparse
 
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse
+    from retrieval_scaling.shard_search import TorchSearch
+    from retrieval_scaling.topk import merge_top_k
 
     def vectors(n: int, nnz: int, seed: int):
         rng = np.random.default_rng(seed)
         terms = (rng.zipf(1.1, (n, nnz)) - 1) % VOCAB
         rows = np.repeat(np.arange(n), nnz)
-        m = sparse.csr_matrix((rng.lognormal(0, 0.5, n * nnz).astype(np.float32), (rows, terms.ravel())),
-                              shape=(n, VOCAB))
+        weights = np.minimum(np.round(rng.lognormal(0, 0.5, n * nnz) * 64) / 64, 31).astype(np.float32)
+        m = sparse.csr_matrix((weights, (rows, terms.ravel())), shape=(n, VOCAB))
         m.sum_duplicates()  # repeated draws of a term add up: a little under nnz distinct terms
+        m.data = np.minimum(m.data, 31)
         return m
 
     docs, queries = vectors(n_docs, 275, 3), vectors(n_queries, 30, 4)  # ~200 and ~27 distinct terms
@@ -153,17 +162,32 @@ def sparse_search(n_docs: int, n_queries: int, scipy_sample: int, k: int) -> dic
     start = time.perf_counter()
     scores, idx = index.search(queries, k)
     ours = time.perf_counter() - start
+    del index
+    searcher = TorchSearch("cpu")
+    start = time.perf_counter()
+    prepared = searcher.prepare(queries)
+    t_s, t_i = np.full((n_queries, 0), -np.inf, dtype=np.float32), np.full((n_queries, 0), -1, dtype=np.int64)
+    for lo in range(0, n_docs, shard_size):
+        s, i = searcher.top_k(prepared, docs[lo:lo + shard_size], k)
+        t_s, t_i = merge_top_k(t_s, t_i, s, i + lo, k)
+    torch_time = time.perf_counter() - start
     sample = queries[:scipy_sample]
     start = time.perf_counter()
-    _, want = brute_force_sparse(sample, docs, k)
+    want_s, want = brute_force_sparse(sample, docs, k)
     brute = time.perf_counter() - start
     threads = numba.get_num_threads()
     return {"docs": n_docs, "queries": n_queries, "k": k, "doc_nnz": round(docs.nnz / n_docs, 1),
             "query_nnz": round(queries.nnz / n_queries, 1), "index_build_s": round(build, 1),
             "ours_queries_per_s": round(n_queries / ours, 2), "scipy_queries_per_s": round(scipy_sample / brute, 2),
+            "torch_cpu_queries_per_s": round(n_queries / torch_time, 2), "torch_shard_size": shard_size,
+            "torch_threads": torch.get_num_threads(),
             "speedup_vs_scipy": round((n_queries / ours) / (scipy_sample / brute), 2), "threads": threads,
             "ours_queries_per_s_per_core": round(n_queries / ours / threads, 2),
-            "top_k_identical_on_scipy_sample": bool(np.array_equal(idx[:scipy_sample], want)),
+            "top_k_identical_on_scipy_sample": bool(np.array_equal(idx[:scipy_sample], want)
+                                                    and np.array_equal(scores[:scipy_sample], want_s)),
+            "torch_top_k_identical_on_scipy_sample": bool(np.array_equal(t_i[:scipy_sample], want)
+                                                          and np.array_equal(t_s[:scipy_sample], want_s)),
+            "torch_top_k_identical_to_ours": bool(np.array_equal(t_i, idx) and np.array_equal(t_s, scores)),
             "scipy_sample": scipy_sample,
             # The authors' index: ~15 min for MS MARCO dev's 6,980 queries on > 32 CPUs.
             "authors_queries_per_s_per_core_at_most": round(6980 / (15 * 60) / 32, 3),

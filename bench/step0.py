@@ -57,7 +57,7 @@ def child(n_docs: int, max_terms: int | None) -> dict:
 
     from retrieval_scaling.data import Collection
     from retrieval_scaling.distributed import configure_threads
-    from retrieval_scaling.evaluation import encoder_retriever, inference_encoder
+    from retrieval_scaling.inference import encoder_retriever, inference_encoder
 
     configure_threads(torch.get_num_threads())
     texts = synthetic_corpus(n_docs, seed=1)
@@ -90,8 +90,8 @@ def smollm2_child(n_docs: int, max_terms: int) -> dict:
     from retrieval_scaling.data import Collection, load_collection
     from retrieval_scaling.distributed import configure_threads
     from retrieval_scaling.encoders import build_encoder
-    from retrieval_scaling.evaluation import encoder_retriever, inference_encoder
     from retrieval_scaling.gguf import ensure_converted
+    from retrieval_scaling.inference import encoder_retriever, inference_encoder
 
     configure_threads(torch.get_num_threads())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -150,14 +150,16 @@ class Evaluator:
 
     def __call__(self, encoder, tokenizer, store_dir: Path, runs_dir: Path | None = None,
                  max_terms: int | None = None) -> dict[str, float]:
-        from .evaluation import encoder_retriever, entropy_spec, evaluate_all, inference_encoder
+        from .evaluation import entropy_spec, evaluate_all
+        from .inference import encoder_retriever, inference_encoder
 
         eval_cfg = self.cfg["eval"]
         inference = inference_encoder(encoder, eval_cfg["dtype"], self.cfg["model"].get("eval_attn_implementation"))
         retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), f"cell-{self.cid}",
                                       store_dir, self.rank, self.world, entropy_spec(eval_cfg, self.cfg["paradigm"]),
-                                      max_terms)
-        metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, self.rank)
+                                      max_terms, eval_cfg)
+        # each finished collection is kept beside the encodings it came from: a requeue skips it
+        metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, self.rank, store_dir / "collections")
         if self.rank == 0 and not eval_cfg.get("keep_encodings"):
             shutil.rmtree(store_dir, ignore_errors=True)
         return metrics
@@ -168,8 +170,8 @@ class Evaluator:
         untrained sparse head weighs most of the vocabulary: its vectors are pruned to
         `eval.step0_max_terms` terms, and its metrics named for it (`evaluation.pruned_names`)."""
         from .distributed import from_rank0
-        from .evaluation import pruned_names
-        from .layout import step0_dir, step0_max_terms
+        from .inference import pruned_names
+        from .layout import step0_dir, step0_max_terms, step0_store
         from .stages import holding_lock, is_built, write_stage
 
         shared, pruned = step0_dir(self.cfg), step0_max_terms(self.cfg)
@@ -177,7 +179,7 @@ class Evaluator:
         # other ranks on the file system for its word: no collective waits that long
         with holding_lock(shared, self.rank == 0):
             if from_rank0(shared.parent, f"step0-{shared.name}", lambda: not is_built(shared)):
-                computed = self(encoder, tokenizer, out / "eval" / f"step0-{shared.name}", max_terms=pruned)
+                computed = self(encoder, tokenizer, step0_store(self.cfg), max_terms=pruned)
                 if self.rank == 0:
                     computed = pruned_names(computed, pruned) if pruned else computed
                     write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))

@@ -185,6 +185,25 @@ def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None,
     raise DataError(f"collection {name}: unknown source {source!r}; one of {list(SOURCES)}.")
 
 
+def corpus_key(spec: Mapping[str, Any], root: str | os.PathLike | None) -> str:
+    """What names a collection's corpus, without reading it: collections with the same key have the same
+    documents under the same ids (MS MARCO dev, DL19 and DL20), so one read serves them all."""
+    source = spec.get("source", "beir")
+    if source == "beir":
+        path = Path(spec["path"]) if spec.get("path") else collection_dir(root, spec.get("dir") or spec["name"])
+        return f"beir:{path.resolve()}"
+    if source == "trec" and spec.get("corpus"):
+        return f"trec:{Path(spec['corpus']).resolve()}"
+    if source == "ir_datasets" and spec.get("id"):
+        import ir_datasets
+
+        try:  # ids over one collection share its docs object (every msmarco-passage/… id)
+            return f"ir_datasets:{id(ir_datasets.load(spec['id']).docs_handler())}"
+        except KeyError:
+            pass
+    return f"own:{spec['name']}"  # load_source reports what is wrong with it
+
+
 def training_spec(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The training collection of `data` (conf/data/*) as a collection spec for `load_source`."""
     return {"name": data_cfg["name"], "source": data_cfg.get("source", "beir"), "split": data_cfg.get("split"),

@@ -1,34 +1,38 @@
-"""Corpus encodings of one model, persisted as shards and keyed by content, searched exactly over ranks.
+"""Corpus encodings of one model, persisted as shards and keyed by content.
 
 An `EncodingStore` is a directory of shard files (`shard-<hash>.npz`), each holding the content keys of
-its documents and their reps (dense: an (n, d) float32 array; sparse: CSR). A document's key is a hash
-of its text and the length it is truncated to, never its collection or id, so collections whose
-corpora are the same (MS MARCO dev, DL19, DL20) or overlap (FEVER, Climate-FEVER) encode each distinct
-document once. A shard is written to a temporary name and renamed, so an evaluation killed mid-corpus
-keeps every shard it finished and its next attempt encodes only the rest.
+its documents and their reps (dense: an (n, d) array; sparse: CSR), in `eval.store_dtype`: float16
+halves the store, and the searches (`corpus_search`) score the stored values exactly, in float32. A
+shard whose values would overflow float16 is stored in float32 instead.
 
-Over W ranks, new shards are encoded round-robin (shard j on rank j mod W), and each rank searches its
-share of the corpus's shards; rank 0 merges the partial top-k lists. Hits are ordered by score, then by
-corpus position, in every shard and in the merge, so the result is exactly brute force's whatever the
-number of ranks or how the shards were cut (to the last bit of a dense score: see `topk`).
+A document's key is a hash of its text and the length it is truncated to, never its collection or id,
+so collections whose corpora are the same (MS MARCO dev, DL19, DL20) or overlap (FEVER, Climate-FEVER)
+encode each distinct document once. A shard is written to a temporary name and renamed, so an
+evaluation killed mid-corpus keeps every shard it finished and its next attempt encodes only the rest.
+Over W ranks, new shards are encoded round-robin (shard j on rank j mod W). Before a store grows, the
+free space of its file system is checked against what the new shards will take.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import sparse
 
-from .distributed import balanced_shards, wait_for_ranks
+from .disk import human_size
+from .distributed import balanced_shards, from_rank0, wait_for_ranks
+from .errors import UserError
 from .layout import write_via
-from .search import InvertedIndex, to_csr
-from .topk import dense_top_k, merge_top_k, pad_top_k
+from .search import to_csr
+from .shard_search import HostSearch, TorchSearch, shard_search
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,42 @@ KEY_BYTES = 16
 KEY = np.dtype(f"V{KEY_BYTES}")  # a key as one numpy item: sortable, searchable
 # texts, max length in tokens, progress label -> (N, dim) reps: a float32 array, or CSR for sparse ones
 EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def doc_bytes(width: int, sparse_reps: bool, store_dtype: str = "float16") -> int:
+    """What one document takes in a store: its key and its vector, `width` values wide (dense: the
+    dimension; sparse: the non-zeros, each a value and a 32-bit term id, plus its row pointer)."""
+    value = np.dtype(STORE_DTYPES[store_dtype]).itemsize
+    return KEY_BYTES + (width * (value + 4) + 4 if sparse_reps else width * value)
+
+
+PLANNED_DOC_TERMS = 512  # a trained sparse document's non-zeros, planned for (`eval.planned_doc_terms`)
+
+
+def store_settings(eval_cfg: Mapping[str, Any], sparse_reps: bool, width: int,
+                   device: Any = "cpu") -> dict[str, Any]:
+    """How an evaluation's encodings are stored and searched: `eval.store_dtype`, the bytes a document
+    is planned to take (dense: `width` = its dimension; sparse: its non-zeros), and `eval.search`'s
+    searcher on the encoder's `device` (a torch device)."""
+    dtype = str(eval_cfg.get("store_dtype") or "float16")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"eval.store_dtype={dtype!r} is not one of {list(STORE_DTYPES)}.")
+    return {"store_dtype": dtype, "planned_doc_bytes": doc_bytes(width, sparse_reps, dtype),
+            "searcher": shard_search(str(eval_cfg.get("search") or "auto"), device)}
+
+
+def narrowed(values: np.ndarray, store_dtype: str) -> np.ndarray:
+    """`values` in the store's dtype, unless float16 would overflow a finite value: then float32."""
+    values = np.asarray(values, dtype=np.float32)
+    if store_dtype == "float32":
+        return values
+    with np.errstate(over="ignore"):
+        half = values.astype(np.float16)
+    if np.isfinite(half).all() or not np.isfinite(values).all():
+        return half
+    log.warning("a shard's values reach %.3g, beyond float16: stored in float32", float(np.abs(values).max()))
+    return values
 
 
 def doc_key(text: str, max_len: int) -> bytes:
@@ -71,12 +111,18 @@ class EncodingStore:
     """Document reps of one model under `root`; `encode` makes new ones `shard_size` documents at a time."""
 
     def __init__(self, root: Path, encode: EncodeFn, sparse_reps: bool, shard_size: int, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, store_dtype: str = "float16", planned_doc_bytes: int | None = None,
+                 searcher: HostSearch | TorchSearch | None = None):
         self.root, self.encode, self.sparse = Path(root), encode, sparse_reps
         self.shard_size, self.rank, self.world = max(1, int(shard_size)), rank, world
+        if store_dtype not in STORE_DTYPES:
+            raise UserError(f"eval.store_dtype={store_dtype!r} is not one of {list(STORE_DTYPES)}.")
+        self.store_dtype, self.planned_doc_bytes = store_dtype, planned_doc_bytes
+        self.searcher = searcher or HostSearch()
         self.root.mkdir(parents=True, exist_ok=True)
         self.encoded_docs = 0  # by this rank, in this process: what tests and logs count
         self.reused_shards = 0
+        self.shard_reads = 0  # shards whose reps this rank read
         self.doc_nnz = 0
         self.keys: dict[str, np.ndarray] = {}  # shard name -> its documents' keys, as read so far
         self.known = np.empty(0, dtype=KEY)  # every key read so far, sorted
@@ -95,18 +141,23 @@ class EncodingStore:
             return np.ascontiguousarray(z["keys"]).view(KEY).ravel()
 
     def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
+        """A shard's reps: dense as stored (float16 or float32), sparse weights widened to float32."""
+        self.shard_reads += 1
         with np.load(self.shard_path(name)) as z:
             if self.sparse:
-                return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                # widened on reading: scipy indexes float16 CSR poorly, and a shard is small in memory
+                return sparse.csr_matrix((z["data"].astype(np.float32), z["indices"], z["indptr"]),
+                                         shape=tuple(z["shape"]))
             return z["reps"]
 
     def write_shard(self, name: str, keys: np.ndarray, reps) -> None:
         arrays = {"keys": np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), KEY_BYTES)}
         if self.sparse:
             m = to_csr(reps)
-            arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
+            arrays.update(data=narrowed(m.data, self.store_dtype), indices=m.indices, indptr=m.indptr,
+                          shape=np.array(m.shape))
         else:
-            arrays["reps"] = np.ascontiguousarray(reps, dtype=np.float32)
+            arrays["reps"] = np.ascontiguousarray(narrowed(reps, self.store_dtype))
         write_via(self.shard_path(name), lambda tmp: np.savez(tmp, **arrays))
 
     # ---- encoding ----
@@ -127,6 +178,7 @@ class EncodingStore:
         new_here = ~contains(self.known, distinct)
         order = np.argsort(first[new_here], kind="stable")  # by corpus position
         missing_keys, missing_first = distinct[new_here][order], first[new_here][order]
+        self.check_space(len(missing_keys), self.planned_doc_bytes, label)
         self.wait("store-planned")
         plan = balanced_shards(len(missing_keys), self.shard_size, self.world)
         log.info("%s: %d documents, %d distinct; %d already encoded, %d to encode in %d shard(s) over %d rank(s)",
@@ -138,9 +190,12 @@ class EncodingStore:
         for n, (j, part) in enumerate(mine, start=1):
             chunk = missing_keys[part]
             reps = self.encode([texts[p] for p in missing_first[part]], max_len, f"{label} shard {j + 1}/{len(plan)}")
-            self.write_shard(shard_name(chunk), chunk, reps)
+            name = shard_name(chunk)
+            self.write_shard(name, chunk, reps)
             self.encoded_docs += len(chunk)
             done += len(chunk)
+            # what this rank's shards still to come need, at the size a shard really takes
+            self.check_space(todo - done, self.shard_path(name).stat().st_size / len(chunk), label, every_rank=False)
             rate = done / max(time.time() - start, 1e-9)
             log.info("%s: rank %d encoded shard %d/%d (%d/%d of its documents, %.1f docs/s)", label, self.rank, n,
                      len(mine), done, todo, rate)
@@ -160,6 +215,22 @@ class EncodingStore:
         log.info("%s: %d shard(s) hold its documents, %d of them reused from before", label, len(rows), reused)
         return CorpusView(label, len(texts), rows, repeats)
 
+    def check_space(self, documents: int, per_doc: float | None, label: str, every_rank: bool = True) -> None:
+        """A clear error, before anything is written, when `documents` new encodings of `per_doc` bytes
+        would not fit the store's file system. `every_rank`: rank 0 measures and every rank decides on
+        its figure, so all stop together."""
+        if not documents or not per_doc:
+            return
+        def free() -> int:
+            return shutil.disk_usage(self.root).free
+        free_bytes = from_rank0(self.root, "store-free", free) if every_rank else free()
+        needed = int(documents * per_doc)
+        if needed > free_bytes:
+            raise UserError(f"{self.root}: the encodings of {label} need {human_size(needed)} more "
+                            f"({documents} documents × {per_doc:.0f} bytes), and {human_size(free_bytes)} is "
+                            "free there; free space on that file system or move the sweep (sweep.root) to one "
+                            "with room.")
+
     def wait(self, name: str) -> None:
         """Every rank of the job here, waiting on the store's file system: one rank's last shard can take
         longer than a collective may wait."""
@@ -174,95 +245,3 @@ class EncodingStore:
                 fresh.append(self.keys[name])
         if fresh:
             self.known = np.sort(np.concatenate([self.known, *fresh]))
-
-    def gather(self, view: CorpusView, positions: np.ndarray) -> np.ndarray | sparse.csr_matrix:
-        """The reps of the documents at corpus `positions`, in that order (read by this rank alone)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        back = {p: first for first, later in view.repeats.items() for p in later}  # a repeat → its first position
-        firsts = np.array([back.get(int(p), int(p)) for p in positions], dtype=np.int64)
-        parts, where = [], []
-        for name, (rows, first) in sorted(view.rows.items()):
-            at = np.minimum(np.searchsorted(first, firsts), len(first) - 1)
-            found = np.flatnonzero(first[at] == firsts)
-            if len(found):
-                parts.append(self.read_reps(name)[rows[at[found]]])
-                where.append(found)
-        order = np.argsort(np.concatenate(where), kind="stable") if where else np.empty(0, dtype=np.int64)
-        if len(order) != len(positions):
-            raise ValueError(f"{view.label}: {len(positions) - len(order)} positions asked for are not in the store")
-        stacked = sparse.vstack(parts, format="csr") if self.sparse else np.concatenate(parts)
-        return stacked[order]
-
-    # ---- search ----
-
-    def search(self, view: CorpusView, queries, k: int, scratch: Path) -> tuple[np.ndarray, np.ndarray] | None:
-        """Exact top-k corpus positions for `queries` (dense array or CSR): (scores, positions), each
-        (queries, k), best first, ties by lower position, -1 where the corpus has fewer than k
-        documents. Collective: rank 0 gets the result, the others None. `scratch`: where ranks leave
-        their partial lists for rank 0 (a directory shared by the ranks)."""
-        k = min(k, view.size)
-        n_q = queries.shape[0]
-        scores = np.full((n_q, 0), -np.inf, dtype=np.float32)
-        positions = np.full((n_q, 0), -1, dtype=np.int64)
-        self.doc_nnz = 0  # sparse: non-zeros over the corpus's documents (a repeated text at each position)
-        for name in sorted(view.rows)[self.rank::self.world]:
-            s, p = self.search_shard(name, view, queries, k)
-            scores, positions = merge_top_k(scores, positions, s, p, k)
-        if self.world == 1:
-            return pad_top_k(scores, positions, k)
-        scratch.mkdir(parents=True, exist_ok=True)
-        part = scratch / f"{view.label.replace('/', '_')}.rank{self.rank}.npz"
-        write_via(part, lambda tmp: np.savez(tmp, scores=scores, positions=positions, doc_nnz=np.array(self.doc_nnz)))
-        self.wait("searched")
-        if self.rank != 0:
-            self.wait("merged")
-            return None
-        for r in range(1, self.world):
-            other = part.with_name(part.name.replace(".rank0.", f".rank{r}."))
-            with np.load(other) as z:
-                scores, positions = merge_top_k(scores, positions, z["scores"], z["positions"], k)
-                self.doc_nnz += int(z["doc_nnz"])
-        for r in range(self.world):
-            part.with_name(part.name.replace(".rank0.", f".rank{r}.")).unlink(missing_ok=True)
-        self.wait("merged")
-        return pad_top_k(scores, positions, k)
-
-    def search_shard(self, name: str, view: CorpusView, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of one shard's rows of this corpus, ordered by their corpus position so that ties
-        break by position; repeated texts count at each of their positions."""
-        rows, first = view.rows[name]
-        reps = self.read_reps(name)[rows]
-        kk = min(k, len(rows))
-        if self.sparse:
-            counts = np.diff(reps.indptr)
-            repeated = (sum(int(counts[j]) * len(view.repeats.get(int(p), ())) for j, p in enumerate(first))
-                        if view.repeats else 0)
-            self.doc_nnz += int(counts.sum()) + repeated
-            s, i = InvertedIndex(reps).search(queries, kk)
-        else:
-            s, i = dense_top_k(queries, reps, kk)
-        s = s.astype(np.float32)
-        p = np.where(i >= 0, first[np.clip(i, 0, None)], -1)
-        if view.repeats:
-            s, p = expand_repeats(s, p, view.repeats)
-        return merge_top_k(s[:, :0], p[:, :0], s, p, k)
-
-
-def expand_repeats(scores: np.ndarray, positions: np.ndarray,
-                   repeats: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Each hit whose text repeats also at its further positions, with the same score."""
-    extra_s: list[list[float]] = [[] for _ in range(len(scores))]
-    extra_p: list[list[int]] = [[] for _ in range(len(scores))]
-    for q, row in enumerate(positions):
-        for col, pos in enumerate(row):
-            for other in repeats.get(int(pos), ()):
-                extra_s[q].append(float(scores[q, col]))
-                extra_p[q].append(other)
-    width = max(len(e) for e in extra_p)
-    if width == 0:
-        return scores, positions
-    s = np.full((len(scores), width), -np.inf, dtype=np.float32)
-    p = np.full((len(scores), width), -1, dtype=np.int64)
-    for q in range(len(scores)):
-        s[q, :len(extra_s[q])], p[q, :len(extra_p[q])] = extra_s[q], extra_p[q]
-    return np.concatenate([scores, s], axis=1), np.concatenate([positions, p], axis=1)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UserError
-from .evaluation import collection_specs, encoder_retriever, entropy_spec, evaluate_all, inference_encoder
+from .evaluation import collection_specs, entropy_spec, evaluate_all
+from .inference import encoder_retriever, inference_encoder
 from .layout import run_artifacts
 from .retrievers import EncoderRetriever, Retriever
 
@@ -62,7 +63,7 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     # done: an interrupted `evaluate` resumes from them.
     store = out / "eval" / f"verb-{file_hash(out / FINAL)}-{cfg['eval']['dtype']}"
     return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), f"cell-{cell}", store,
-                             entropy=entropy_spec(cfg["eval"], cell_cfg["paradigm"])), cell_cfg
+                             entropy=entropy_spec(cfg["eval"], cell_cfg["paradigm"]), eval_cfg=cfg["eval"]), cell_cfg
 
 
 def print_table(metrics: Mapping[str, float], title: str) -> None:
@@ -137,13 +138,14 @@ def evaluate_verb(argv: Sequence[str]) -> int:
     else:
         from .retrievers import build_baseline
 
-        retriever = build_baseline(baseline)
+        retriever = build_baseline(baseline, cfg["eval"])
         title = f"baseline {retriever.name}"
     runs_dir = Path(cfg["runs_dir"]) if cfg.get("runs_dir") else Path(tempfile.mkdtemp(prefix="rs-runs-"))
     if isinstance(retriever, EncoderRetriever) and retriever.store_root is None:
         # One store for the whole run, so collections that share documents share their encodings.
         retriever.store_root = Path(tempfile.mkdtemp(prefix="rs-encodings-"))
-    metrics = evaluate_all(retriever, None, cfg["eval"], runs_dir)
+    progress = retriever.store_root / "collections" if isinstance(retriever, EncoderRetriever) else None
+    metrics = evaluate_all(retriever, None, cfg["eval"], runs_dir, progress=progress)
     if isinstance(retriever, EncoderRetriever) and (cell is None or not cfg["eval"].get("keep_encodings")):
         shutil.rmtree(retriever.store_root, ignore_errors=True)
     print_table(metrics, title)

@@ -8,7 +8,6 @@ averaged, unweighted, as `<group>/<metric>`. Runs are written as TREC run files.
 
 from __future__ import annotations
 
-import copy
 import gzip
 import json
 import logging
@@ -17,94 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from scipy import sparse
 
 from .data import Collection
-from .encoders import Encoder, encode_inputs
 from .errors import ConfigError
-from .precision import weight_dtype
-from .retrievers import EncoderRetriever, Retriever, Run
+from .layout import PER_QUERY, write_via
+from .retrievers import QuerySet, Ranked, Retriever, Run
 
 log = logging.getLogger(__name__)
 
-
-
-def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation: str | None = None) -> Encoder:
-    """The encoder as evaluation runs it, built on a copy so that training state is untouched: LoRA
-    merged into the weights it adapts (no adapter matmuls, scale and add per layer and batch), every
-    weight in `dtype` (bf16: no per-batch casts of weights, a half-width residual stream; `auto`: bf16
-    where the encoder's device has it natively, see `precision`) and the inference attention kernel."""
-    from peft import PeftModel
-
-    torch_dtype = weight_dtype(dtype, next(encoder.parameters()).device, "eval.dtype")
-    model = copy.deepcopy(encoder)
-    if isinstance(model.backbone, PeftModel):
-        model.backbone = model.backbone.merge_and_unload()
-    if attn_implementation:
-        model.backbone.set_attn_implementation(attn_implementation)
-    return model.to(torch_dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
-                 desc: str, max_terms: int | None = None) -> torch.Tensor | sparse.csr_matrix:
-    """Reps of `texts` in input order: fp32 for a dense encoder; for a sparse one CSR, each batch's
-    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's;
-    with `max_terms`, each sparse rep keeps only its `max_terms` largest weights.
-    Batches are formed over length-sorted texts so that padding is small, on the encoder's device,
-    under bf16 autocast where its weights are bf16 (see `inference_encoder`)."""
-    from tqdm import tqdm
-
-    encoder.eval()
-    weight = next(encoder.parameters())
-    device, half = weight.device, weight.dtype == torch.bfloat16
-    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    chunks: list = []
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=10):
-        rows = order[start:start + batch_size]
-        input_ids, mask = encode_inputs([ids[i] for i in rows], tokenizer.bos_token_id,
-                                        tokenizer.pad_token_id, max_len)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
-            reps = encoder(input_ids.to(device), mask.to(device)).float()
-        chunks.append(batch_csr(reps, max_terms) if encoder.sparse else reps.cpu())
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    if encoder.sparse:
-        return sparse.vstack(chunks, format="csr")[inverse]
-    return torch.cat(chunks)[torch.as_tensor(inverse)]
-
-
-def pruned_names(metrics: Mapping[str, float], max_terms: int) -> dict[str, float]:
-    """`scifact/ndcg_10` → `scifact:top256/ndcg_10`: metrics of vectors pruned to `max_terms` terms."""
-    return {f"{where}:top{max_terms}/{what}": value
-            for key, value in metrics.items() for where, what in [key.split("/", 1)]}
-
-
-def batch_csr(reps: torch.Tensor, max_terms: int | None = None) -> sparse.csr_matrix:
-    """A batch's sparse reps as CSR, made on their device: only the non-zeros cross to host memory (a
-    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document). With
-    `max_terms`, each row keeps its `max_terms` largest weights (the rest set to zero) first."""
-    if max_terms is not None and reps.shape[1] > max_terms:
-        top = reps.topk(int(max_terms), dim=1)
-        reps = torch.zeros_like(reps).scatter_(1, top.indices, top.values)
-    m = reps.to_sparse_csr()
-    return sparse.csr_matrix((m.values().cpu().numpy(), m.col_indices().cpu().numpy(), m.crow_indices().cpu().numpy()),
-                             shape=tuple(reps.shape))
-
-
-def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
-                      store_root: Path | None = None, rank: int = 0, world: int = 1,
-                      entropy: Mapping[str, Any] | None = None, max_terms: int | None = None) -> EncoderRetriever:
-    """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
-    encodings persist under `store_root` (see `EncoderRetriever`). `max_terms`: a sparse encoder's
-    queries and documents pruned to their largest weights (`encode_texts`)."""
-    def encode(texts: list[str], max_len: int, desc: str):
-        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc, max_terms)
-        return reps if encoder.sparse else reps.numpy()
-
-    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy)
 
 
 def entropy_spec(eval_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -117,24 +36,40 @@ def entropy_spec(eval_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any]) -
             "temperature": float(paradigm_cfg.get("temperature") or 1.0)}
 
 
-def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any],
-                    eval_cfg: Mapping[str, Any]) -> Run:
-    """The run of `retriever` on `coll`: `depth` hits per query, best first, self hits dropped when
-    the collection asks for it (one extra hit is fetched so that `depth` remain)."""
+def query_set(coll: Collection, spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> QuerySet:
+    """A collection's queries as its search needs them: one extra hit fetched when self hits are dropped."""
+    depth = int(spec["depth"]) + bool(spec.get("drop_self_hits", False))
+    return QuerySet(coll.name, coll.queries, coll.qrels, min(depth, len(coll.corpus)),
+                    int(spec.get("query_max_len") or eval_cfg["query_max_len"]))
+
+
+def passage_max_len(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> int:
+    return int(spec.get("passage_max_len") or eval_cfg["passage_max_len"])
+
+
+def to_run(ranked: Ranked, coll: Collection, spec: Mapping[str, Any]) -> Run:
+    """A search's hits as a run: `depth` hits per query, best first, self hits dropped when the
+    collection asks for it."""
     depth, drop = int(spec["depth"]), bool(spec.get("drop_self_hits", False))
     doc_ids = list(coll.corpus)
-    qids, scores, idx = retriever.search(
-        coll, min(depth + drop, len(doc_ids)), int(spec.get("query_max_len") or eval_cfg["query_max_len"]),
-        int(spec.get("passage_max_len") or eval_cfg["passage_max_len"]), int(eval_cfg.get("shard_size") or 200000))
     run: Run = {}
-    if scores is None:  # a rank > 0 of a multi-rank search: rank 0 holds the run
+    if ranked.scores is None:  # a rank > 0 of a multi-rank search: rank 0 holds the run
         return run
-    for row, qid in enumerate(qids):
-        hits = [(doc_ids[j], float(s)) for s, j in zip(scores[row], idx[row], strict=True) if j >= 0]
+    for row, qid in enumerate(ranked.qids):
+        hits = [(doc_ids[j], float(s)) for s, j in zip(ranked.scores[row], ranked.positions[row], strict=True)
+                if j >= 0]
         if drop:
             hits = [h for h in hits if h[0] != qid]
         run[qid] = dict(hits[:depth])
     return run
+
+
+def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any],
+                    eval_cfg: Mapping[str, Any]) -> Run:
+    """The run of `retriever` on one collection."""
+    (ranked,) = retriever.search_sets(coll.corpus, [query_set(coll, spec, eval_cfg)], passage_max_len(spec, eval_cfg),
+                                      int(eval_cfg.get("shard_size") or 200000))
+    return to_run(ranked, coll, spec)
 
 
 def parse_measures(measures: Mapping[str, str]) -> dict:
@@ -211,22 +146,52 @@ def collection_specs(eval_cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return specs
 
 
-def load_eval_collection(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> Collection:
-    """One evaluation collection, subset when `eval.subset` asks for it."""
+def load_eval_collection(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any],
+                         docs: Mapping[str, str] | None = None) -> Collection:
+    """One evaluation collection, subset when `eval.subset` asks for it; `docs`: its corpus, loaded
+    already for another collection over it."""
     from .data import load_source
 
-    coll = load_source(spec, eval_cfg["root"])
+    coll = load_source(spec, eval_cfg["root"], docs)
     sub = eval_cfg.get("subset")
     if sub:
         coll = subset_collection(coll, int(sub["queries"]), int(sub["bm25_depth"]), int(sub["seed"]))
     return coll
 
 
+def corpus_groups(specs: Mapping[str, Mapping[str, Any]], eval_cfg: Mapping[str, Any]) -> list[list[str]]:
+    """The collections (by config key, in config order of each group's first) searched in one pass:
+    those over the same corpus at the same passage length (MS MARCO dev, DL19 and DL20). A subset
+    evaluation draws each collection's own pool, so there every collection is its own group."""
+    from .data import corpus_key
+
+    groups: dict[Any, list[str]] = {}
+    for key, spec in specs.items():
+        shared = (("own", key) if eval_cfg.get("subset")
+                  else (corpus_key(spec, eval_cfg["root"]), passage_max_len(spec, eval_cfg)))
+        groups.setdefault(shared, []).append(key)
+    return list(groups.values())
+
+
+def iter_eval_groups(eval_cfg: Mapping[str, Any], skip: Iterable[str] = ()) -> Iterator[list[tuple[str, Collection]]]:
+    """The evaluation collections a corpus at a time, each group loaded when the previous one is done
+    with (BEIR-13 + MS MARCO are ~34M documents), its corpus read once for all its collections;
+    collections in `skip` (by key) are left out, and a group of none of them is never loaded."""
+    specs = eval_cfg["collections"]
+    skip = set(skip)
+    for keys in corpus_groups(specs, eval_cfg):
+        todo = [k for k in keys if k not in skip]
+        if not todo:
+            continue
+        first = load_eval_collection(specs[todo[0]], eval_cfg)
+        yield [(todo[0], first)] + [(k, load_eval_collection(specs[k], eval_cfg, first.corpus)) for k in todo[1:]]
+
+
 def iter_eval_collections(eval_cfg: Mapping[str, Any]) -> Iterator[Collection]:
-    """The evaluation collections in config order, each loaded when the previous one is done with:
-    one collection's corpus in memory at a time (BEIR-13 + MS MARCO are ~34M documents)."""
-    for spec in collection_specs(eval_cfg):
-        yield load_eval_collection(spec, eval_cfg)
+    """The evaluation collections, a corpus at a time."""
+    for group in iter_eval_groups(eval_cfg):
+        for _, coll in group:
+            yield coll
 
 
 def group_means(metrics: Mapping[str, float], specs: Sequence[Mapping[str, Any]],
@@ -252,47 +217,84 @@ def group_members(specs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> d
 
 
 def evaluate_all(retriever: Retriever, collections: Iterable[Collection] | None, eval_cfg: Mapping[str, Any],
-                 runs_dir: Path | None = None, rank: int = 0) -> dict[str, float]:
+                 runs_dir: Path | None = None, rank: int = 0, progress: Path | None = None) -> dict[str, float]:
     """Metrics of `retriever` on every collection (+ group means); run files into `runs_dir`.
-    `collections`: in the order of `eval.collections`; None loads them one at a time. Every rank of
-    a multi-rank retriever calls it; rank 0 scores and returns the metrics, the others {}."""
+    `collections`: in the order of `eval.collections` (those sharing one corpus object are searched
+    together); None loads them a corpus at a time. `progress`: where each finished collection's metrics
+    are kept, so that a requeued evaluation skips it (kept with the encodings it came from). Every rank
+    of a multi-rank retriever calls it; rank 0 scores and returns the metrics, the others {}."""
     import gc
 
-    specs = collection_specs(eval_cfg)
-    metrics: dict[str, float] = {}
-    names: list[str] = []
-    per_query: dict[str, dict[str, dict[str, float]]] = {}
-    entropy = eval_cfg.get("contrastive_entropy")
-    source = iter_eval_collections(eval_cfg) if collections is None else iter(collections)
-    for spec in specs:
-        coll = next(source)
-        names.append(coll.name)
-        run = rank_collection(retriever, coll, spec, eval_cfg)
-        if rank != 0:
-            continue
-        metrics.update(score_run(run, coll.qrels, spec["measures"], coll.name))
-        per_query[coll.name] = per_query_scores(run, coll.qrels, spec["measures"])
-        if entropy and getattr(retriever, "per_query_entropy", None):
-            from .contrastive_entropy import metric_name
-
-            per_query[coll.name][metric_name(entropy)] = retriever.per_query_entropy
-            metrics[f"{coll.name}/{metric_name(entropy)}"] = float(np.mean(list(retriever.per_query_entropy.values())))
-        nnz = getattr(retriever, "nnz", None) if retriever.sparse else None
-        if nnz:
-            metrics.update({f"{coll.name}/{k}": float(v) for k, v in nnz.items()})
-        if runs_dir is not None:
-            write_run(run, Path(runs_dir) / f"{coll.name.replace('/', '_')}.trec.gz", retriever.name)
-        del coll, run
+    specs = dict(eval_cfg["collections"])
+    collection_specs(eval_cfg)
+    finished = finished_collections(progress, list(specs), rank)
+    if collections is None:
+        groups = iter_eval_groups(eval_cfg, finished)
+    else:
+        given = [(k, c) for k, c in zip(specs, collections, strict=True) if k not in finished]
+        by_corpus: dict[int, list[tuple[str, Collection]]] = {}
+        for key, coll in given:
+            by_corpus.setdefault(id(coll.corpus), []).append((key, coll))
+        groups = iter(by_corpus.values())
+    shard_size = int(eval_cfg.get("shard_size") or 200000)
+    for group in groups:
+        colls = [coll for _, coll in group]
+        sets = [query_set(coll, specs[key], eval_cfg) for key, coll in group]
+        ranked = retriever.search_sets(colls[0].corpus, sets, passage_max_len(specs[group[0][0]], eval_cfg),
+                                       shard_size)
+        if rank == 0:
+            for (key, coll), found in zip(group, ranked, strict=True):
+                done = score_collection(retriever, coll, specs[key], found, eval_cfg, runs_dir)
+                if progress is not None:
+                    write_via(progress / f"{key}.json", lambda tmp, d=done: tmp.write_text(json.dumps(d)))
+                finished[key] = done
+        del group, colls, ranked
         gc.collect()
     if rank != 0:
         return {}
-    metrics.update(group_means(metrics, specs, names))
+    metrics: dict[str, float] = {}
+    for key in specs:
+        metrics.update(finished[key]["metrics"])
+    names = [finished[key]["name"] for key in specs]
+    metrics.update(group_means(metrics, list(specs.values()), names))
     if runs_dir is not None:
-        from .layout import PER_QUERY, write_via
-
-        payload = json.dumps({"collections": per_query, "groups": group_members(specs, names)})
+        payload = json.dumps({"collections": {finished[k]["name"]: finished[k]["per_query"] for k in specs},
+                              "groups": group_members(list(specs.values()), names)})
         write_via(Path(runs_dir) / PER_QUERY, lambda tmp: tmp.write_bytes(gzip.compress(payload.encode())))
     return metrics
+
+
+def finished_collections(progress: Path | None, keys: Sequence[str], rank: int) -> dict[str, dict]:
+    """The collections an earlier attempt finished, by key: {name, metrics, per_query}; rank 0 holds
+    them, the other ranks only which keys to skip."""
+    if progress is None:
+        return {}
+    from .distributed import from_rank0
+
+    progress.mkdir(parents=True, exist_ok=True)
+    done = from_rank0(progress, "finished-collections", lambda: [k for k in keys if (progress / f"{k}.json").is_file()])
+    if done:
+        log.info("collections finished by an earlier attempt, skipped: %s", ", ".join(done))
+    return {k: json.loads((progress / f"{k}.json").read_text()) if rank == 0 else {} for k in done}
+
+
+def score_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any], ranked: Ranked,
+                     eval_cfg: Mapping[str, Any], runs_dir: Path | None) -> dict[str, Any]:
+    """One collection's metrics and per-query values from its search; its run file into `runs_dir`."""
+    run = to_run(ranked, coll, spec)
+    metrics = score_run(run, coll.qrels, spec["measures"], coll.name)
+    per_query = per_query_scores(run, coll.qrels, spec["measures"])
+    entropy = eval_cfg.get("contrastive_entropy")
+    if entropy and ranked.entropy:
+        from .contrastive_entropy import metric_name
+
+        per_query[metric_name(entropy)] = ranked.entropy
+        metrics[f"{coll.name}/{metric_name(entropy)}"] = float(np.mean(list(ranked.entropy.values())))
+    if ranked.nnz:
+        metrics.update({f"{coll.name}/{k}": float(v) for k, v in ranked.nnz.items()})
+    if runs_dir is not None:
+        write_run(run, Path(runs_dir) / f"{coll.name.replace('/', '_')}.trec.gz", retriever.name)
+    return {"name": coll.name, "metrics": metrics, "per_query": per_query}
 
 
 # ---- the verb -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .disk import human_size
 from .errors import DataError
 from .inputs import (
     HUB,
@@ -20,7 +21,6 @@ from .inputs import (
     damaged_files,
     entry_path,
     hub_cache,
-    human_size,
     ir_datasets_home,
     read_manifest,
     record,

@@ -16,12 +16,14 @@ from typing import Any
 # How a teacher batches, caches and computes, and its size for the planner: its scores do not change with them.
 TEACHER_RUNTIME_KEYS = ("batch_size", "cache_size", "bf16", "params")
 # How an evaluation runs, not its results.
-EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings")
+EVAL_RUNTIME_KEYS = ("root", "shard_size", "batch_size", "keep_encodings", "store_dtype", "planned_doc_terms", "search")
 # How a shared stage (pretraining, MNTP) runs, not what it builds.
 STAGE_RUNTIME_KEYS = ("checkpoint_every", "gradient_checkpointing")
 # Dotted paths that do not change what a cell computes.
 NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "data.root", "eval.root",
-                "eval.shard_size", "eval.batch_size", "eval.keep_encodings",
+                "eval.shard_size", "eval.batch_size", "eval.keep_encodings", "eval.planned_doc_terms", "eval.search",
+                # scores of 16-bit stored vectors: nDCG equal to float32's to 4 decimals (docs/evaluation.md)
+                "eval.store_dtype",
                 # the step-0 point's pruning: its metrics carry it in their names (scifact:top256/…)
                 "eval.step0_max_terms",
                 # its name carries K and the seed: a cell evaluated another way logs another metric

@@ -233,12 +233,3 @@ def work_offline(cfg: Mapping[str, Any]) -> None:
     os.environ.update(OFFLINE_ENV)
     os.environ["HF_HUB_CACHE"] = str(hub_cache(directory))
     os.environ["IR_DATASETS_HOME"] = str(ir_datasets_home(directory))
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
-

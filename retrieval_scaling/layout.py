@@ -243,3 +243,13 @@ def step0_key(cfg: Mapping[str, Any]) -> str:
 
 def step0_dir(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["sweep"]["cache_dir"]) / "step0-evals" / step0_key(cfg)
+
+
+STEP0_STORE_SUFFIX = ".encodings"
+
+
+def step0_store(cfg: Mapping[str, Any]) -> Path:
+    """The encodings of a step-0 evaluation until it is built: beside it, so that whichever cell takes
+    the evaluation over (its first evaluator killed) resumes them, and the sweep finds them once done."""
+    shared = step0_dir(cfg)
+    return shared.with_name(shared.name + STEP0_STORE_SUFFIX)

@@ -20,8 +20,9 @@ from typing import Any
 def run_prepare(cfgs: list[dict[str, Any]]) -> int:
     """Every input of these cells prepared and verified; a table of what was done. Exit status 0."""
     from .config_checks import check_cell
+    from .disk import human_size
     from .fetching import prepare_input
-    from .inputs import human_size, inputs_dir, manifest_path, needed_inputs
+    from .inputs import inputs_dir, manifest_path, needed_inputs
     from .scheduler import check_inputs, normalise_paths
     from .status import print_table
 

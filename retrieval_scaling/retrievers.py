@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .corpus_search import SearchRequest, search_corpus
 from .data import Collection
-from .encodings import EncodeFn, EncodingStore
+from .encodings import EncodeFn, EncodingStore, store_settings
 from .errors import ConfigError
 from .search import to_csr
 
@@ -28,14 +30,45 @@ log = logging.getLogger(__name__)
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 
 
+@dataclass
+class QuerySet:
+    """One collection's queries as a search over its corpus sees them."""
+
+    name: str
+    queries: Mapping[str, str]  # id -> text
+    qrels: Mapping[str, Mapping[str, int]]
+    depth: int
+    max_len: int
+
+
+@dataclass
+class Ranked:
+    """A query set's hits: (queries, depth) scores and corpus positions, best first, -1 = no hit; None
+    on a rank > 0 of a multi-rank search. With them, what the search measured on the way: each judged
+    query's contrastive entropy, and a sparse retriever's mean non-zeros."""
+
+    qids: list[str]
+    scores: np.ndarray | None
+    positions: np.ndarray | None
+    entropy: dict[str, float] | None = None
+    nnz: dict[str, float] | None = None
+
+
 class Retriever:
     name = "retriever"
     sparse = False
 
+    def search_sets(self, corpus: Mapping[str, str], sets: Sequence[QuerySet], passage_max_len: int,
+                    shard_size: int) -> list[Ranked]:
+        """Every query set ranked over one corpus (doc id -> text), in one pass over it."""
+        raise NotImplementedError
+
     def search(self, coll: Collection, depth: int, query_max_len: int, passage_max_len: int,
                shard_size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(query ids, scores, corpus positions), (queries, depth) each, best first; -1 = no hit."""
-        raise NotImplementedError
+        """One collection: (query ids, scores, corpus positions), (queries, depth) each, best first."""
+        (ranked,) = self.search_sets(coll.corpus, [QuerySet(coll.name, coll.queries, coll.qrels, depth, query_max_len)],
+                                     passage_max_len, shard_size)
+        return ranked.qids, ranked.scores, ranked.positions
 
 
 class EncoderRetriever(Retriever):
@@ -43,56 +76,74 @@ class EncoderRetriever(Retriever):
     `store_root` (kept: a later collection with the same documents, or a later attempt, reuses them;
     None: a temporary directory per search), encoded and searched over `world` ranks. With `entropy`
     ({negatives, seed, temperature}), each search also gives the contrastive entropy of every judged
-    query (`contrastive_entropy`), from the encodings the search used."""
+    query (`contrastive_entropy`), from the encodings the search read. `store` holds the store's
+    settings (`EncodingStore`: store_dtype, planned_doc_bytes, searcher)."""
 
     def __init__(self, name: str, encode: EncodeFn, sparse: bool, store_root: Path | None = None,
-                 rank: int = 0, world: int = 1, entropy: Mapping[str, Any] | None = None):
+                 rank: int = 0, world: int = 1, entropy: Mapping[str, Any] | None = None,
+                 store: Mapping[str, Any] | None = None):
         self.name, self.encode, self.sparse = name, encode, sparse
         self.store_root, self.rank, self.world, self.entropy = store_root, rank, world, entropy
-        self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last search's queries and docs
-        self.per_query_entropy: dict[str, float] = {}  # of the last search, by query id
+        self.store_settings = dict(store or {})
+        self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last query set's queries and docs
+        self.per_query_entropy: dict[str, float] = {}  # of the last query set, by query id
         self.store: EncodingStore | None = None
 
-    def search(self, coll, depth, query_max_len, passage_max_len, shard_size):
+    def search_sets(self, corpus, sets, passage_max_len, shard_size):
         if self.store_root is None:
             with tempfile.TemporaryDirectory(prefix="rs-encodings-") as tmp:
-                return self._search(Path(tmp), coll, depth, query_max_len, passage_max_len, shard_size)
-        return self._search(Path(self.store_root), coll, depth, query_max_len, passage_max_len, shard_size)
+                return self._search(Path(tmp), corpus, sets, passage_max_len, shard_size)
+        return self._search(Path(self.store_root), corpus, sets, passage_max_len, shard_size)
 
-    def _search(self, root, coll, depth, query_max_len, passage_max_len, shard_size):
+    def _search(self, root: Path, corpus: Mapping[str, str], sets: Sequence[QuerySet], passage_max_len: int,
+                shard_size: int) -> list[Ranked]:
+        from .contrastive_entropy import entropy_sample
+
         if self.store is None or self.store.root != root:
-            self.store = EncodingStore(root, self.encode, self.sparse, shard_size, self.rank, self.world)
+            self.store = EncodingStore(root, self.encode, self.sparse, shard_size, self.rank, self.world,
+                                       **self.store_settings)
         self.store.shard_size = max(1, int(shard_size))
-        qids = list(coll.queries)
-        view = self.store.ensure(list(coll.corpus.values()), passage_max_len, f"{coll.name} corpus")
-        queries = self.encode([coll.queries[q] for q in qids], query_max_len, f"encode {coll.name} queries")
-        result = self.store.search(view, queries, depth, root / "partial")
-        if result is None:  # a rank > 0: rank 0 holds the merged run
-            return qids, None, None
-        scores, idx = result
-        if self.entropy:
-            from .contrastive_entropy import contrastive_entropy
-
-            self.per_query_entropy = contrastive_entropy(
-                queries, qids, coll.qrels, list(coll.corpus), lambda positions: self.store.gather(view, positions),
-                self.entropy, float(self.entropy["temperature"]))
-        if self.sparse:
-            q = to_csr(queries)
-            self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1), "query_nnz": q.nnz / max(q.shape[0], 1)}
-        return qids, scores, idx
+        label = "+".join(qs.name for qs in sets)
+        view = self.store.ensure(list(corpus.values()), passage_max_len, f"{label} corpus")
+        doc_ids = list(corpus) if self.entropy else []
+        requests, qids = [], []
+        for qs in sets:
+            qids.append(list(qs.queries))
+            queries = self.encode([qs.queries[q] for q in qids[-1]], qs.max_len, f"encode {qs.name} queries")
+            sample = entropy_sample(qids[-1], qs.qrels, doc_ids, self.entropy) if self.entropy else None
+            requests.append(SearchRequest(queries, qs.depth, sample))
+        found = search_corpus(self.store, view, requests, root / "partial")
+        if found is None:  # a rank > 0: rank 0 holds the merged runs
+            return [Ranked(q, None, None) for q in qids]
+        out = []
+        for q, request, (scores, positions) in zip(qids, requests, found, strict=True):
+            ranked = Ranked(q, scores, positions)
+            if self.entropy:
+                sample = request.entropy
+                ranked.entropy = sample.values(float(self.entropy["temperature"])) if sample is not None else {}
+                self.per_query_entropy = ranked.entropy
+            if self.sparse:
+                m = to_csr(request.queries)
+                ranked.nnz = self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1),
+                                         "query_nnz": m.nnz / max(m.shape[0], 1)}
+            out.append(ranked)
+        return out
 
 
 class BM25Retriever(Retriever):
     def __init__(self, cfg: Mapping[str, Any]):
         self.name, self.k1, self.b = "bm25", float(cfg.get("k1", 1.5)), float(cfg.get("b", 0.75))
 
-    def search(self, coll, depth, query_max_len, passage_max_len, shard_size):  # noqa: ARG002 — lexical
+    def search_sets(self, corpus, sets, passage_max_len, shard_size):  # noqa: ARG002 — lexical
         from .bm25 import BM25Index
 
-        index = BM25Index(coll.corpus, k1=self.k1, b=self.b)
-        qids = list(coll.queries)
-        scores, idx = index.top_k([coll.queries[q] for q in qids], depth)
-        return qids, scores, idx
+        index = BM25Index(corpus, k1=self.k1, b=self.b)
+        out = []
+        for qs in sets:
+            qids = list(qs.queries)
+            scores, idx = index.top_k([qs.queries[q] for q in qids], qs.depth)
+            out.append(Ranked(qids, scores, idx))
+        return out
 
 
 def sbert_encode(path: str, batch_size: int, max_len: int | None = None) -> EncodeFn:
@@ -113,11 +164,12 @@ def sbert_encode(path: str, batch_size: int, max_len: int | None = None) -> Enco
         log.info("%s: %d texts", desc, len(texts))
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
+    encode.dimension = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
     return encode
 
 
-def build_baseline(cfg: Mapping[str, Any]) -> Retriever:
-    """`baseline=bm25` or `baseline=sbert baseline.path=<dir>`."""
+def build_baseline(cfg: Mapping[str, Any], eval_cfg: Mapping[str, Any] | None = None) -> Retriever:
+    """`baseline=bm25` or `baseline=sbert baseline.path=<dir>`; an encoder's store as `eval_cfg` says."""
     name = cfg["name"]
     if name == "bm25":
         return BM25Retriever(cfg)
@@ -125,5 +177,6 @@ def build_baseline(cfg: Mapping[str, Any]) -> Retriever:
         if not cfg.get("path"):
             raise ConfigError("baseline=sbert needs baseline.path=<local sentence-transformers directory>.")
         encode = sbert_encode(cfg["path"], int(cfg["batch_size"]), cfg.get("max_len"))
-        return EncoderRetriever(f"sbert:{Path(cfg['path']).name}", encode, sparse=False)
+        return EncoderRetriever(f"sbert:{Path(cfg['path']).name}", encode, sparse=False,
+                                store=store_settings(eval_cfg or {}, False, int(encode.dimension)))
     raise ConfigError(f"baseline={name!r} is not one of ['bm25', 'sbert'].")

@@ -13,6 +13,7 @@ from typing import Any
 
 from .cell import run_cell
 from .data import DATA_ROOT_ENV, resolve_data_root, training_spec
+from .disk import remove_stale_stores
 from .errors import ConfigError, DataError
 from .inputs import check_prepared, print_inputs
 from .jobs import Job, stage_jobs, stage_key, stage_targets
@@ -207,6 +208,9 @@ class Sweep:
         try:
             relog_sweep(self.sweep["root"], self.sweep["name"], self.uri, self.first["tracking"]["artifacts"])
             with holding_lock(self.base / "dispatch"):  # two sweeps of one name decide one after the other
+                freed = remove_stale_stores(self.sweep["root"], self.sweep["name"], self.sweep["cache_dir"])
+                if freed:
+                    log.info("removed %.2f GB of encodings no evaluation reads again", freed / 1e9)
                 _, states, todo = self.decide()
                 log.info("%d cells: %d to submit, the others done, running or pending", len(self.cfgs), len(todo))
                 axes = {p["cell_id"]: {k: p[k] for k in ("model", "paradigm", "loss")} for _, p in todo}

@@ -198,7 +198,10 @@ def show(args: Mapping[str, str]) -> int:
                 "metrics", "job_id", "job_state", "run_status", "attempt", "submissions", "heartbeat_age_s")
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
     else:
+        from .disk import cache_dir_of, disk_line, sweep_disk
+
         print_table(rows, title=f"sweep '{args['sweep']}'")
+        print(disk_line(sweep_disk(args["root"], args["sweep"], cache_dir_of(args["root"], args["sweep"]))))
     return 0
 
 

@@ -53,7 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     from retrieval_scaling.distributed import configure_threads, init_distributed
-    from retrieval_scaling.evaluation import encoder_retriever, evaluate_all
+    from retrieval_scaling.evaluation import evaluate_all
+    from retrieval_scaling.inference import encoder_retriever
 
     configure_threads(1)
     rank, world = init_distributed()

@@ -101,7 +101,7 @@ def test_inference_encoder_merges_lora_on_a_copy_and_keeps_results(paradigm):
     trained encoder is left exactly as it was."""
     from retrieval_scaling.encoders import encode_inputs
     from retrieval_scaling.errors import ConfigError
-    from retrieval_scaling.evaluation import inference_encoder
+    from retrieval_scaling.inference import inference_encoder
 
     encoder = lora_encoder(paradigm)
     before = {n: p.detach().clone() for n, p in encoder.named_parameters()}

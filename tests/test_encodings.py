@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
+from retrieval_scaling.corpus_search import SearchRequest, search_corpus
 from retrieval_scaling.encodings import EncodingStore
 from retrieval_scaling.topk import merge_top_k, top_k_rows
 
@@ -58,19 +59,24 @@ def score_distinct_then_expand(queries, texts: list[str], encode, max_len: int) 
     return scores[:, where]
 
 
+@pytest.mark.parametrize("searcher", ["host", "torch"])
 @pytest.mark.parametrize("sparse_reps", [False, True])
-def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, sparse_reps):
+def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, sparse_reps, searcher):
+    """Both searches, the host's and torch's (what a GPU cell runs, here on the CPU device), over a
+    float16 store: the hits of brute force, ties included."""
+    from retrieval_scaling.shard_search import shard_search
+
     calls = []
     encode = fake_encoder(24, sparse_reps, calls)
     texts = [f"doc {i}" for i in range(90)] + ["doc 3", "doc 50", "doc 3"]  # repeats at 90, 91, 92
-    store = EncodingStore(tmp_path, encode, sparse_reps, shard_size=20)
+    store = EncodingStore(tmp_path, encode, sparse_reps, shard_size=20, searcher=shard_search(searcher))
     view = store.ensure(texts, 64, "c")
     # each distinct text once, in 5 shards of at most 20 as equal as can be (ranks split them evenly)
     assert store.encoded_docs == 90 and sorted(calls) == [18, 18, 18, 18, 18]
     queries = encode([f"query {i}" for i in range(7)], 16, "q")
     if sparse_reps:  # a query sharing no term with most documents: many exact ties at 0
         queries = sparse.vstack([queries, sparse.csr_matrix(([1.0], ([0], [0])), shape=(1, 24))])
-    scores, pos = store.search(view, queries, 15, tmp_path / "partial")
+    ((scores, pos),) = search_corpus(store, view, [SearchRequest(queries, 15)], tmp_path / "partial")
     want_s, want_p = top_k_rows(score_distinct_then_expand(queries, texts, encode, 64), 15)
     # Distinct documents tie too (weights on a grid of 1/8): ties across shards break by position.
     assert any(len(set(row)) < len(row) for row in want_s.tolist())
@@ -102,7 +108,7 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retrieval_scaling.encoders import build_encoder
-    from retrieval_scaling.evaluation import encode_texts
+    from retrieval_scaling.inference import encode_texts
 
     class Tok:
         bos_token_id, pad_token_id = 1, 0
@@ -115,13 +121,13 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
                                          num_attention_heads=2, num_key_value_heads=2))
     encoder = build_encoder("sparse", model).eval()
     widest = []
-    real_batch_csr = __import__("retrieval_scaling.evaluation", fromlist=["batch_csr"]).batch_csr
+    real_batch_csr = __import__("retrieval_scaling.inference", fromlist=["batch_csr"]).batch_csr
 
     def spy(reps, max_terms=None):
         widest.append(reps.shape[0])
         return real_batch_csr(reps, max_terms)
 
-    monkeypatch.setattr("retrieval_scaling.evaluation.batch_csr", spy)
+    monkeypatch.setattr("retrieval_scaling.inference.batch_csr", spy)
     texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
     out = encode_texts(encoder, Tok(), texts, 16, 8, "docs")
     assert sparse.issparse(out) and out.shape == (50, 5000) and max(widest) == 8 and len(widest) == 7
@@ -135,7 +141,7 @@ def test_pruned_sparse_reps_keep_each_rows_largest_weights_and_name_their_metric
     row keeps exactly its k largest weights (all of them when it has fewer), in CSR of k entries."""
     import torch
 
-    from retrieval_scaling.evaluation import batch_csr, pruned_names
+    from retrieval_scaling.inference import batch_csr, pruned_names
 
     gen = torch.Generator().manual_seed(3)
     reps = torch.relu(torch.randn(6, 128_256, generator=gen))  # about half the vocabulary non-zero
@@ -330,8 +336,9 @@ def test_an_evaluation_killed_mid_corpus_resumes_from_its_shards(paper_shaped, t
     assert again["returncode"] == 0, again["stderr"][-3000:]
     # the log counts what was reused: the dev corpus's first three shards (600 distinct texts in 5 shards
     # of at most 128, as equal as can be: 120 each)
-    assert re.search(r"dev corpus: \d+ documents, 600 distinct; 360 already encoded", again["stderr"])
-    assert re.search(r"dev corpus: \d+ shard\(s\) hold its documents, 3 of them reused", again["stderr"])
+    assert re.search(r"dev\+dl19\+dl20 corpus: \d+ documents, 600 distinct; 360 already encoded", again["stderr"])
+    assert re.search(r"dev\+dl19\+dl20 corpus: \d+ shard\(s\) hold its documents, 3 of them reused",
+                     again["stderr"])
     assert again["result"]["reused_shards"] >= 3 and again["result"]["encoded_docs"] == distinct - 3 * 120
     differing = assert_runs_agree(read_runs(tmp_path / "runs"), read_runs(tmp_path / "runs-whole"))
     assert_metrics_agree(again["result"]["metrics"], whole["result"]["metrics"], differing)
@@ -365,3 +372,122 @@ def test_shards_split_evenly_over_the_ranks():
     assert len(msmarco) == 48 and max(msmarco) - min(msmarco) <= 1 and max(msmarco) <= 200_000
     per_rank = [sum(msmarco[r::4]) for r in range(4)]
     assert sum(per_rank) == 8_841_823 and max(per_rank) - min(per_rank) <= 12
+
+
+# ---- one read per corpus, free space, 16-bit stores, resumable collections ---------------------------
+
+def shared_corpus_collections(n_docs: int = 90):
+    """Three collections over one corpus object (as MS MARCO dev, DL19 and DL20), each judging others."""
+    from retrieval_scaling.data import Collection
+
+    corpus = {f"d{i}": f"doc {i}" for i in range(n_docs)}
+    colls = []
+    for c, name in enumerate(("dev", "dl19", "dl20")):
+        queries = {f"{name}-q{i}": f"query {name} {i}" for i in range(5)}
+        qrels = {q: {f"d{(7 * i + 3 * c) % n_docs}": 1, f"d{(11 * i + c) % n_docs}": 0}
+                 for i, q in enumerate(queries)}
+        colls.append(Collection(name, corpus, queries, qrels))
+    return colls
+
+
+def eval_settings(colls, shard_size: int) -> dict:
+    spec = {"depth": 10, "measures": {"ndcg_10": "nDCG@10"}}
+    return {"query_max_len": 16, "passage_max_len": 64, "shard_size": shard_size,
+            "contrastive_entropy": {"negatives": 20, "seed": 0},
+            "collections": {c.name: {**spec, "name": c.name} for c in colls}}
+
+
+@pytest.mark.parametrize("sparse_reps", [False, True])
+def test_collections_sharing_a_corpus_and_their_entropy_read_each_shard_once(tmp_path, sparse_reps):
+    from retrieval_scaling.evaluation import evaluate_all
+    from retrieval_scaling.retrievers import EncoderRetriever
+
+    colls = shared_corpus_collections()
+    cfg = eval_settings(colls, 20)
+    entropy = {"negatives": 20, "seed": 0, "temperature": 0.5}
+    together = EncoderRetriever("t", fake_encoder(16, sparse_reps, []), sparse_reps, tmp_path / "one", entropy=entropy)
+    metrics = evaluate_all(together, colls, cfg)
+    shards = len(list((tmp_path / "one").glob("shard-*.npz")))
+    assert shards == 5 and together.store.shard_reads == shards  # 3 searches + 3 entropies: one read a shard
+    # the same numbers as each collection searched on its own (which reads the store once per collection)
+    alone = EncoderRetriever("a", fake_encoder(16, sparse_reps, []), sparse_reps, tmp_path / "two", entropy=entropy)
+    separate = {}
+    for coll in colls:
+        one = {**cfg, "collections": {coll.name: cfg["collections"][coll.name]}}
+        separate.update(evaluate_all(alone, [coll], one))
+    assert alone.store.shard_reads == 3 * shards
+    assert set(metrics) == set(separate) and len(metrics) == 6 + 3 * sparse_reps * 2
+    for key, value in separate.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_a_store_short_of_space_stops_before_encoding_with_one_line(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from retrieval_scaling.disk import human_size
+    from retrieval_scaling.encodings import doc_bytes
+    from retrieval_scaling.errors import UserError
+
+    calls = []
+    store = EncodingStore(tmp_path / "store", fake_encoder(1024, False, calls), False, shard_size=20,
+                          planned_doc_bytes=doc_bytes(1024, False))
+    store.ensure([f"doc {i}" for i in range(20)], 64, "first")  # fits
+    kept = sorted(p.name for p in (tmp_path / "store").iterdir())
+    free = shutil_module.disk_usage(tmp_path).free
+    monkeypatch.setattr("retrieval_scaling.encodings.shutil.disk_usage",
+                        lambda path: shutil_module._ntuple_diskusage(free, free - 100_000, 100_000))
+    calls.clear()
+    with pytest.raises(UserError) as err:
+        store.ensure([f"doc {i}" for i in range(200)], 64, "big")  # 180 new documents × 2,064 bytes
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "store") in message
+    assert f"need {human_size(180 * 2064)} more (180 documents × 2064 bytes)" in message
+    assert f"and {human_size(100_000)} is free" in message
+    # nothing encoded, nothing lost
+    assert calls == [] and sorted(p.name for p in (tmp_path / "store").iterdir()) == kept
+
+
+def test_a_float16_store_is_half_the_size_and_keeps_float32_where_float16_would_overflow(tmp_path):
+    keys = np.frombuffer(np.arange(32, dtype=np.uint8).tobytes() * 4, dtype="V16")[:8]
+    reps = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        store = EncodingStore(tmp_path / dtype, None, False, shard_size=8, store_dtype=dtype)
+        store.write_shard("shard-x", keys, reps)
+        sizes[dtype] = store.shard_path("shard-x").stat().st_size
+        back = store.read_reps("shard-x")
+        assert back.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(back, reps.astype(dtype))
+    assert (sizes["float16"] - 8 * 16) / (sizes["float32"] - 8 * 16) == pytest.approx(0.5, abs=0.02)
+    store.write_shard("shard-big", keys, reps * 1e5)  # beyond float16's 65,504
+    big = store.read_reps("shard-big")
+    assert big.dtype == np.float32 and np.array_equal(big, reps * 1e5)
+
+
+def test_a_requeued_evaluation_skips_the_collections_it_finished(tmp_path):
+    from retrieval_scaling.data import Collection
+    from retrieval_scaling.evaluation import evaluate_all
+    from retrieval_scaling.retrievers import EncoderRetriever
+
+    dev, _, _ = shared_corpus_collections()
+    other = Collection("other", {f"o{i}": f"other doc {i}" for i in range(40)}, {"q": "query other"}, {"q": {"o3": 1}})
+    cfg = eval_settings([dev, other], 20)
+    encode, seen = fake_encoder(16, False, []), []
+
+    def dies_on_other(texts, max_len, desc):
+        seen.extend(texts)
+        if any(t.startswith("other") for t in texts) and fail[0]:
+            raise RuntimeError("node lost")
+        return encode(texts, max_len, desc)
+
+    fail = [True]
+    retriever = EncoderRetriever("r", dies_on_other, False, tmp_path / "store", entropy={**cfg["contrastive_entropy"],
+                                                                                        "temperature": 0.5})
+    with pytest.raises(RuntimeError, match="node lost"):
+        evaluate_all(retriever, [dev, other], cfg, tmp_path / "runs", progress=tmp_path / "store" / "collections")
+    assert (tmp_path / "store" / "collections" / "dev.json").is_file() and (tmp_path / "runs" / "dev.trec.gz").is_file()
+    fail[0], seen[:] = False, []
+    again = evaluate_all(retriever, [dev, other], cfg, tmp_path / "runs", progress=tmp_path / "store" / "collections")
+    assert seen and not any(t.startswith("doc") or t.startswith("query dev") for t in seen)  # dev not redone
+    fresh = EncoderRetriever("f", encode, False, tmp_path / "fresh", entropy=retriever.entropy)
+    assert again == evaluate_all(fresh, [dev, other], cfg, tmp_path / "runs-fresh")

@@ -1,0 +1,102 @@
+"""A cell's encoder at inference: prepared for evaluation (LoRA merged, inference dtype and attention),
+run over texts in length-sorted batches, its sparse reps made CSR (optionally pruned) on its device, and
+put behind the retriever interface with its store's settings."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from .encoders import Encoder, encode_inputs
+from .encodings import PLANNED_DOC_TERMS, store_settings
+from .precision import weight_dtype
+from .retrievers import EncoderRetriever
+
+
+def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation: str | None = None) -> Encoder:
+    """The encoder as evaluation runs it, built on a copy so that training state is untouched: LoRA
+    merged into the weights it adapts (no adapter matmuls, scale and add per layer and batch), every
+    weight in `dtype` (bf16: no per-batch casts of weights, a half-width residual stream; `auto`: bf16
+    where the encoder's device has it natively, see `precision`) and the inference attention kernel."""
+    from peft import PeftModel
+
+    torch_dtype = weight_dtype(dtype, next(encoder.parameters()).device, "eval.dtype")
+    model = copy.deepcopy(encoder)
+    if isinstance(model.backbone, PeftModel):
+        model.backbone = model.backbone.merge_and_unload()
+    if attn_implementation:
+        model.backbone.set_attn_implementation(attn_implementation)
+    return model.to(torch_dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
+                 desc: str, max_terms: int | None = None) -> torch.Tensor | sparse.csr_matrix:
+    """Reps of `texts` in input order: fp32 for a dense encoder; for a sparse one CSR, each batch's
+    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's;
+    with `max_terms`, each sparse rep keeps only its `max_terms` largest weights.
+    Batches are formed over length-sorted texts so that padding is small, on the encoder's device,
+    under bf16 autocast where its weights are bf16 (see `inference_encoder`)."""
+    from tqdm import tqdm
+
+    encoder.eval()
+    weight = next(encoder.parameters())
+    device, half = weight.device, weight.dtype == torch.bfloat16
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len - 1)["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    chunks: list = []
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=10):
+        rows = order[start:start + batch_size]
+        input_ids, mask = encode_inputs([ids[i] for i in rows], tokenizer.bos_token_id,
+                                        tokenizer.pad_token_id, max_len)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
+            reps = encoder(input_ids.to(device), mask.to(device)).float()
+        chunks.append(batch_csr(reps, max_terms) if encoder.sparse else reps.cpu())
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    if encoder.sparse:
+        return sparse.vstack(chunks, format="csr")[inverse]
+    return torch.cat(chunks)[torch.as_tensor(inverse)]
+
+
+def pruned_names(metrics: Mapping[str, float], max_terms: int) -> dict[str, float]:
+    """`scifact/ndcg_10` → `scifact:top256/ndcg_10`: metrics of vectors pruned to `max_terms` terms."""
+    return {f"{where}:top{max_terms}/{what}": value
+            for key, value in metrics.items() for where, what in [key.split("/", 1)]}
+
+
+def batch_csr(reps: torch.Tensor, max_terms: int | None = None) -> sparse.csr_matrix:
+    """A batch's sparse reps as CSR, made on their device: only the non-zeros cross to host memory (a
+    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document). With
+    `max_terms`, each row keeps its `max_terms` largest weights (the rest set to zero) first."""
+    if max_terms is not None and reps.shape[1] > max_terms:
+        top = reps.topk(int(max_terms), dim=1)
+        reps = torch.zeros_like(reps).scatter_(1, top.indices, top.values)
+    m = reps.to_sparse_csr()
+    return sparse.csr_matrix((m.values().cpu().numpy(), m.col_indices().cpu().numpy(), m.crow_indices().cpu().numpy()),
+                             shape=tuple(reps.shape))
+
+
+def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
+                      store_root: Path | None = None, rank: int = 0, world: int = 1,
+                      entropy: Mapping[str, Any] | None = None, max_terms: int | None = None,
+                      eval_cfg: Mapping[str, Any] | None = None) -> EncoderRetriever:
+    """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
+    encodings persist under `store_root` (see `EncoderRetriever`), stored and searched as `eval_cfg`
+    says (`store_settings`). `max_terms`: a sparse encoder's queries and documents pruned to their
+    largest weights (`encode_texts`)."""
+    def encode(texts: list[str], max_len: int, desc: str):
+        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc, max_terms)
+        return reps if encoder.sparse else reps.numpy()
+
+    width = encoder.backbone.config.hidden_size
+    if encoder.sparse:
+        width = max_terms or int((eval_cfg or {}).get("planned_doc_terms") or PLANNED_DOC_TERMS)
+    settings = store_settings(eval_cfg or {}, encoder.sparse, width, next(encoder.parameters()).device)
+    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy, settings)
