@@ -11,7 +11,9 @@ use real data instead).
    `python -m retrieval_scaling.sweep`, local launcher: its DONE metrics and wall time.
 3. `bench/gpu_step.py`: the 1B cell's training-step MFU, and its peak memory against the planner's
    estimate (retrieval_scaling/memory.py).
-4. `bench/scale.py` on 20,000 synthetic passages: the evaluation path's docs/s and memory on the GPU.
+4. `bench/gpu_search.py`: the evaluation's torch search on the GPU, dense and sparse, hit for hit
+   against brute force.
+5. `bench/scale.py` on 20,000 synthetic passages: the evaluation path's docs/s and memory on the GPU.
 
 Prints one JSON summary (also written to --out). Without a CUDA device: `error:` and exit 2.
 """
@@ -88,6 +90,9 @@ def main() -> int:
                                      # the planner's memory model against torch's peak (issue 31: within ±25 %)
                                      "memory_estimate_within_25pct": step is not None
                                      and abs(step["memory_estimate_over_measured"] - 1) <= 0.25}
+    search, err, secs = run_json([sys.executable, "bench/gpu_search.py", "--device", "cuda"], env, 900)
+    summary["checks"]["torch_search_identical_to_brute_force"] = {"ok": bool(search and search["ok"]),
+                                                                   "seconds": secs, "error": err, "result": search}
     scale, err, secs = run_json([sys.executable, "bench/scale.py", "--docs", "20000", "--search-docs", "0",
                                  "--out", str(Path(tempfile.gettempdir()) / "scale-gpu.json")], env, 1800)
     summary["checks"]["evaluation_scale"] = {"ok": scale is not None, "seconds": secs, "error": err,

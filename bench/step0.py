@@ -12,8 +12,8 @@ of 200 queries. Measured: peak RSS, bytes on disk per document, non-zeros per do
 Also SmolLM2-135M's real weights with its untrained head over SciFact passages (`--smollm2-docs`).
 
 Target (issue 32): peak RSS < 2.5 GB at 4,000 and 20,000 passages pruned; disk per document within
-the documented bound (256 × (4-byte weight + 4-byte term id) + 8-byte row pointer + 16-byte key, and
-at most 2 KiB per shard file).
+the documented bound (`encodings.doc_bytes`: 256 × (2-byte float16 weight + 4-byte term id) + 4-byte row
+pointer + 16-byte key = 1,556 bytes, and at most 2 KiB per shard file).
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from scale import VOCAB, WordTokenizer, peak_rss_gb, synthetic_corpus
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from retrieval_scaling.encodings import doc_bytes  # noqa: E402 — after the path is set
+
 MAX_TERMS = 256
-BOUND_BYTES = MAX_TERMS * (4 + 4) + 8 + 16  # per document: weights, term ids, row pointer, content key
+BOUND_BYTES = doc_bytes(MAX_TERMS, True, "float16")  # per document: weights, term ids, row pointer, key
 SHARD_BYTES = 2048  # per shard file: the npz archive's headers and its shape array
 
 

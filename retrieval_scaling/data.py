@@ -187,21 +187,22 @@ def load_source(spec: Mapping[str, Any], root: str | os.PathLike | None,
 
 def corpus_key(spec: Mapping[str, Any], root: str | os.PathLike | None) -> str:
     """What names a collection's corpus, without reading it: collections with the same key have the same
-    documents under the same ids (MS MARCO dev, DL19 and DL20), so one read serves them all."""
+    documents under the same ids (MS MARCO dev, DL19 and DL20), so one read serves them all. A corpus
+    file is known by its fingerprint, so copies of one corpus in several BEIR directories are one."""
     source = spec.get("source", "beir")
-    if source == "beir":
-        path = Path(spec["path"]) if spec.get("path") else collection_dir(root, spec.get("dir") or spec["name"])
-        return f"beir:{path.resolve()}"
-    if source == "trec" and spec.get("corpus"):
-        return f"trec:{Path(spec['corpus']).resolve()}"
     if source == "ir_datasets" and spec.get("id"):
         import ir_datasets
 
         try:  # ids over one collection share its docs object (every msmarco-passage/… id)
             return f"ir_datasets:{id(ir_datasets.load(spec['id']).docs_handler())}"
         except KeyError:
-            pass
-    return f"own:{spec['name']}"  # load_source reports what is wrong with it
+            return f"own:{spec['name']}"  # load_source reports the unknown id
+    corpus = source_files(spec, root).get("corpus")
+    if corpus is not None and corpus.is_dir():
+        corpus = corpus / "corpus.jsonl"
+    if corpus is None or not corpus.is_file():
+        return f"own:{spec['name']}"  # load_source reports what is missing
+    return f"file:{file_fingerprint(corpus)}"
 
 
 def training_spec(data_cfg: Mapping[str, Any]) -> dict[str, Any]:

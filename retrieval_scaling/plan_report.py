@@ -20,7 +20,7 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
              "trainable": p["params_trainable"], "flops/step": p["flops_per_step"],
              "gpus": f"{p['gpus']}/{p['nodes']}n", "train_gpu_h": f"{p['gpu_hours']:.4g}",
              "mntp_gpu_h": f"{p['mntp_gpu_hours']:.4g}", "eval_gpu_h": f"{p['eval_gpu_hours']:.4g}"
-             + ("*" if p["eval_unpriced"] else ""),
+             + ("*" if p["eval_unpriced"] else ""), "disk_gb": f"{cell_disk_peak(p['disk_gb']):.3g}",
              "state": states[p["cell_id"]]["state"],
              "action": "submit" if states[p["cell_id"]]["state"] in RESUBMIT else "skip"} for p in plans]
     print_table(rows, title=f"plan of sweep '{sweep['name']}' ({len(plans)} cells, {len(todo)} to submit, "
@@ -28,7 +28,7 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
                             f"at {first['planner']['utilization']:.0%} of peak)",
                 columns=("cell_id", "model", "paradigm", "loss", "teacher", "batch", "group", "lengths", "params",
                          "trainable", "flops/step", "steps", "tokens", "flops_total", "gpus", "train_gpu_h",
-                         "mntp_gpu_h", "eval_gpu_h", "state", "action"))
+                         "mntp_gpu_h", "eval_gpu_h", "disk_gb", "state", "action"))
     unpriced = sorted({c for p in plans for c in p["eval_unpriced"]})
     print("GPU-hours of the study (shared stages and step-0 evaluations counted once): "
           f"MNTP {totals['mntp_gpu_hours']:.4g}, teacher scoring {totals['teacher_gpu_hours']:.4g}, training "
@@ -39,12 +39,21 @@ def print_plan(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[Mapping[str, A
     print(f"CPU-hours of the training data (stages job; once per corpus and per training set and teacher): BM25 "
           f"index {totals['bm25_index_cpu_hours']:.3g}, hard-negative mining {totals['mining_cpu_hours']:.3g}"
           + (f"; not priced (no declared or readable size): {', '.join(unpriced_data)}" if unpriced_data else ""))
+    print(f"disk of the study: {totals['disk_kept_gb']:.4g} GB kept once every cell is done (final weights, run "
+          f"files, last checkpoints); {totals['disk_peak_gb']:.4g} GB if every evaluation's encodings existed at "
+          "once (disk_gb: a cell's peak: two checkpoint tags, its final store and the step-0 store it may build)")
     taught = Counter(p["teacher"] for p in plans if p["teacher"] != "none")
     if taught:
         print("teacher of the KD and CL+KD cells: " + ", ".join(f"teacher={t} ({n} of {len(plans)} cells)"
                                                                for t, n in sorted(taught.items())))
     print_memory(plans, first["planner"])
     print(f"plan written to {plan_file} (dry run: nothing submitted)")
+
+
+def cell_disk_peak(disk: Mapping[str, float]) -> float:
+    """A cell's disk at its largest, GB: while its final evaluation runs, or while it builds its step 0."""
+    kept = disk["final"] + disk["runs"] + disk["checkpoint"]
+    return max(kept + disk["eval_store"], disk["checkpoint"] + disk["step0_store"])
 
 
 def print_memory(plans: Sequence[Mapping[str, Any]], planner: Mapping[str, Any]) -> None:

@@ -113,29 +113,71 @@ def encoding_flops(arch, sparse: bool, texts: int, mean_tokens: float) -> float:
     return texts * per_text
 
 
-def evaluation_flops(cfg: Mapping[str, Any]) -> tuple[float, list[str]]:
-    """One evaluation of this cell's model on `eval`: (FLOPs, names of collections it could not price)."""
-    arch = architecture(cfg["model"])
-    sparse = cfg["paradigm"]["name"] == "sparse"
+def suite_corpora(cfg: Mapping[str, Any]) -> tuple[list[tuple[dict, CorpusSize, int, bool]], list[str]]:
+    """The evaluation's collections with a known size: (spec, size, passage length, whether this one
+    encodes its corpus: False where an earlier collection shares it at that length, see `encodings`),
+    and the names of those it could not size."""
     ev = cfg["eval"]
     seen: set[tuple[str, int]] = set()
-    total, unpriced = 0.0, []
+    out, unpriced = [], []
     for spec in ev["collections"].values():
         size = collection_size(spec, ev.get("root"))
         if size is None:
             unpriced.append(spec["name"])
             continue
-        q_len = int(spec.get("query_max_len") or ev["query_max_len"])
         p_len = int(spec.get("passage_max_len") or ev["passage_max_len"])
+        out.append((spec, size, p_len, (size.corpus, p_len) not in seen))
+        seen.add((size.corpus, p_len))
+    return out, unpriced
+
+
+def evaluation_flops(cfg: Mapping[str, Any]) -> tuple[float, list[str]]:
+    """One evaluation of this cell's model on `eval`: (FLOPs, names of collections it could not price)."""
+    arch = architecture(cfg["model"])
+    sparse = cfg["paradigm"]["name"] == "sparse"
+    ev = cfg["eval"]
+    total = 0.0
+    corpora, unpriced = suite_corpora(cfg)
+    for spec, size, p_len, encodes in corpora:
+        q_len = int(spec.get("query_max_len") or ev["query_max_len"])
         queries = size.queries
         if ev.get("subset"):
             queries = min(queries, int(ev["subset"]["queries"]))
         total += encoding_flops(arch, sparse, queries, min(q_len, 1 + size.query_words * TOKENS_PER_WORD))
-        if (size.corpus, p_len) in seen:
-            continue  # encoded once, shared (see encodings.EncodingStore)
-        seen.add((size.corpus, p_len))
-        total += encoding_flops(arch, sparse, size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
+        if encodes:
+            total += encoding_flops(arch, sparse, size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
     return total, unpriced
+
+
+# A checkpoint's bytes per trainable parameter: fp32 weights, Adam's two moments and DeepSpeed's fp32
+# copy (bench/results/checkpoint.json); while a new tag is written the older one is still there.
+CHECKPOINT_BYTES_PER_TRAINABLE = 16.1
+# A run file's gzipped bytes per hit (`qid Q0 docid rank score tag`; docs/evaluation.md, "Disk")
+RUN_BYTES_PER_HIT = 11.0
+
+
+def disk_plan(cfg: Mapping[str, Any], trainable: int) -> dict[str, float]:
+    """A cell's disk, GB: its checkpoint at its largest (two tags while one is written), its final
+    weights, its run files, and the encoding stores of its evaluations while they run (the final one,
+    and the step-0 one its (backbone, paradigm) shares)."""
+    from .backbone import architecture
+    from .encodings import PLANNED_DOC_TERMS, doc_bytes
+    from .layout import step0_max_terms
+
+    ev = cfg["eval"]
+    sparse = cfg["paradigm"]["name"] == "sparse"
+    hidden = architecture(cfg["model"]).hidden_size
+    dtype = str(ev.get("store_dtype") or "float16")
+    corpora, _ = suite_corpora(cfg)
+    docs = sum(size.docs for _, size, _, encodes in corpora if encodes)
+    hits = sum(min(size.queries, int((ev.get("subset") or {}).get("queries") or size.queries)) * int(spec["depth"])
+               for spec, size, _, _ in corpora)
+    final_width = int(ev.get("planned_doc_terms") or PLANNED_DOC_TERMS) if sparse else hidden
+    step0_width = (step0_max_terms(cfg) or architecture(cfg["model"]).vocab_size) if sparse else hidden
+    return {"checkpoint": 2 * CHECKPOINT_BYTES_PER_TRAINABLE * trainable / 1e9, "final": 4 * trainable / 1e9,
+            "runs": RUN_BYTES_PER_HIT * hits / 1e9,
+            "eval_store": docs * doc_bytes(final_width, sparse, dtype) / 1e9,
+            "step0_store": docs * doc_bytes(step0_width, sparse, dtype) / 1e9}
 
 
 def stage_flops(model_cfg: Mapping[str, Any]) -> float:
@@ -186,6 +228,7 @@ def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any
     same data and teacher), and returns the sweep's totals with each shared cost counted once."""
     totals = {"mntp_gpu_hours": 0.0, "train_gpu_hours": 0.0, "eval_gpu_hours": 0.0, "teacher_gpu_hours": 0.0}
     cpu = {"bm25_index_cpu_hours": 0.0, "mining_cpu_hours": 0.0}
+    space = {"kept_gb": 0.0, "peak_gb": 0.0}  # after every cell is done; if every evaluation ran at once
     backbones: set[str] = set()
     step0: set[tuple[str, str]] = set()
     prepared: set[str] = set()
@@ -206,6 +249,7 @@ def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any
         plan.update(mntp_flops=mntp, mntp_gpu_hours=gpu_hours(mntp, planner), eval_flops=2 * one_eval,
                     eval_gpu_hours=gpu_hours(2 * one_eval, planner), eval_unpriced=unpriced)
         plan["study_gpu_hours"] = plan["mntp_gpu_hours"] + plan["gpu_hours"] + plan["eval_gpu_hours"]
+        plan["disk_gb"] = disk_plan(cfg, plan["params_trainable"])
         if cfg["model"]["name"] not in backbones:
             backbones.add(cfg["model"]["name"])
             totals["mntp_gpu_hours"] += plan["mntp_gpu_hours"]
@@ -214,5 +258,9 @@ def price_study(cfgs: Sequence[Mapping[str, Any]], plans: Sequence[dict[str, Any
         step0.add(key)
         totals["eval_gpu_hours"] += gpu_hours(one_eval * (1 if shared_step0 else 2), planner)
         totals["train_gpu_hours"] += plan["gpu_hours"]
+        disk = plan["disk_gb"]
+        space["kept_gb"] += disk["final"] + disk["runs"] + disk["checkpoint"] / 2
+        space["peak_gb"] += disk["final"] + disk["runs"] + disk["checkpoint"] + disk["eval_store"] \
+            + (0 if shared_step0 else disk["step0_store"])
     totals["total_gpu_hours"] = sum(totals.values())
-    return {**totals, **cpu}
+    return {**totals, **cpu, **{f"disk_{k}": v for k, v in space.items()}}

@@ -42,6 +42,17 @@ def torch_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values[picked], cols[picked]
 
 
+def full_precision_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 proper: never TF32's 10-bit inputs, which a process may have allowed for training
+    and which would move scores enough to reorder near ties."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
 class HostSearch:
     """Shards searched on the host: BLAS for dense reps, the inverted index for sparse ones."""
 
@@ -83,7 +94,7 @@ class TorchSearch:
                 dense_block = torch.as_tensor(block.toarray(), dtype=torch.float32).to(self.device)
                 scores = torch.sparse.mm(docs, dense_block.T).T
             else:
-                scores = block @ docs.T
+                scores = full_precision_matmul(block, docs.T)
             s, i = torch_top_k(scores, k)
             out_s[lo:lo + QUERY_BLOCK], out_i[lo:lo + QUERY_BLOCK] = s.cpu().numpy(), i.cpu().numpy()
         return out_s, out_i

@@ -140,3 +140,19 @@ def test_a_passage_store_with_a_repeated_id_is_refused(tmp_path):
 
     with pytest.raises(DataError, match="dup corpus: duplicate document id 'x'"):
         write_store(tmp_path, iter([("x", "1"), ("y", "2"), ("x", "3")]), "dup corpus")
+
+
+def test_collections_over_one_corpus_share_its_key_and_others_do_not(tmp_path):
+    from retrieval_scaling.data import corpus_key
+
+    def beir(name, docs):
+        (tmp_path / name / "qrels").mkdir(parents=True)
+        (tmp_path / name / "corpus.jsonl").write_text("".join(f'{{"_id": "{d}", "text": "t {d}"}}\n' for d in docs))
+        return {"name": name, "source": "beir", "split": "test"}
+
+    dev, dl19, other = beir("dev", ["a", "b"]), beir("dl19", ["a", "b"]), beir("other", ["a", "c"])
+    trec = {"name": "dl20", "source": "trec", "topics": "t", "qrels": "q", "corpus": str(tmp_path / "dev")}
+    keys = {spec["name"]: corpus_key(spec, tmp_path) for spec in (dev, dl19, other, trec)}
+    assert keys["dev"] == keys["dl19"] == keys["dl20"] != keys["other"]
+    assert corpus_key({"name": "x", "source": "beir", "split": "test", "path": str(tmp_path / "none")},
+                      tmp_path) == "own:x"

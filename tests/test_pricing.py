@@ -43,13 +43,20 @@ def test_a_local_collection_is_priced_from_its_files(compose, data_root):
 
 def test_study_totals_count_shared_stages_and_step0_evaluations_once(compose):
     cfgs = [msmarco_suite(compose("model=llama3_1b", "eval=paper", f"loss={loss}")) for loss in ("cl", "kd")]
-    plans = [{"gpu_hours": 10.0}, {"gpu_hours": 12.0}]
+    plans = [{"gpu_hours": 10.0, "params_trainable": 10**6}, {"gpu_hours": 12.0, "params_trainable": 10**6}]
     totals = price_study(cfgs, plans)
     one_eval = plans[0]["eval_gpu_hours"] / 2
     assert plans[0]["mntp_gpu_hours"] == plans[1]["mntp_gpu_hours"] > 0
     assert totals["mntp_gpu_hours"] == pytest.approx(plans[0]["mntp_gpu_hours"])  # one backbone, one MNTP
     assert totals["eval_gpu_hours"] == pytest.approx(3 * one_eval)  # a shared step 0 + two final evaluations
     assert totals["train_gpu_hours"] == 22.0
+    disk = plans[0]["disk_gb"]
+    # kept: per cell final weights + run files + one checkpoint tag; the peak adds a second tag, the final
+    # stores, and the one step-0 store the two cells share
+    kept = 2 * (disk["final"] + disk["runs"] + disk["checkpoint"] / 2)
+    assert totals["disk_kept_gb"] == pytest.approx(kept)
+    assert totals["disk_peak_gb"] == pytest.approx(kept + 2 * (disk["checkpoint"] / 2 + disk["eval_store"])
+                                                   + disk["step0_store"])
     assert totals["total_gpu_hours"] == pytest.approx(sum(totals[k] for k in ("mntp_gpu_hours", "train_gpu_hours",
                                                                               "eval_gpu_hours")))
 
@@ -78,7 +85,7 @@ def test_training_data_preparation_is_priced_once_per_corpus_and_per_training_se
                                      f"loss={loss}"))
 
     cfgs = [cell("kd", "cross_encoder"), cell("cl_kd", "cross_encoder"), cell("kd", "bm25")]
-    plans = [{"gpu_hours": 1.0} for _ in cfgs]
+    plans = [{"gpu_hours": 1.0, "params_trainable": 10**6} for _ in cfgs]
     totals = price_study(cfgs, plans)
     # MS MARCO train: 502,939 judged queries over 8,841,823 passages (BM25 mines for every teacher)
     index = BM25_INDEX_CORE_S_PER_MDOC * 8.841823 / 3600
@@ -95,3 +102,20 @@ def test_training_data_preparation_is_priced_once_per_corpus_and_per_training_se
     assert totals["teacher_gpu_hours"] == pytest.approx(plans[0]["teacher_gpu_hours"])  # shared by kd and cl_kd
     assert totals["total_gpu_hours"] == pytest.approx(sum(totals[k] for k in (
         "mntp_gpu_hours", "train_gpu_hours", "eval_gpu_hours", "teacher_gpu_hours")))
+
+
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_a_cells_disk_by_hand(compose, paradigm):
+    from retrieval_scaling.pricing import disk_plan
+
+    cfg = msmarco_suite(compose("model=llama3_1b", "eval=paper", f"paradigm={paradigm}"))
+    disk = disk_plan(cfg, 10**7)
+    docs = 8_841_823  # the MS MARCO passage corpus, stored once for dev, DL19 and DL20
+    # dense: 2,048 float16 values + a 16-byte key = 4,112 bytes; sparse: 512 planned non-zeros × (2 + 4)
+    # bytes + a 4-byte row pointer + the key = 3,092 bytes, and 256 at step 0: 1,556 bytes
+    final, step0 = (4112, 4112) if paradigm == "dense" else (3092, 1556)
+    assert disk["eval_store"] == pytest.approx(docs * final / 1e9)
+    assert disk["step0_store"] == pytest.approx(docs * step0 / 1e9)
+    assert disk["checkpoint"] == pytest.approx(2 * 16.1 * 10**7 / 1e9) and disk["final"] == pytest.approx(0.04)
+    queries = sum(DECLARED[s["id"]].queries for s in cfg["eval"]["collections"].values())
+    assert disk["runs"] == pytest.approx(queries * 1000 * 11 / 1e9)
