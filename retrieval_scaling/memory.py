@@ -193,7 +193,8 @@ def frozen_weights(arch, prec: Precision, train_embeddings: bool) -> float:
 
 
 def evaluation_peak(cfg: Mapping[str, Any], prec: Precision) -> dict[str, float]:
-    """Bytes by term while encoding one batch of passages without a graph (LoRA merged into the weights)."""
+    """Bytes by term at the larger of an evaluation's two peaks: encoding one batch of passages without a
+    graph (LoRA merged into the weights), or searching one shard on the GPU beside those weights."""
     arch = architecture(cfg["model"])
     ev = cfg["eval"]
     batch, length = int(ev["batch_size"]), int(ev["passage_max_len"])
@@ -202,10 +203,34 @@ def evaluation_peak(cfg: Mapping[str, Any], prec: Precision) -> dict[str, float]
     # one layer's live tensors: the residual stream and norm output, q/k/v/out, the MLP's three
     live = tokens * c * (4 * arch.hidden_size + 2 * arch.num_key_value_heads * arch.head_size
                          + 3 * arch.intermediate_size)
-    terms = {"weights": float(arch.params_total() * prec.weight_bytes), "activations": float(live)}
+    weights = {"weights": float(arch.params_total() * prec.weight_bytes)}
+    terms = {**weights, "activations": float(live)}
     if cfg["paradigm"]["name"] == "sparse":  # one (L, V) buffer, the (N, V) pooled logits and weights
         terms["vocabulary_scores"] = float(arch.vocab_size * (length * c + batch * (c + 2 * FP32)))
-    return terms
+    if str(ev.get("search") or "auto") == "host":
+        return terms
+    search = {**weights, **search_buffers(cfg, arch)}
+    return search if sum(search.values()) > sum(terms.values()) else terms
+
+
+def search_buffers(cfg: Mapping[str, Any], arch) -> dict[str, float]:
+    """Bytes by term of searching one shard on the GPU (`shard_search.TorchSearch`): the shard moved
+    there (dense: its 16-bit copy and the float32 one made from it; sparse: torch CSR with 64-bit
+    indices), one block of queries' scores against it, and for sparse the block's densified queries."""
+    from .encodings import PLANNED_DOC_TERMS
+    from .shard_search import QUERY_BLOCK
+
+    ev = cfg["eval"]
+    shard = int(ev.get("shard_size") or 200_000)
+    stored = 2 if str(ev.get("store_dtype") or "float16") == "float16" else 0
+    out = {"search_scores": float(QUERY_BLOCK * shard * (FP32 + 1))}  # the scores and the candidates' mask
+    if cfg["paradigm"]["name"] == "sparse":
+        terms = int(ev.get("planned_doc_terms") or PLANNED_DOC_TERMS)
+        out["search_shard"] = float(shard * terms * (8 + 8 + FP32))
+        out["search_queries"] = float(QUERY_BLOCK * arch.vocab_size * FP32)
+    else:
+        out["search_shard"] = float(shard * arch.hidden_size * (stored + FP32))
+    return out
 
 
 def mntp_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[str, float]:

