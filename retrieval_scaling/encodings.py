@@ -19,6 +19,7 @@ import hashlib
 import logging
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ KEY = np.dtype(f"V{KEY_BYTES}")  # a key as one numpy item: sortable, searchable
 # texts, max length in tokens, progress label -> (N, dim) reps: a float32 array, or CSR for sparse ones
 EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# what reading a damaged shard raises: a bad CRC or header (zipfile), a truncated array (numpy), a lost member
+DAMAGED = (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError)
 
 
 def doc_bytes(width: int, sparse_reps: bool, store_dtype: str = "float16") -> int:
@@ -141,8 +144,17 @@ class EncodingStore:
             return np.ascontiguousarray(z["keys"]).view(KEY).ravel()
 
     def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
-        """A shard's reps: dense as stored (float16 or float32), sparse weights widened to float32."""
+        """A shard's reps: dense as stored (float16 or float32), sparse weights widened to float32. A shard
+        damaged since it was checked is removed, and the evaluation stops to be run again."""
         self.shard_reads += 1
+        try:
+            return self._read_reps(name)
+        except DAMAGED as exc:
+            self.shard_path(name).unlink(missing_ok=True)
+            raise UserError(f"encodings shard {self.shard_path(name)} is damaged ({type(exc).__name__}: {exc}); it "
+                            "was removed: run the evaluation again, which encodes its documents again") from None
+
+    def _read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
         with np.load(self.shard_path(name)) as z:
             if self.sparse:
                 # widened on reading: scipy indexes float16 CSR poorly, and a shard is small in memory
@@ -173,6 +185,8 @@ class EncodingStore:
         repeats: dict[int, list[int]] = {}
         for pos in again:
             repeats.setdefault(int(firsts[pos]), []).append(int(pos))
+        if self.rank == 0 and not self.keys:  # this process's first look: shards of an earlier attempt
+            self.drop_damaged()
         self.wait("store-read")  # every rank reads the same store before any writes to it
         self.refresh()
         new_here = ~contains(self.known, distinct)
@@ -235,6 +249,20 @@ class EncodingStore:
         """Every rank of the job here, waiting on the store's file system: one rank's last shard can take
         longer than a collective may wait."""
         wait_for_ranks(self.root, name)
+
+    def drop_damaged(self) -> None:
+        """Remove the shards an earlier attempt left that cannot be read whole (a disk error, a copy cut
+        short): they are a cache, so their documents are simply encoded again. Each is read once, here."""
+        for name in self.shard_names():
+            path = self.shard_path(name)
+            try:
+                with np.load(path) as z:
+                    for member in z.files:
+                        z[member]  # reading a member whole checks its CRC
+            except DAMAGED as exc:
+                log.warning("encodings shard %s is damaged (%s: %s): removed, its documents are encoded again",
+                            path, type(exc).__name__, exc)
+                path.unlink(missing_ok=True)
 
     def refresh(self) -> None:
         """Read the keys of shards this process has not seen yet (other ranks', an earlier attempt's)."""

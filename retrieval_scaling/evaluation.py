@@ -1,4 +1,6 @@
-"""Evaluation: rank each configured collection with a retriever, score the run with ir_measures.
+"""Evaluation: rank each configured collection with a retriever (the collections over one corpus in one
+pass over it), score each run with ir_measures (`scoring`), and keep each finished collection's scores so
+that a requeued evaluation skips it.
 
 Per collection (conf/eval/*): its measures (`<collection>/<metric>`), depth, lengths, and the BEIR
 rule that drops a hit whose id equals the query id; collections of a `group` (BEIR-13) are also
@@ -21,9 +23,9 @@ from .data import Collection
 from .errors import ConfigError
 from .layout import PER_QUERY, write_via
 from .retrievers import QuerySet, Ranked, Retriever, Run
+from .scoring import per_query_scores, score_run, write_run
 
 log = logging.getLogger(__name__)
-
 
 
 def entropy_spec(eval_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -70,54 +72,6 @@ def rank_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, A
     (ranked,) = retriever.search_sets(coll.corpus, [query_set(coll, spec, eval_cfg)], passage_max_len(spec, eval_cfg),
                                       int(eval_cfg.get("shard_size") or 200000))
     return to_run(ranked, coll, spec)
-
-
-def parse_measures(measures: Mapping[str, str]) -> dict:
-    import ir_measures
-
-    parsed = {}
-    for name, text in measures.items():
-        try:
-            parsed[name] = ir_measures.parse_measure(text)
-        except (ValueError, NameError, SyntaxError) as exc:
-            raise ConfigError(f"measure {name}: {text!r} is not an ir_measures measure ({exc}).") from None
-    return parsed
-
-
-def score_run(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-              measures: Mapping[str, str], prefix: str) -> dict[str, float]:
-    """Mean of each measure over the judged queries (a query without hits scores 0)."""
-    import ir_measures
-
-    parsed = parse_measures(measures)
-    full = {q: dict(run.get(q) or {}) for q in qrels}
-    agg = ir_measures.calc_aggregate(list(parsed.values()), qrels, full)
-    return {f"{prefix}/{name}": float(agg[m]) for name, m in parsed.items()}
-
-
-def per_query_scores(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-                     measures: Mapping[str, str]) -> dict[str, dict[str, float]]:
-    """{measure name: {query id: value}} over every judged query (0 where a query has no hits): what
-    `score_run` averages, kept so that intervals can resample queries."""
-    import ir_measures
-
-    parsed = parse_measures(measures)
-    names = {m: name for name, m in parsed.items()}
-    out: dict[str, dict[str, float]] = {name: dict.fromkeys(qrels, 0.0) for name in parsed}
-    for row in ir_measures.iter_calc(list(parsed.values()), qrels, {q: dict(h) for q, h in run.items() if h}):
-        if row.query_id in qrels:
-            out[names[row.measure]][row.query_id] = float(row.value)
-    return out
-
-
-def write_run(run: Run, path: Path, tag: str) -> Path:
-    """A TREC run file (`qid Q0 docid rank score tag`), gzipped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt", encoding="utf-8") as out:
-        for qid, hits in run.items():
-            for r, (doc, score) in enumerate(sorted(hits.items(), key=lambda kv: -kv[1]), start=1):
-                out.write(f"{qid} Q0 {doc} {r} {score:.6g} {tag}\n")
-    return path
 
 
 def subset_collection(coll: Collection, queries: int, bm25_depth: int, seed: int) -> Collection:
@@ -272,10 +226,22 @@ def finished_collections(progress: Path | None, keys: Sequence[str], rank: int) 
     from .distributed import from_rank0
 
     progress.mkdir(parents=True, exist_ok=True)
-    done = from_rank0(progress, "finished-collections", lambda: [k for k in keys if (progress / f"{k}.json").is_file()])
+    records: dict[str, dict] = {}
+
+    def readable() -> list[str]:
+        for key in keys:
+            path = progress / f"{key}.json"
+            if path.is_file():
+                try:
+                    records[key] = json.loads(path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+                    log.warning("%s is damaged (%s): collection %s is evaluated again", path, exc, key)
+        return list(records)
+
+    done = from_rank0(progress, "finished-collections", readable)
     if done:
         log.info("collections finished by an earlier attempt, skipped: %s", ", ".join(done))
-    return {k: json.loads((progress / f"{k}.json").read_text()) if rank == 0 else {} for k in done}
+    return {k: records[k] if rank == 0 else {} for k in done}
 
 
 def score_collection(retriever: Retriever, coll: Collection, spec: Mapping[str, Any], ranked: Ranked,

@@ -491,3 +491,47 @@ def test_a_requeued_evaluation_skips_the_collections_it_finished(tmp_path):
     assert seen and not any(t.startswith("doc") or t.startswith("query dev") for t in seen)  # dev not redone
     fresh = EncoderRetriever("f", encode, False, tmp_path / "fresh", entropy=retriever.entropy)
     assert again == evaluate_all(fresh, [dev, other], cfg, tmp_path / "runs-fresh")
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # bytes flipped inside the stored reps: the zip's CRC no longer matches
+        at = len(data) // 2
+        data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_damaged_shard_left_by_an_earlier_attempt_is_encoded_again_with_one_warning(tmp_path, caplog, how):
+    calls = []
+    encode = fake_encoder(24, False, calls)
+    texts = [f"doc {i}" for i in range(60)]
+    EncodingStore(tmp_path, encode, False, shard_size=20).ensure(texts, 64, "c")
+    shards = sorted(tmp_path.glob("shard-*.npz"))
+    damage(shards[1], how)
+    again = EncodingStore(tmp_path, encode, False, shard_size=20)
+    with caplog.at_level("WARNING", logger="retrieval_scaling.encodings"):
+        view = again.ensure(texts, 64, "c")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(shards[1]) in warnings[0] and "encoded again" in warnings[0]
+    assert again.encoded_docs == 20  # that shard's documents, no more
+    queries = encode([f"query {i}" for i in range(4)], 16, "q")
+    ((scores, pos),) = search_corpus(again, view, [SearchRequest(queries, 10)], tmp_path / "partial")
+    want_s, want_p = top_k_rows(score_distinct_then_expand(queries, texts, encode, 64), 10)
+    np.testing.assert_array_equal(pos, want_p)
+
+
+def test_a_shard_damaged_during_an_evaluation_stops_it_with_one_line_naming_it(tmp_path):
+    from retrieval_scaling.errors import UserError
+
+    encode = fake_encoder(24, False, [])
+    store = EncodingStore(tmp_path, encode, False, shard_size=20)
+    view = store.ensure([f"doc {i}" for i in range(40)], 64, "c")
+    victim = sorted(tmp_path.glob("shard-*.npz"))[0]
+    damage(victim, "flipped")
+    with pytest.raises(UserError) as err:
+        search_corpus(store, view, [SearchRequest(encode(["q"], 16, "q"), 5)], tmp_path / "partial")
+    assert "\n" not in str(err.value) and str(victim) in str(err.value) and "run the evaluation again" in str(err.value)
+    assert not victim.exists()  # a cache: the next attempt encodes its documents again

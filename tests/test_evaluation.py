@@ -15,9 +15,10 @@ from scipy import sparse
 
 from retrieval_scaling.data import Collection, load_source
 from retrieval_scaling.errors import DataError
-from retrieval_scaling.evaluation import evaluate_all, group_means, rank_collection, score_run
+from retrieval_scaling.evaluation import evaluate_all, group_means, rank_collection
 from retrieval_scaling.readers import read_trec_qrels, read_trec_topics
 from retrieval_scaling.retrievers import Ranked, Retriever
+from retrieval_scaling.scoring import score_run
 from retrieval_scaling.search import InvertedIndex, brute_force_sparse
 from retrieval_scaling.topk import search_dense, top_k_rows
 
