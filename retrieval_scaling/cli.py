@@ -11,6 +11,7 @@ from .credentials import redact
 from .errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class RedactingFilter(logging.Filter):
@@ -43,6 +44,9 @@ def run_verb(main: Callable[[], int | None]) -> int:
         return main() or 0
     except UserError as exc:
         return report(exc)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): finished work is kept; run the same command again to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def key_value_args(argv: Sequence[str], defaults: Mapping[str, str | None], usage: str,

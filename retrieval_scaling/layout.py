@@ -25,8 +25,10 @@ def check_name(key: str, value: Any) -> str:
     """A sweep or experiment name: letters, digits, '.', '_', '-', starting with a letter or digit."""
     text = "" if value is None else str(value)
     if not NAME.fullmatch(text) or ".." in text:
-        raise ConfigError(f"{key}={text!r} is not a usable name: it names a directory under the sweeps root, so "
-                          "use letters, digits, '.', '_' or '-' (no '/', no '..', not empty), e.g. msmarco-full")
+        shown = text if len(text) <= 40 else f"{text[:40]}… ({len(text)} characters)"
+        raise ConfigError(f"{key}={shown!r} is not a usable name: it names a directory under the sweeps root, so "
+                          "use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', "
+                          "no '..'), e.g. msmarco-full")
     return text
 
 

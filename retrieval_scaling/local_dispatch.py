@@ -78,11 +78,23 @@ def dispatch_local(jobs: Sequence[Job], launcher_cfg: Mapping[str, Any], ledger:
                 if error:
                     on_cell_failed(job.cell)
             if error:
-                log.error("%s failed: %s (log: %s)", job.name, str(error).strip().splitlines()[-1],
-                          job.handle.paths.stderr)
+                log.error("%s failed: %s (log: %s)", job.name, failure_cause(str(error)), job.handle.paths.stderr)
             else:
                 log.info("%s done", job.name)
     return outcome
+
+
+TRACE_RULE = "----------------------"  # what submitit puts around a failed job's traceback
+
+
+def failure_cause(message: str) -> str:
+    """What made a job fail, in one line: the exception line that ends the traceback submitit reports
+    (its message continues past the log paths it appends), else the message's first line."""
+    lines = message.strip().splitlines()
+    rules = [i for i, line in enumerate(lines) if line.strip() == TRACE_RULE]
+    trace = lines[rules[0] + 1:rules[-1]] if len(rules) >= 2 else lines
+    cause = next((line.strip() for line in reversed(trace) if line.strip()), "")
+    return cause or (lines[0].strip() if lines else "no message")
 
 
 def live_local_attempts(ledger: Ledger) -> list[dict[str, Any]]:

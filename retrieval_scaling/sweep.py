@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,11 +65,26 @@ def hydra_errors() -> tuple[type[BaseException], ...]:
     return HydraException, OmegaConfBaseException
 
 
+def hydra_message(text: str) -> str:
+    """Hydra's message for a bad override, as a user needs it: an override its grammar cannot read says
+    what to do; option lists leave out the bases other configs build on (`_tiny_family`) and the
+    search path."""
+    text = " ".join(text.split())
+    unreadable = re.match(r"LexerNoViableAltException: (\S+)", text)
+    if unreadable:
+        return (f"cannot read the override {unreadable.group(1)!r}: an unquoted value may hold letters, digits "
+                "and _-./:@+ only; quote it for Hydra (e.g. 'sweep.name=\"…\"') or use plain ASCII")
+    text = re.sub(r" ?Config search path:.*$", "", text)
+    text = re.sub(r"(Available options in '[^']+':)((?: \S+)+)",
+                  lambda m: m.group(1) + "".join(f" {o}" for o in m.group(2).split() if not o.startswith("_")), text)
+    return f"{text} (see `--help` for the config groups and their options)"
+
+
 def run() -> int | None:
     try:
         main()
     except hydra_errors() as exc:
-        raise ConfigError(f"{exc} (see `--help` for the config groups and their options)") from None
+        raise ConfigError(hydra_message(str(exc))) from None
     if ERROR:
         raise ERROR[0]
     from hydra_plugins.retrieval_scaling_launcher import OUTCOME

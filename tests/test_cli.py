@@ -119,7 +119,10 @@ def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps,
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model=tiny_xl", "model/tiny_xl"),
+    ("model=tiny_xl", "options in 'model': llama3_1b llama3_3b llama3_8b smollm2_135m tiny_l tiny_m tiny_s ("),
+    ("sweep.name=tiny✓", "cannot read the override 'sweep.name=tiny✓': an unquoted value may hold"),
+    ("sweep.name=" + "a" * 250, "… (250 characters)' is not a usable name: it names a directory under the sweeps root, "
+                                "so use 1 to 128 letters"),
     ("loss=foo", "loss/foo"),
     ("budget.flops=1e6", "smaller than one optimizer step"),
     ("train.bf16=maybe", "train.bf16='maybe': use auto"),
@@ -127,8 +130,8 @@ def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps,
 ])
 def test_bad_input_stops_before_anything_runs(sweeps, override, message):
     proc = run_cli("sweep", "+grid=tiny", override, env_extra=sweeps)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert proc.returncode == 2 and proc.stdout.strip() == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert message in proc.stderr
     root = Path(sweeps["RS_SWEEPS_DIR"])
     assert not (root / "mlflow.db").exists() and not (root / "tiny" / "cells").exists()
 
@@ -240,3 +243,21 @@ def test_one_tiny_cell_end_to_end_then_skipped(sweeps):
     assert scores["contrastive_entropy_k1000_seed0"] == pytest.approx(
         done["metrics"][f"{EVALUATED}/contrastive_entropy_k1000_seed0"], rel=1e-3)
     assert scores["doc_nnz"] == pytest.approx(done["metrics"][f"{EVALUATED}/doc_nnz"], rel=1e-4)
+
+
+def test_ctrl_c_ends_a_verb_with_one_line_and_the_shells_status():
+    """SIGINT (Ctrl-C) during a verb: no traceback, one line saying what is kept, exit 130."""
+    import signal
+    import time
+
+    code = "from retrieval_scaling.cli import run_verb; import time, sys; print('ready', flush=True); " \
+           "sys.exit(run_verb(lambda: time.sleep(60)))"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["interrupted (Ctrl-C): finished work is kept; run the same command again "
+                                        "to go on"]

@@ -3,6 +3,7 @@
 import atexit
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def test_local_order_puts_the_biggest_backbone_first_and_alternates_paradigms(tm
                      "cell s/sparse/cl", "cell s/dense/cl", "cell s/sparse/kd", "cell s/dense/kd"]
 
 
-def test_local_workers_start_a_cell_only_after_its_stages_job_ended_even_a_failed_one(tmp_path):
+def test_local_workers_start_a_cell_only_after_its_stages_job_ended_even_a_failed_one(tmp_path, caplog):
     # Two workers. l's stages hold one until s's two cells have ended (or 60 s); s's stages end at once,
     # failed. s's cells run on the other worker meanwhile, as they need only s's stages; l's cells after.
     jobs = [_job(tmp_path, "l", until=("s/dense/cl", "s/dense/kd")), _job(tmp_path, "s", fail=True),
@@ -284,10 +285,15 @@ def test_local_workers_start_a_cell_only_after_its_stages_job_ended_even_a_faile
     cells = [j.cell for j in jobs if j.cell]
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job processes cannot import tests/
     ledger = Ledger(tmp_path / "ledger.json")
-    outcome = dispatch_local(jobs, {"threads_per_job": 1, "max_parallel": 2, "timeout_min": 2}, ledger,
-                             {c: dict(zip(("model", "paradigm", "loss"), c.split("/"), strict=True)) for c in cells})
+    with caplog.at_level("ERROR", logger="retrieval_scaling.local_dispatch"):
+        outcome = dispatch_local(jobs, {"threads_per_job": 1, "max_parallel": 2, "timeout_min": 2}, ledger,
+                                 {c: dict(zip(("model", "paradigm", "loss"), c.split("/"), strict=True))
+                                  for c in cells})
     assert outcome == {"stages l": "COMPLETED", "stages s": "FAILED",
                        **{f"cell {c}": "COMPLETED" for c in cells}}
+    # the failure's cause on the console, then where its whole log is
+    (failed,) = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"stages s failed: RuntimeError: stage-s broke \(log: \S+_log\.err\)", failed), failed
     events = (tmp_path / "order.log").read_text().splitlines()
     assert not [e for e in events if "NOT-READY" in e], events
     starts = [e.split()[1] for e in events if e.startswith("start")]
