@@ -44,6 +44,16 @@ def run_verb(main: Callable[[], int | None]) -> int:
         return main() or 0
     except UserError as exc:
         return report(exc)
+    except OSError as exc:
+        from .disk import READ_ONLY_ERRNOS, disk_full, is_disk_full
+
+        if is_disk_full(exc):
+            return report(disk_full(exc.filename or ".", "it"))
+        if exc.errno in READ_ONLY_ERRNOS:
+            return report(UserError(f"{exc.filename} is on a read-only file system and this command writes there: "
+                                    "`status` reads a sweep without writing to it; run this one where the sweep "
+                                    "root is writable"))
+        raise
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): finished work is kept; run the same command again to go on", file=sys.stderr)
         return EXIT_INTERRUPTED

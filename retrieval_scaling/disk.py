@@ -9,17 +9,54 @@ evaluation it was for. `stale_stores` finds exactly those; the sweep removes the
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import UserError
 from .layout import DONE, FINAL, STEP0_STORE_SUFFIX, sweep_dir
 
 log = logging.getLogger(__name__)
 
 KINDS = ("checkpoints", "encodings", "runs", "other", "shared cache")
+# How a full disk shows itself: the OS's error, SQLite's through MLflow, torch's zip writer cut short.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_TEXT = re.compile(r"No space left on device|database or disk is full|Disk quota exceeded|unexpected pos \d+")
+READ_ONLY_ERRNOS = (errno.EROFS,)
+
+
+class DiskFull(UserError):
+    """A write that did not fit its file system: never worth retrying."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+        return True
+    return FULL_TEXT.search(str(exc)) is not None
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes of the file system holding `path` (or its nearest existing parent)."""
+    at = Path(path).absolute()
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    try:
+        return shutil.disk_usage(at).free
+    except OSError:
+        return None
+
+
+def disk_full(path: str | os.PathLike, what: str) -> DiskFull:
+    """The one line for a full disk: where, how much is free, what was being written, what to do."""
+    free = free_bytes(path)
+    room = "" if free is None else f" ({human_size(free)} free)"
+    return DiskFull(f"no space left on the file system of {path}{room} while writing {what}: free space there "
+                    "(or move sweep.root / sweep.cache_dir to a larger one), then run the same command again; "
+                    "finished work is kept")
 
 
 def human_size(n: float) -> str:

@@ -4,6 +4,7 @@ reported budget."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -105,6 +106,10 @@ def retrying(call: Callable[[], Any], what: str, uri: str, budget_s: float | Non
         try:
             return call()
         except Exception as exc:  # noqa: BLE001 — sorted into transient or not just below
+            from .disk import disk_full, is_disk_full
+
+            if is_disk_full(exc):  # MLflow reports SQLite's full disk as TEMPORARILY_UNAVAILABLE
+                raise disk_full(sqlite_path(uri) or redact(uri), f"the tracking store ({what})") from None
             if not is_transient(exc):
                 raise
             reason = redact(" ".join(str(exc).split()))[:300]
@@ -140,6 +145,9 @@ def client(uri: str) -> RetryingClient:
     return RetryingClient(uri)
 
 
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a mount or directory this process cannot write
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """For a SQLite store, an exclusive lock on `<db>.lock` (two sweeps started at once on a fresh
@@ -148,8 +156,15 @@ def _store_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as handle:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 — closed below
+    except OSError as exc:
+        if exc.errno not in READ_ONLY_ERRNOS or not db.is_file():
+            raise
+        yield  # a store on a read-only mount: read, never migrated by anyone, so no lock is needed
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -265,8 +265,15 @@ def save_checkpoint(engine, ckpt_dir: Path, state: Mapping[str, int]) -> None:
     # what trains (LoRA, trained embeddings, heads), its optimizer and scheduler: not the frozen base,
     # which would be 16 GB a checkpoint at 8B
     engine.module_state_dict = _state_dict_without_frozen(engine)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "trainable": trainable_names(engine)},
-                           exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**state, "trainable": trainable_names(engine)},
+                               exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as "unexpected pos"
+        from .disk import disk_full, is_disk_full
+
+        if is_disk_full(exc):
+            raise disk_full(ckpt_dir, f"checkpoint {tag} (the previous one is kept)") from None
+        raise
     import torch.distributed as dist
 
     if dist.get_rank() != 0:

@@ -440,3 +440,82 @@ def test_a_password_in_the_tracking_uri_is_never_written_or_printed(sweeps, tmp_
              if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaks == []
     assert (Path(sweeps["RS_SWEEPS_DIR"]) / "secret" / "cells").is_dir()  # the cell's files were searched
+
+
+# ---- full and read-only file systems, made for the test in a mount namespace -------------------------
+
+def in_namespace(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`script` (sh) in a mount namespace of its own: mounts made there vanish with it."""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Skipped only where this machine cannot make a private mount (no unshare, no privilege)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if in_namespace(f"mount -t tmpfs -o size=1m tmpfs {probe}").returncode != 0:
+        pytest.skip("no private mounts here (unshare -m with tmpfs and bind mounts)")
+    return tmp_path
+
+
+FILL_AND_LOG = """
+import sys, time
+from pathlib import Path
+from retrieval_scaling.errors import UserError
+from retrieval_scaling.tracking_client import client
+root = Path(sys.argv[1])
+c = client(f"sqlite:///{root}/mlflow.db")
+run = c.create_run(c.create_experiment("full")).info.run_id
+with open(root / "filler", "wb") as f:  # the rest of the file system
+    try:
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    except OSError:
+        pass
+start = time.monotonic()
+try:
+    for step in range(2000):  # enough new pages to need space
+        c.log_batch(run, metrics=[__import__("mlflow").entities.Metric(f"m{i}", 1.0, 0, step) for i in range(50)])
+except UserError as exc:
+    print(f"{time.monotonic() - start:.1f}|{exc}")
+"""
+
+
+def test_a_full_disk_under_the_tracking_store_is_one_line_at_once_not_an_outage(mounts):
+    """SQLite's "database or disk is full" comes through MLflow as TEMPORARILY_UNAVAILABLE; it is
+    recognised as a full disk at once (not retried for minutes and blamed on the server)."""
+    store = mounts / "small"
+    store.mkdir()
+    proc = in_namespace(f"mount -t tmpfs -o size=3m tmpfs {store} && "
+                        f"RS_TRACKING_RETRY_S=120 {sys.executable} -c '{FILL_AND_LOG}' {store}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds, message = proc.stdout.strip().splitlines()[-1].split("|", 1)
+    assert float(seconds) < 10  # not the 120 s retry budget
+    assert message.startswith(f"no space left on the file system of {store}/mlflow.db (")
+    assert "while writing the tracking store (log_batch)" in message and "run the same command again" in message
+
+
+def test_a_read_only_sweep_root_can_be_read_and_a_writing_verb_says_so_in_one_line(mounts, data_root):
+    root = mounts / "sweeps"
+    env = f"RS_SWEEPS_DIR={root} RS_DATA_DIR={data_root} MLFLOW_TRACKING_URI="
+    made = subprocess.run([sys.executable, "-m", "retrieval_scaling.sweep", "+grid=tiny", "model=tiny_s",
+                           "paradigm=dense", "loss=cl", "sweep.name=ro", "sweep.dry_run=true"], cwd=ROOT,
+                          env={**os.environ, "RS_SWEEPS_DIR": str(root), "RS_DATA_DIR": str(data_root),
+                               "MLFLOW_TRACKING_URI": ""}, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    from retrieval_scaling.tracking_client import client
+
+    c = client(f"sqlite:///{root}/mlflow.db")
+    c.create_run(c.create_experiment("ro"))
+    read_only = f"mount --bind {root} {root} && mount -o remount,bind,ro {root} && "
+    status = in_namespace(read_only + f"{env} {sys.executable} -m retrieval_scaling.status sweep=ro")
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "MISSING" in status.stdout and "disk: checkpoints 0 B" in status.stdout
+    sweep = in_namespace(read_only + f"{env} {sys.executable} -m retrieval_scaling.sweep +grid=tiny model=tiny_s "
+                                     "paradigm=dense loss=cl sweep.name=ro sweep.dry_run=true")
+    errors = [line for line in sweep.stderr.splitlines() if line.startswith("error:")]
+    assert sweep.returncode == 2 and len(errors) == 1 and "Traceback" not in sweep.stderr, sweep.stderr[-3000:]
+    assert "is on a read-only file system and this command writes there" in errors[0]
