@@ -51,8 +51,8 @@ def run_verb(main: Callable[[], int | None]) -> int:
             return report(disk_full(exc.filename or ".", "it"))
         if exc.errno in READ_ONLY_ERRNOS:
             return report(UserError(f"{exc.filename} is on a read-only file system and this command writes there: "
-                                    "`status` reads a sweep without writing to it; run this one where the sweep "
-                                    "root is writable"))
+                                    "`status`, `curves out=<dir>` and `relog dry_run=true` read a sweep without "
+                                    "writing to it; run this one where the sweep root is writable"))
         raise
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): finished work is kept; run the same command again to go on", file=sys.stderr)

@@ -25,9 +25,10 @@ from .resampling import compute_optimal, fit_line, leave_largest_out, residuals
 from .scaling import Target, fittable, target_for
 from .sweep_results import gather_points, line_cells, read_per_query
 
-DEFAULTS = {"sweep": None, "metric": "scifact/ndcg_10", "root": None, "uri": None, "bootstrap": "1000", "seed": "0"}
+DEFAULTS = {"sweep": None, "metric": "scifact/ndcg_10", "root": None, "uri": None, "bootstrap": "1000", "seed": "0",
+            "out": None}
 USAGE = ("usage: python -m retrieval_scaling.curves sweep=<name> [metric=scifact/ndcg_10] [root=sweeps] "
-         "[uri=<tracking uri>] [bootstrap=1000] [seed=0]")
+         "[uri=<tracking uri>] [bootstrap=1000] [seed=0] [out=<dir>: write there, touch neither sweep nor store]")
 Line = tuple[str, str, float]  # (paradigm, loss, FLOP budget)
 log = logging.getLogger(__name__)
 
@@ -121,15 +122,18 @@ def log_to_parent(uri: str, sweep: str, files: Sequence[Path]) -> str | None:
     return parent.info.run_id
 
 
-def curves_for_sweep(uri: str, sweep: str, metric: str, root: Path, bootstrap: int = 1000, seed: int = 0) -> dict:
+def curves_for_sweep(uri: str, sweep: str, metric: str, root: Path, bootstrap: int = 1000, seed: int = 0,
+                     out: Path | None = None) -> dict:
     """Write the curves under `<root>/<sweep>/curves`, log them to the parent run and make them the
-    description of the parent run and the experiment; the result of `write_curves` with "parent" added."""
+    description of the parent run and the experiment; the result of `write_curves` with "parent" added.
+    With `out`, the curves go there and neither the sweep nor its tracking store is written (a sweep
+    read from an archive or a read-only mount)."""
     from .curves_summary import description, set_description
     from .layout import curves_dir
     from .tracking_client import client
 
-    result = write_curves(uri, sweep, metric, curves_dir(root, sweep), bootstrap, seed, root)
-    result["parent"] = log_to_parent(uri, sweep, result["files"])
+    result = write_curves(uri, sweep, metric, out or curves_dir(root, sweep), bootstrap, seed, root)
+    result["parent"] = None if out else log_to_parent(uri, sweep, result["files"])
     if result["parent"]:
         text = description(sweep, metric, result["points"], result["findings"], result["parent"])
         set_description(client(uri), sweep, result["parent"], text)
@@ -165,12 +169,13 @@ def fit(argv: Sequence[str]) -> int:
     args = key_value_args(argv, DEFAULTS, USAGE)
     root = Path(args["root"] or os.environ.get("RS_SWEEPS_DIR", "sweeps"))
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, root)
+    out = Path(args["out"]) if args["out"] else curves_dir(root, args["sweep"])
     result = curves_for_sweep(uri, args["sweep"], args["metric"], root,
                               check_number("bootstrap", args["bootstrap"], int, 0, False),
-                              check_number("seed", args["seed"], int, 0, False))
-    out = curves_dir(root, args["sweep"])
+                              check_number("seed", args["seed"], int, 0, False), out if args["out"] else None)
     print((out / "summary.md").read_text())
-    where = f"logged to parent run {result['parent']}" if result["parent"] else "no parent run to log to"
+    where = (f"logged to parent run {result['parent']}" if result["parent"]
+             else "the sweep and its tracking store untouched" if args["out"] else "no parent run to log to")
     print(f"curves: {out / 'scaling.png'} ({len(result['points'])} cells; {where})")
     return 0
 

@@ -19,7 +19,8 @@ from .errors import DataError, UserError
 from .layout import DONE, read_done, run_artifacts, sweep_dir
 
 log = logging.getLogger(__name__)
-USAGE = "usage: python -m retrieval_scaling.relog sweep=<name> [root=<sweeps dir>] [uri=<mlflow uri>]"
+USAGE = ("usage: python -m retrieval_scaling.relog sweep=<name> [root=<sweeps dir>] [uri=<mlflow uri>] "
+         "[dry_run=false|true: list the cells, log nothing]")
 
 
 def lost_cells(root: str | os.PathLike, sweep: str, uri: str) -> list[str]:
@@ -78,9 +79,14 @@ def relog(argv: Sequence[str]) -> int:
     from .tracking import ensure_experiment
     from .tracking_client import tracking_uri
 
-    args = key_value_args(argv, {"sweep": None, "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None},
-                          USAGE)
+    args = key_value_args(argv, {"sweep": None, "root": os.environ.get("RS_SWEEPS_DIR", "sweeps"), "uri": None,
+                                 "dry_run": "false"}, USAGE, choices={"dry_run": ("false", "true")})
     uri = tracking_uri({"uri": args["uri"] or os.environ.get("MLFLOW_TRACKING_URI")}, args["root"])
+    if args["dry_run"] == "true":
+        cells = lost_cells(args["root"], args["sweep"], uri)
+        print(f"{len(cells)} DONE cell(s) missing from {redact(uri)} would be logged again"
+              + (f": {', '.join(cells)}" if cells else "") + " (dry run: nothing written)")
+        return 0
     artifacts = Path(args["root"]) / "mlartifacts"
     ensure_experiment(uri, args["sweep"], artifacts)
     cells = relog_sweep(args["root"], args["sweep"], uri, artifacts)

@@ -67,6 +67,13 @@ def test_the_verb_logs_the_curves_to_the_parent_run(store, tmp_path, capsys):
     children = client(uri).search_runs([client(uri).get_experiment_by_name("law").experiment_id],
                                        filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
     assert len(children) == 48
+    # elsewhere: the same files, and neither the sweep's directory nor its store written
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "law" / "curves").iterdir()}
+    assert main(["sweep=law", f"uri={uri}", f"root={tmp_path}", "bootstrap=50", f"out={tmp_path / 'copy'}"]) == 0
+    assert "the sweep and its tracking store untouched" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "copy").iterdir()} == {"scaling.png", "points.csv", "fits.json", "summary.md"}
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "law" / "curves").iterdir()} == before
+    assert len(client(uri).list_artifacts(parent, "curves")) == 4
 
 
 def test_no_finished_cells_is_a_clear_error(tmp_path, capsys):

@@ -259,6 +259,10 @@ def test_status_says_when_the_store_lost_done_cells_and_relog_brings_them_back(s
     assert f"1 DONE cell(s) have no run in the tracking store sqlite:///{root.resolve()}/mlflow.db" in status.stderr
     assert "retrieval_scaling.relog sweep=lost" in status.stderr
 
+    looked = run_cli("relog", "sweep=lost", "dry_run=true", env_extra=sweeps)
+    assert looked.returncode == 0 and f"1 DONE cell(s) missing from sqlite:///{root.resolve()}/mlflow.db would be " \
+        f"logged again: {out.name} (dry run: nothing written)" in looked.stdout, looked.stderr[-2000:]
+    assert json.loads(run_cli("status", "sweep=lost", "format=json", env_extra=sweeps).stdout)[0]["run_status"] is None
     relog = run_cli("relog", "sweep=lost", env_extra=sweeps)
     assert relog.returncode == 0 and "1 DONE cell(s) logged again" in relog.stdout, relog.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -519,3 +523,5 @@ def test_a_read_only_sweep_root_can_be_read_and_a_writing_verb_says_so_in_one_li
     errors = [line for line in sweep.stderr.splitlines() if line.startswith("error:")]
     assert sweep.returncode == 2 and len(errors) == 1 and "Traceback" not in sweep.stderr, sweep.stderr[-3000:]
     assert "is on a read-only file system and this command writes there" in errors[0]
+    relog = in_namespace(read_only + f"{env} {sys.executable} -m retrieval_scaling.relog sweep=ro dry_run=true")
+    assert relog.returncode == 0 and "0 DONE cell(s) missing" in relog.stdout, relog.stderr[-3000:]
