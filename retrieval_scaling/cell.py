@@ -215,14 +215,14 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     evaluate = Evaluator(cfg, cid, rank)
     before = evaluate.step0(encoder, tokenizer, out)
     if rank == 0:
-        run.log_metrics(before, step=0)
+        run.log_new_metrics(before, step=0)
         log.info("step 0: %s", before)
     loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
     # Compiled layers (train.compile) are cached with the sweep's other stages unless the user chose a place.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg["sweep"]["cache_dir"]) / "inductor"))
     encoder = train(encoder, loss_fn, batch_sampler(cfg, data_dir, tokenizer), plan["steps"],
                     plan["flops_per_step"], plan["tokens_per_step"], cfg["train"], cfg["paradigm"],
-                    deepspeed_config(cfg), out / "checkpoints", int(cfg["log"]["every"]), run.log_metrics,
+                    deepspeed_config(cfg), out / "checkpoints", int(cfg["log"]["every"]), run.log_new_metrics,
                     Faults(faults_path(cfg["sweep"]["root"], cfg["sweep"]["name"]), cid))
     if rank == 0:
         save_trainable(encoder, out / FINAL)
@@ -230,7 +230,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     after = evaluate(encoder, tokenizer, out / "eval" / f"final-{file_hash(out / FINAL)}", out / "runs")
     if rank != 0:
         return {}
-    run.log_metrics(after, step=plan["steps"])
+    run.log_new_metrics(after, step=plan["steps"])
     for run_file in run_artifacts(out / "runs"):
         run.log_artifact(run_file, "runs")
     log.info("step %d: %s", plan["steps"], after)

@@ -136,6 +136,7 @@ class CellRun:
         from mlflow.entities import RunTag
 
         self.client = client(uri)
+        self.last_steps: dict[str, int] = {}  # a metric's last logged step, as `log_new_metrics` found it
         exp_id = ensure_experiment(uri, experiment, artifacts)
         existing = find_cell_run(self.client, exp_id, cell)
         if existing is None:
@@ -159,6 +160,18 @@ class CellRun:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_new_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """`log_metrics`, less each metric an earlier attempt already logged at this step or a later one:
+        a cell resumed from a checkpoint replays the steps since it, and their points would show twice."""
+        for key in metrics:
+            if key not in self.last_steps:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.last_steps[key] = max((m.step for m in history), default=-1)
+        new = {k: v for k, v in metrics.items() if step > self.last_steps[k]}
+        if new:
+            self.log_metrics(new, step)
+            self.last_steps.update(dict.fromkeys(new, step))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         have = self.client.get_run(self.run_id).data.params

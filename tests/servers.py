@@ -61,13 +61,14 @@ def postgres():
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: int = 2):
-    """`mlflow server` on a free localhost port over `backend_uri`; yields its http URI."""
-    port = free_port()
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: int = 2, port: int | None = None):
+    """`mlflow server` on a localhost port (a free one unless given: a restart reuses its port) over
+    `backend_uri`; yields its http URI."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--default-artifact-root", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port),
            "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     uri = f"http://127.0.0.1:{port}"
     try:
