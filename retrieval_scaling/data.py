@@ -74,7 +74,7 @@ def load_collection(root: str | os.PathLike | None, name: str, split: str, path:
     if path and not (base / "corpus.jsonl").is_file():
         raise DataError(f"Collection '{name}': {base}/corpus.jsonl does not exist (a BEIR-format directory).")
     docs = read_corpus(base) if corpus is None else corpus
-    queries = read_jsonl(base / "queries.jsonl", ("text",))
+    queries = read_jsonl(base / "queries.jsonl", ("text",), non_empty=("text",))
     qrels_path = base / "qrels" / f"{split}.tsv"
     qrels = read_qrels(qrels_path)
     check_judgements(qrels, queries, docs, f"collection {name}", qrels_path, allow_missing_nonrelevant)
@@ -107,6 +107,10 @@ def load_ir_datasets(name: str, dataset_id: str, allow_missing_nonrelevant: bool
         qrels.setdefault(row.query_id, {})[row.doc_id] = int(row.relevance)
     check_judgements(qrels, queries, corpus, f"ir_datasets '{dataset_id}' (collection {name})",
                      allow_missing_nonrelevant=allow_missing_nonrelevant)
+    empty = sorted(q for q in qrels if not str(queries[q] or "").strip())
+    if empty:
+        raise DataError(f"ir_datasets '{dataset_id}' (collection {name}): judged queries with an empty text: "
+                        f"{', '.join(empty[:5])}{' …' if len(empty) > 5 else ''}.")
     return Collection(name=name, corpus=corpus, queries={q: queries[q] for q in qrels}, qrels=qrels)
 
 

@@ -25,9 +25,9 @@ def text_lines(path: Path, opener: Callable[..., IO[bytes]] = open) -> Iterator[
                                 "Re-encode the file as UTF-8 or fix that line.") from None
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict]:
-    """Rows of a JSONL file keyed by `_id`; a broken line, a missing field or a duplicate id fails
-    with the file and line number."""
+def read_jsonl(path: Path, fields: tuple[str, ...], non_empty: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Rows of a JSONL file keyed by `_id`; a broken line, a missing field, an empty one of `non_empty`
+    or a duplicate id fails with the file and line number."""
     rows: dict[str, dict] = {}
     for lineno, line in text_lines(path):
         if not line.strip():
@@ -42,6 +42,10 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict]:
         if missing:
             raise DataError(f"{path}:{lineno}: missing field(s) {missing}.")
         doc_id = str(row["_id"])
+        empty = [f for f in non_empty if not str(row[f] or "").strip()]
+        if empty:
+            raise DataError(f"{path}:{lineno}: '{doc_id}' has an empty {', '.join(empty)}: give it one, or remove "
+                            "the line and its judgements.")
         if doc_id in rows:
             raise DataError(f"{path}:{lineno}: duplicate id '{doc_id}'.")
         rows[doc_id] = row
@@ -101,6 +105,9 @@ def read_trec_topics(path: Path) -> dict[str, str]:
                             "field(s).")
         if parts[0] in topics:
             raise DataError(f"{path}:{lineno}: duplicate query id '{parts[0]}'.")
+        if not parts[1].strip():
+            raise DataError(f"{path}:{lineno}: query '{parts[0]}' has an empty text: give it one, or remove the "
+                            "line and its judgements.")
         topics[parts[0]] = parts[1].strip()
     if not topics:
         raise DataError(f"{path}: no topics.")

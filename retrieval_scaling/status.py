@@ -18,6 +18,7 @@ from typing import Any
 from .errors import UserError
 
 HEADLINE = "ndcg_10"
+STEP0_HEADLINE = f"step0 {HEADLINE}"  # the untrained model's, beside the final one
 STATES = ("DONE", "RUNNING", "PENDING", "FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
 # What a second `sweep` submits again; never DONE, RUNNING or PENDING.
 RESUBMIT = ("FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "STALE", "MISSING")
@@ -105,22 +106,42 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
         attempts = ledger.get(cid, {}).get("attempts", [])
         run = runs.get(cid)
         metrics = dict(run.data.metrics) if run else {}
-        if done_path.is_file():
+        done = done_path.is_file()
+        if done:
             metrics.update(read_done(done_path)["metrics"])
         beat = metrics.pop("heartbeat", None)
         age = now - beat if beat else None
-        state = reconcile(done_path.is_file(), jobs.get(cid), run.info.status if run else None, age, stale_after)
+        state = reconcile(done, jobs.get(cid), run.info.status if run else None, age, stale_after)
+        job_state = jobs.get(cid)
+        if done and job_state == "FAILED" and attempts and attempts[-1].get("state") not in ("COMPLETED", "FAILED"):
+            job_state = "COMPLETED"  # its process went (a killed local sweep) after the cell had finished
         rows.append({
             "cell_id": cid, "model": plan["model"], "paradigm": plan["paradigm"], "loss": plan["loss"],
             "state": state, "job_id": attempts[-1]["job_id"] if attempts else None,
-            "job_state": jobs.get(cid), "run_status": run.info.status if run else None,
+            "job_state": job_state, "run_status": run.info.status if run else None,
             "attempt": int(run.data.tags.get("attempt", 0)) if run else 0, "submissions": len(attempts),
             "flops_spent": metrics.get("flops_spent", plan["flops_total"] if state == "DONE" else 0.0),
             "flops_budget": plan["flops_budget"],
             "flops_total": plan["flops_total"], "heartbeat_age_s": None if age is None else round(age, 1),
-            "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")},
+            # a cell's final metrics once it is DONE; before, the latest values are its step-0 evaluation's
+            "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")} if done else {},
+            "step0_metrics": step0_headline(uri, run, metrics),
         })
     return rows
+
+
+def step0_headline(uri: str, run, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The headline metric(s) of a cell's step-0 evaluation (their points at step 0), whatever it logged since."""
+    from .tracking_client import client
+
+    if run is None:
+        return {}
+    out = {}
+    for key in (k for k in metrics if k.endswith("/" + HEADLINE)):
+        at_zero = [m.value for m in client(uri).get_metric_history(run.info.run_id, key) if m.step == 0]
+        if at_zero:
+            out[key] = at_zero[-1]
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -137,7 +158,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
 
     if columns is None:
         columns = ("cell_id", "model", "paradigm", "loss", "state", "job_id", "attempt", "progress", "heartbeat",
-                   HEADLINE)
+                   STEP0_HEADLINE, HEADLINE)
     table = Table(title=title)
     for col in columns:
         text = col in ("cell_id", "model", "paradigm", "loss", "state")
@@ -151,9 +172,9 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str, columns: Sequence
             elif col == "heartbeat":
                 age = row.get("heartbeat_age_s")
                 cells.append("" if age is None or row.get("state") == "DONE" else f"{age:.0f}s ago")
-            elif col == HEADLINE:
-                cells.append(_fmt(next((v for k, v in row.get("metrics", {}).items() if k.endswith("/" + HEADLINE)),
-                                       None)))
+            elif col in (HEADLINE, STEP0_HEADLINE):
+                found = row.get("metrics" if col == HEADLINE else "step0_metrics", {})
+                cells.append(_fmt(next((v for k, v in found.items() if k.endswith("/" + HEADLINE)), None)))
             else:
                 cells.append(_fmt(row.get(col)))
         table.add_row(*cells)
@@ -195,7 +216,8 @@ def show(args: Mapping[str, str]) -> int:
               file=sys.stderr)
     if args["format"] == "json":
         keys = ("cell_id", "model", "paradigm", "loss", "state", "flops_spent", "flops_budget", "flops_total",
-                "metrics", "job_id", "job_state", "run_status", "attempt", "submissions", "heartbeat_age_s")
+                "metrics", "step0_metrics", "job_id", "job_state", "run_status", "attempt", "submissions",
+                "heartbeat_age_s")
         print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
     else:
         from .disk import cache_dir_of, disk_line, sweep_disk

@@ -156,3 +156,20 @@ def test_collections_over_one_corpus_share_its_key_and_others_do_not(tmp_path):
     assert keys["dev"] == keys["dl19"] == keys["dl20"] != keys["other"]
     assert corpus_key({"name": "x", "source": "beir", "split": "test", "path": str(tmp_path / "none")},
                       tmp_path) == "own:x"
+
+
+def test_a_query_with_an_empty_text_is_refused_at_load_with_its_file_and_line(tmp_path):
+    from retrieval_scaling.data import load_collection
+    from retrieval_scaling.errors import DataError
+    from retrieval_scaling.readers import read_trec_topics
+
+    base = tmp_path / "c"
+    (base / "qrels").mkdir(parents=True)
+    (base / "corpus.jsonl").write_text('{"_id": "d1", "text": "a passage"}\n')
+    (base / "queries.jsonl").write_text('{"_id": "q1", "text": "a query"}\n{"_id": "q2", "text": "  "}\n')
+    (base / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td1\t1\n")
+    with pytest.raises(DataError, match=rf"{base}/queries.jsonl:2: 'q2' has an empty text: give it one"):
+        load_collection(tmp_path, "c", "test")
+    (tmp_path / "topics.tsv").write_text("q1\ta query\nq2\t\n")
+    with pytest.raises(DataError, match=r"topics.tsv:2: query 'q2' has an empty text"):
+        read_trec_topics(tmp_path / "topics.tsv")

@@ -104,3 +104,34 @@ def test_system_metrics_go_on_after_the_tracking_server_restarts(tmp_path, monke
         steps = [m.step for m in points(uri, run.run_id)]
     assert metrics.thread.is_alive() is False and before >= 3
     assert len(steps) >= before + 3 and sorted(steps) == list(range(len(steps)))  # no step lost or repeated
+
+
+def test_status_names_the_step0_and_the_final_metric_apart_and_a_done_cells_job_completed(tmp_path):
+    """Two cells of a local sweep whose process was killed: one DONE (its job's process gone since), one
+    still training after its step-0 evaluation. The running cell's step-0 nDCG is not its final one."""
+    import json
+    import socket
+
+    from retrieval_scaling.layout import ledger_path, plan_path, sweep_dir
+    from retrieval_scaling.ledger import Ledger
+    from retrieval_scaling.status import sweep_rows
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plan_path(tmp_path, "sw").parent.mkdir(parents=True)
+    plan = {"flops_budget": 100.0, "flops_total": 100.0, "model": "tiny_s", "paradigm": "dense", "loss": "cl"}
+    plan_path(tmp_path, "sw").write_text(json.dumps([{**plan, "cell_id": "aaaaaaaa"}, {**plan, "cell_id": "bbbbbbbb"}]))
+    ledger = Ledger(ledger_path(tmp_path, "sw"))
+    gone = {"host": socket.gethostname(), "pid_started": 1.0}  # no such process: the sweep was killed
+    for cell in ("aaaaaaaa", "bbbbbbbb"):
+        ledger.submitted(cell, "999999", {"model": "tiny_s", "paradigm": "dense", "loss": "cl"}, "local", **gone)
+        run = CellRun(uri, "sw", tmp_path / "art", cell, {"model": "tiny_s"}, {})
+        run.log_new_metrics({"scifact/ndcg_10": 0.05}, 0)
+        run.log_metrics({"flops_spent": 50.0}, 5)
+    (sweep_dir(tmp_path, "sw") / "cells" / "aaaaaaaa").mkdir(parents=True)
+    (sweep_dir(tmp_path, "sw") / "cells" / "aaaaaaaa" / "DONE").write_text(json.dumps(
+        {"cell_id": "aaaaaaaa", "metrics": {"scifact/ndcg_10": 0.4}}))
+    done, running = sweep_rows("sw", tmp_path, uri)
+    assert done["state"] == "DONE" and done["job_state"] == "COMPLETED"
+    assert done["metrics"] == {"scifact/ndcg_10": 0.4} and done["step0_metrics"] == {"scifact/ndcg_10": 0.05}
+    assert running["state"] == "FAILED" and running["job_state"] == "FAILED"
+    assert running["metrics"] == {} and running["step0_metrics"] == {"scifact/ndcg_10": 0.05}
