@@ -12,8 +12,8 @@ of 200 queries. Measured: peak RSS, bytes on disk per document, non-zeros per do
 Also SmolLM2-135M's real weights with its untrained head over SciFact passages (`--smollm2-docs`).
 
 Target (issue 32): peak RSS < 2.5 GB at 4,000 and 20,000 passages pruned; disk per document within
-the documented bound (`encodings.doc_bytes`: 256 × (2-byte float16 weight + 4-byte term id) + 4-byte row
-pointer + 16-byte key = 1,556 bytes, and at most 2 KiB per shard file).
+the documented bound (`encodings.doc_bytes`: 256 × (4-byte weight + 4-byte term id) + 4-byte row pointer
++ 16-byte key = 2,068 bytes, and at most 2 KiB per shard file).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Corpus encodings of one model, persisted as shards and keyed by content.
 
 An `EncodingStore` is a directory of shard files (`shard-<hash>.npz`), each holding the content keys of
-its documents and their reps (dense: an (n, d) array; sparse: CSR), in `eval.store_dtype`: float16
-halves the store, and the searches (`corpus_search`) score the stored values exactly, in float32. A
-shard whose values would overflow float16 is stored in float32 instead.
+its documents and their reps: dense, an (n, d) array in `eval.store_dtype` (float16 halves the store;
+the searches, `corpus_search`, score the stored values exactly, in float32; a shard whose values would
+overflow float16 is stored in float32 instead); sparse, CSR with float32 weights.
 
 A document's key is a hash of its text and the length it is truncated to, never its collection or id,
 so collections whose corpora are the same (MS MARCO dev, DL19, DL20) or overlap (FEVER, Climate-FEVER)
@@ -48,9 +48,11 @@ DAMAGED = (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError)
 
 def doc_bytes(width: int, sparse_reps: bool, store_dtype: str = "float16") -> int:
     """What one document takes in a store: its key and its vector, `width` values wide (dense: the
-    dimension; sparse: the non-zeros, each a value and a 32-bit term id, plus its row pointer)."""
-    value = np.dtype(STORE_DTYPES[store_dtype]).itemsize
-    return KEY_BYTES + (width * (value + 4) + 4 if sparse_reps else width * value)
+    dimension, in `store_dtype`; sparse: the non-zeros, each a float32 weight and a 32-bit term id, plus
+    its row pointer)."""
+    if sparse_reps:
+        return KEY_BYTES + width * (4 + 4) + 4
+    return KEY_BYTES + width * np.dtype(STORE_DTYPES[store_dtype]).itemsize
 
 
 PLANNED_DOC_TERMS = 512  # a trained sparse document's non-zeros, planned for (`eval.planned_doc_terms`)
@@ -144,8 +146,8 @@ class EncodingStore:
             return np.ascontiguousarray(z["keys"]).view(KEY).ravel()
 
     def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
-        """A shard's reps: dense as stored (float16 or float32), sparse weights widened to float32. A shard
-        damaged since it was checked is removed, and the evaluation stops to be run again."""
+        """A shard's reps: dense as stored (float16 or float32), sparse as CSR. A shard damaged since it was
+        checked is removed, and the evaluation stops to be run again."""
         self.shard_reads += 1
         try:
             return self._read_reps(name)
@@ -157,17 +159,15 @@ class EncodingStore:
     def _read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
         with np.load(self.shard_path(name)) as z:
             if self.sparse:
-                # widened on reading: scipy indexes float16 CSR poorly, and a shard is small in memory
-                return sparse.csr_matrix((z["data"].astype(np.float32), z["indices"], z["indptr"]),
-                                         shape=tuple(z["shape"]))
+                return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
             return z["reps"]
 
     def write_shard(self, name: str, keys: np.ndarray, reps) -> None:
         arrays = {"keys": np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), KEY_BYTES)}
         if self.sparse:
             m = to_csr(reps)
-            arrays.update(data=narrowed(m.data, self.store_dtype), indices=m.indices, indptr=m.indptr,
-                          shape=np.array(m.shape))
+            # sparse weights stay float32: float16 moved SciFact's nDCG@10 (docs/evaluation.md)
+            arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
         else:
             arrays["reps"] = np.ascontiguousarray(narrowed(reps, self.store_dtype))
         write_via(self.shard_path(name), lambda tmp: np.savez(tmp, **arrays))

@@ -466,3 +466,41 @@ def test_an_evaluation_short_of_disk_stops_with_one_error_line_before_encoding(t
     assert "need 4.06 MB more (5183 documents × 784 bytes), and 1 MB is free" in errors[0]
     assert "rs-encodings-" in errors[0] and encoded == []  # not even the queries
     assert not list(tmp_path.glob("rs-encodings-*/shard-*"))
+
+
+def test_sparse_weights_are_stored_whole_even_in_a_float16_store(data_root, tmp_path):
+    """Real sparse vectors with a learned model's range of weights: SciFact's BM25 weights (0 to ~10) as
+    document vectors, each query its term counts. Rounded to float16 they moved nDCG@10 in the 4th
+    decimal, so a store keeps sparse weights in float32 whatever `eval.store_dtype` says: the same
+    nDCG@10 either way, and float32 weights on disk."""
+    from retrieval_scaling.bm25 import BM25Index
+    from retrieval_scaling.retrievers import EncoderRetriever
+
+    coll = load_source({"name": "scifact", "source": "beir", "split": "test"}, data_root)
+    index = BM25Index(coll.corpus)
+    docs = sparse.csc_matrix((index.weights, index.doc_ids, index.indptr),
+                             shape=(index.n_docs, len(index.indptr) - 1)).tocsr()
+    row_of = {text: i for i, text in enumerate(coll.corpus.values())}
+
+    def encode(texts, max_len, desc):
+        if "queries" in desc:
+            tokens = index.query_tokens(texts)
+            rows = np.repeat(np.arange(len(tokens)), [len(t) for t in tokens])
+            cols = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
+            m = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)),
+                                  shape=(len(texts), docs.shape[1]))
+            m.sum_duplicates()
+            return m
+        return docs[[row_of[t] for t in texts]]
+
+    cfg = {"query_max_len": 64, "passage_max_len": 512, "shard_size": 2000, "contrastive_entropy": None,
+           "collections": {"scifact": {"name": "scifact", "depth": 100, "drop_self_hits": True,
+                                       "measures": {"ndcg_10": "nDCG@10"}}}}
+    got = {}
+    for dtype in ("float32", "float16"):
+        retriever = EncoderRetriever("bm25-vectors", encode, True, tmp_path / dtype, store={"store_dtype": dtype})
+        got[dtype] = evaluate_all(retriever, [coll], cfg)["scifact/ndcg_10"]
+        for shard in (tmp_path / dtype).glob("shard-*.npz"):
+            with np.load(shard) as z:
+                assert z["data"].dtype == np.float32
+    assert got["float32"] > 0.6 and got["float16"] == got["float32"]  # BM25's quality, from the same bits

@@ -111,9 +111,9 @@ def test_a_cells_disk_by_hand(compose, paradigm):
     cfg = msmarco_suite(compose("model=llama3_1b", "eval=paper", f"paradigm={paradigm}"))
     disk = disk_plan(cfg, 10**7)
     docs = 8_841_823  # the MS MARCO passage corpus, stored once for dev, DL19 and DL20
-    # dense: 2,048 float16 values + a 16-byte key = 4,112 bytes; sparse: 512 planned non-zeros × (2 + 4)
-    # bytes + a 4-byte row pointer + the key = 3,092 bytes, and 256 at step 0: 1,556 bytes
-    final, step0 = (4112, 4112) if paradigm == "dense" else (3092, 1556)
+    # dense: 2,048 float16 values + a 16-byte key = 4,112 bytes; sparse: 512 planned non-zeros × (4 + 4)
+    # bytes (float32 weight, term id) + a 4-byte row pointer + the key = 4,116 bytes, and 256 at step 0: 2,068
+    final, step0 = (4112, 4112) if paradigm == "dense" else (4116, 2068)
     assert disk["eval_store"] == pytest.approx(docs * final / 1e9)
     assert disk["step0_store"] == pytest.approx(docs * step0 / 1e9)
     assert disk["checkpoint"] == pytest.approx(2 * 16.1 * 10**7 / 1e9) and disk["final"] == pytest.approx(0.04)
