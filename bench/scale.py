@@ -139,23 +139,13 @@ def sparse_search(n_docs: int, n_queries: int, scipy_sample: int, k: int, shard_
     by shard as the store feeds it, and scipy brute force on a sample of the queries."""
     import numba
     import torch
-    from scipy import sparse
+    from gpu_search import grid_sparse
 
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse
     from retrieval_scaling.shard_search import TorchSearch
     from retrieval_scaling.topk import merge_top_k
 
-    def vectors(n: int, nnz: int, seed: int):
-        rng = np.random.default_rng(seed)
-        terms = (rng.zipf(1.1, (n, nnz)) - 1) % VOCAB
-        rows = np.repeat(np.arange(n), nnz)
-        weights = np.minimum(np.round(rng.lognormal(0, 0.5, n * nnz) * 64) / 64, 31).astype(np.float32)
-        m = sparse.csr_matrix((weights, (rows, terms.ravel())), shape=(n, VOCAB))
-        m.sum_duplicates()  # repeated draws of a term add up: a little under nnz distinct terms
-        m.data = np.minimum(m.data, 31)
-        return m
-
-    docs, queries = vectors(n_docs, 275, 3), vectors(n_queries, 30, 4)  # ~200 and ~27 distinct terms
+    docs, queries = grid_sparse(n_docs, 275, 3), grid_sparse(n_queries, 30, 4)  # ~200 and ~27 distinct terms
     start = time.perf_counter()
     index = InvertedIndex(docs)
     build = time.perf_counter() - start
