@@ -525,3 +525,32 @@ def test_a_read_only_sweep_root_can_be_read_and_a_writing_verb_says_so_in_one_li
     assert "is on a read-only file system and this command writes there" in errors[0]
     relog = in_namespace(read_only + f"{env} {sys.executable} -m retrieval_scaling.relog sweep=ro dry_run=true")
     assert relog.returncode == 0 and "0 DONE cell(s) missing" in relog.stdout, relog.stderr[-3000:]
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_is_named_as_such(tmp_path):
+    """torch's zip writer reports a full disk as "unexpected pos …" (a RuntimeError): the cell stops with
+    the disk named, the checkpoint that was being written, and the previous one kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from retrieval_scaling.disk import DiskFull
+    from retrieval_scaling.train import save_checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed; unexpected pos 31296 vs 31190")
+
+    module = torch.nn.Linear(2, 2)
+    engine = SimpleNamespace(module=module, save_checkpoint=full)
+    with pytest.raises(DiskFull) as err:
+        save_checkpoint(engine, tmp_path / "checkpoints", {"step": 40})
+    message = str(err.value)
+    assert message.startswith(f"no space left on the file system of {tmp_path / 'checkpoints'} (")
+    assert "while writing checkpoint step40 (the previous one is kept)" in message and "\n" not in message
+
+    def other(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):  # not every failure is a full disk
+        save_checkpoint(SimpleNamespace(module=module, save_checkpoint=other), tmp_path / "checkpoints", {"step": 41})
