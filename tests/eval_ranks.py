@@ -73,7 +73,8 @@ def main() -> None:
             return encode(texts, max_len, desc)
 
         retriever.encode = encode_then_die
-    metrics = evaluate_all(retriever, None, eval_cfg(args.root, args.shard_size), args.runs, rank)
+    metrics = evaluate_all(retriever, None, eval_cfg(args.root, args.shard_size), args.runs, rank,
+                           args.store / "collections")  # as a cell keeps them: a requeue skips finished ones
     store = retriever.store
     print(json.dumps({"rank": rank, "metrics": metrics, "encoded_docs": store.encoded_docs,
                       "reused_shards": store.reused_shards}))
