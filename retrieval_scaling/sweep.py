@@ -92,12 +92,35 @@ def run() -> int | None:
     return EXIT.get("code", OUTCOME.get("exit_code", 0))
 
 
+def print_help(overrides: list[str]) -> int:
+    """Hydra's `--help`, less the configs other configs build on (`_tiny_family`): the groups a user
+    picks from, their options, and the config the overrides compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        groups = {g: [o for o in sorted(loader.get_group_options(g)) if not o.startswith("_")]
+                  for g in sorted(loader.list_groups("")) if g != "hydra"}
+        config = OmegaConf.to_yaml(compose("config", overrides=overrides))
+    verb = getattr(sys.modules["__main__"].__spec__, "name", None) or "retrieval_scaling.sweep"  # or prepare
+    print(f"python -m {verb} [+grid=<name>] [group=option ...] [key=value ...]\n\n== Configuration groups ==\n"
+          "Compose your configuration from those groups (group=option)\n")
+    print("\n".join(f"{g}: {', '.join(options)}" for g, options in groups.items() if options))
+    print("\n== Config ==\nOverride anything in the config (foo.bar=value)\n")
+    print(config)
+    return 0
+
+
 def cli() -> int:
     from .cli import run_verb
 
     # Hydra's own reporting (a traceback, exit 1) gives way to the verbs' one error path.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        return run_verb(lambda: print_help([a for a in args if a not in ("--help", "-h")]))
     return run_verb(run)
 
 

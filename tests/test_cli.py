@@ -261,3 +261,12 @@ def test_ctrl_c_ends_a_verb_with_one_line_and_the_shells_status():
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["interrupted (Ctrl-C): finished work is kept; run the same command again "
                                         "to go on"]
+
+
+def test_help_lists_the_options_a_user_picks_from_not_the_bases_they_build_on(sweeps):
+    proc = run_cli("sweep", "--help", env_extra=sweeps)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\nmodel: llama3_1b, llama3_3b, llama3_8b, smollm2_135m, tiny_l, tiny_m, tiny_s\n" in proc.stdout
+    assert "\neval: beir13, beir_dir, dl19, dl20, msmarco_dev, paper, scifact, trec\n" in proc.stdout
+    assert "_tiny_family" not in proc.stdout and "_base" not in proc.stdout
+    assert "\n== Config ==\n" in proc.stdout and "\nmodel:\n  source: pretrain" in proc.stdout
