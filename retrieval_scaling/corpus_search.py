@@ -53,7 +53,6 @@ def expand_repeats(scores: np.ndarray, positions: np.ndarray,
     return np.concatenate([scores, s], axis=1), np.concatenate([positions, p], axis=1)
 
 
-
 def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[SearchRequest],
                   scratch: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Exact top-k corpus positions for each request's queries (dense array or CSR): a list of
