@@ -87,7 +87,7 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
     from .layout import ledger_path, plan_path, read_done, read_json, sweep_dir
     from .ledger import Ledger
     from .tracking import cell_runs
-    from .tracking_client import store_exists
+    from .tracking_client import client, store_exists
 
     base = sweep_dir(root, sweep)
     plan_file = plan_path(root, sweep)
@@ -98,6 +98,7 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
     ledger = Ledger(ledger_path(root, sweep)).cells
     jobs = job_states(ledger)
     runs = cell_runs(uri, sweep) if store_exists(uri) else {}
+    store = client(uri) if runs else None
     now = time.time()
     rows = []
     for plan in plans:
@@ -125,20 +126,19 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
             "flops_total": plan["flops_total"], "heartbeat_age_s": None if age is None else round(age, 1),
             # a cell's final metrics once it is DONE; before, the latest values are its step-0 evaluation's
             "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")} if done else {},
-            "step0_metrics": step0_headline(uri, run, metrics),
+            "step0_metrics": step0_headline(store, run, metrics),
         })
     return rows
 
 
-def step0_headline(uri: str, run, metrics: Mapping[str, float]) -> dict[str, float]:
-    """The headline metric(s) of a cell's step-0 evaluation (their points at step 0), whatever it logged since."""
-    from .tracking_client import client
-
+def step0_headline(store, run, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The headline metric(s) of a cell's step-0 evaluation (their points at step 0), whatever it logged
+    since; `store`: a tracking client."""
     if run is None:
         return {}
     out = {}
     for key in (k for k in metrics if k.endswith("/" + HEADLINE)):
-        at_zero = [m.value for m in client(uri).get_metric_history(run.info.run_id, key) if m.step == 0]
+        at_zero = [m.value for m in store.get_metric_history(run.info.run_id, key) if m.step == 0]
         if at_zero:
             out[key] = at_zero[-1]
     return out
