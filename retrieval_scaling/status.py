@@ -108,8 +108,8 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
         run = runs.get(cid)
         metrics = dict(run.data.metrics) if run else {}
         done = done_path.is_file()
-        if done:
-            metrics.update(read_done(done_path)["metrics"])
+        final = read_done(done_path)["metrics"] if done else {}  # the final evaluation's, and only those
+        metrics.update(final)
         beat = metrics.pop("heartbeat", None)
         age = now - beat if beat else None
         state = reconcile(done, jobs.get(cid), run.info.status if run else None, age, stale_after)
@@ -124,8 +124,9 @@ def sweep_rows(sweep: str, root: str | os.PathLike, uri: str,
             "flops_spent": metrics.get("flops_spent", plan["flops_total"] if state == "DONE" else 0.0),
             "flops_budget": plan["flops_budget"],
             "flops_total": plan["flops_total"], "heartbeat_age_s": None if age is None else round(age, 1),
-            # a cell's final metrics once it is DONE; before, the latest values are its step-0 evaluation's
-            "metrics": {k: v for k, v in metrics.items() if "/" in k and not k.startswith("train/")} if done else {},
+            # the final evaluation's metrics once DONE (never a step-0-only one, such as a sparse cell's
+            # scifact:top256/ndcg_10); before, the run's latest values are its step-0 evaluation's
+            "metrics": {k: v for k, v in final.items() if "/" in k and not k.startswith("train/")},
             "step0_metrics": step0_headline(store, run, metrics),
         })
     return rows

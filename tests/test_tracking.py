@@ -125,13 +125,14 @@ def test_status_names_the_step0_and_the_final_metric_apart_and_a_done_cells_job_
     for cell in ("aaaaaaaa", "bbbbbbbb"):
         ledger.submitted(cell, "999999", {"model": "tiny_s", "paradigm": "dense", "loss": "cl"}, "local", **gone)
         run = CellRun(uri, "sw", tmp_path / "art", cell, {"model": "tiny_s"}, {})
-        run.log_new_metrics({"scifact/ndcg_10": 0.05}, 0)
+        run.log_new_metrics({"scifact/ndcg_10": 0.05, "scifact:top256/ndcg_10": 0.01}, 0)  # the pruned one: sparse
         run.log_metrics({"flops_spent": 50.0}, 5)
     (sweep_dir(tmp_path, "sw") / "cells" / "aaaaaaaa").mkdir(parents=True)
     (sweep_dir(tmp_path, "sw") / "cells" / "aaaaaaaa" / "DONE").write_text(json.dumps(
         {"cell_id": "aaaaaaaa", "metrics": {"scifact/ndcg_10": 0.4}}))
     done, running = sweep_rows("sw", tmp_path, uri)
     assert done["state"] == "DONE" and done["job_state"] == "COMPLETED"
-    assert done["metrics"] == {"scifact/ndcg_10": 0.4} and done["step0_metrics"] == {"scifact/ndcg_10": 0.05}
+    step0 = {"scifact/ndcg_10": 0.05, "scifact:top256/ndcg_10": 0.01}
+    assert done["metrics"] == {"scifact/ndcg_10": 0.4} and done["step0_metrics"] == step0
     assert running["state"] == "FAILED" and running["job_state"] == "FAILED"
-    assert running["metrics"] == {} and running["step0_metrics"] == {"scifact/ndcg_10": 0.05}
+    assert running["metrics"] == {} and running["step0_metrics"] == step0
