@@ -57,7 +57,7 @@ def check(device: str, docs: int, queries: int, dim: int, k: int, shard: int) ->
         s_all = np.full((queries, 0), -np.inf, dtype=np.float32)
         i_all = np.full((queries, 0), -1, dtype=np.int64)
         for lo in range(0, docs, shard):
-            s, i = searcher.top_k(prepared, d[lo:lo + shard], k)
+            s, i = searcher.top_k(prepared, searcher.index(d[lo:lo + shard]), k)
             s_all, i_all = merge_top_k(s_all, i_all, s, i + lo, k)
         seconds = time.perf_counter() - start
         want_s, want_i = brute()

@@ -158,7 +158,7 @@ def sparse_search(n_docs: int, n_queries: int, scipy_sample: int, k: int, shard_
     prepared = searcher.prepare(queries)
     t_s, t_i = np.full((n_queries, 0), -np.inf, dtype=np.float32), np.full((n_queries, 0), -1, dtype=np.int64)
     for lo in range(0, n_docs, shard_size):
-        s, i = searcher.top_k(prepared, docs[lo:lo + shard_size], k)
+        s, i = searcher.top_k(prepared, searcher.index(docs[lo:lo + shard_size]), k)
         t_s, t_i = merge_top_k(t_s, t_i, s, i + lo, k)
     torch_time = time.perf_counter() - start
     sample = queries[:scipy_sample]

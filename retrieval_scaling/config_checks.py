@@ -26,6 +26,12 @@ NUMBERS: dict[str, tuple[type, float, bool]] = {
     "train.micro_batch": (int, 1, True),
     "planner.gpu_memory_gb": (float, 0.001, True),
     "planner.memory_overhead_gb": (float, 0.0, True),
+    "eval.planned_doc_terms": (int, 1, True),
+}
+# dotted key → the values it may take (null: its default)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "eval.store_dtype": ("float16", "float32"),
+    "eval.search": ("auto", "host", "torch"),
 }
 
 
@@ -54,6 +60,13 @@ def check_number(dotted: str, value: Any, kind: type, least: float, nullable: bo
     return kind(number)
 
 
+def check_choice(dotted: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """`value` when it is one of `allowed`; else ConfigError naming them."""
+    if value not in allowed:
+        raise ConfigError(f"{dotted}={value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
 def check_cell(cfg: dict[str, Any]) -> None:
     """Check (and normalise, in place: '3' → 3) the values a cell's config must get right."""
     check_name("sweep.name", lookup(cfg, "sweep.name")[1])
@@ -66,6 +79,10 @@ def check_cell(cfg: dict[str, Any]) -> None:
         for key in parents:
             node = node[key]
         node[leaf] = check_number(dotted, value, kind, least, nullable)
+    for dotted, allowed in CHOICES.items():
+        present, value = lookup(cfg, dotted)
+        if present and value is not None:
+            check_choice(dotted, value, allowed)
     name = cfg.get("launcher", {}).get("name")
     if name not in ("local", "slurm"):
         raise ConfigError(f"launcher.name={name!r}: expected local or slurm (launcher=local or launcher=slurm)")

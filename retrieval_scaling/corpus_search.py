@@ -69,13 +69,14 @@ def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[Sea
     for name in sorted(view.rows)[store.rank::store.world]:
         rows, first = view.rows[name]
         reps = store.read_reps(name)[rows]
+        docs = store.searcher.index(reps)  # once for every request
         if store.sparse:
             counts = np.diff(reps.indptr)
             repeated = (sum(int(counts[j]) * len(view.repeats.get(int(p), ())) for j, p in enumerate(first))
                         if view.repeats else 0)
             store.doc_nnz += int(counts.sum()) + repeated
         for j, request in enumerate(requests):
-            s, p = search_reps(store, reps, first, view, prepared[j], ks[j])
+            s, p = search_reps(store, docs, first, view, prepared[j], ks[j])
             found[j] = merge_top_k(*found[j], s, p, ks[j])
             if request.entropy is not None:
                 positions, at = needed[j]
@@ -85,6 +86,7 @@ def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[Sea
     if store.world == 1:
         return [pad_top_k(s, p, k) for (s, p), k in zip(found, ks, strict=True)]
     return merge_ranks(store, view, requests, found, ks, scratch)
+
 
 def needed_firsts(view: CorpusView,
                   requests: Sequence[SearchRequest]) -> list[tuple[np.ndarray, np.ndarray] | None]:
@@ -100,16 +102,19 @@ def needed_firsts(view: CorpusView,
         out.append((positions, np.array([back.get(int(p), int(p)) for p in positions], dtype=np.int64)))
     return out
 
-def search_reps(store: EncodingStore, reps, first: np.ndarray, view: CorpusView, queries,
+
+def search_reps(store: EncodingStore, docs, first: np.ndarray, view: CorpusView, queries,
                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of one shard's rows of this corpus (`reps`, at corpus positions `first`, ascending), so
-    that ties break by position; repeated texts count at each of their positions."""
-    s, i = store.searcher.top_k(queries, reps, min(k, len(first)))
+    """Top-k of one shard's rows of this corpus (`docs`, its searcher's index of them, at corpus
+    positions `first`, ascending), so that ties break by position; repeated texts count at each of their
+    positions."""
+    s, i = store.searcher.top_k(queries, docs, min(k, len(first)))
     s = s.astype(np.float32)
     p = np.where(i >= 0, first[np.clip(i, 0, None)], -1)
     if view.repeats:
         s, p = expand_repeats(s, p, view.repeats)
     return merge_top_k(s[:, :0], p[:, :0], s, p, k)
+
 
 def merge_ranks(store: EncodingStore, view: CorpusView, requests: Sequence[SearchRequest], found: list, ks: list[int],
                 scratch: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:

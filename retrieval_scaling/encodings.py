@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from .config_checks import check_choice
 from .disk import human_size
 from .distributed import balanced_shards, from_rank0, wait_for_ranks
 from .errors import UserError
@@ -58,14 +59,22 @@ def doc_bytes(width: int, sparse_reps: bool, store_dtype: str = "float16") -> in
 PLANNED_DOC_TERMS = 512  # a trained sparse document's non-zeros, planned for (`eval.planned_doc_terms`)
 
 
+def planned_doc_terms(eval_cfg: Mapping[str, Any]) -> int:
+    """The non-zeros a trained sparse document is planned to take: disk checks, disk and memory plans."""
+    return int(eval_cfg.get("planned_doc_terms") or PLANNED_DOC_TERMS)
+
+
+def store_dtype(eval_cfg: Mapping[str, Any]) -> str:
+    """`eval.store_dtype`, the dense vectors' dtype on disk (float16 unless set)."""
+    return check_choice("eval.store_dtype", str(eval_cfg.get("store_dtype") or "float16"), tuple(STORE_DTYPES))
+
+
 def store_settings(eval_cfg: Mapping[str, Any], sparse_reps: bool, width: int,
                    device: Any = "cpu") -> dict[str, Any]:
     """How an evaluation's encodings are stored and searched: `eval.store_dtype`, the bytes a document
     is planned to take (dense: `width` = its dimension; sparse: its non-zeros), and `eval.search`'s
     searcher on the encoder's `device` (a torch device)."""
-    dtype = str(eval_cfg.get("store_dtype") or "float16")
-    if dtype not in STORE_DTYPES:
-        raise UserError(f"eval.store_dtype={dtype!r} is not one of {list(STORE_DTYPES)}.")
+    dtype = store_dtype(eval_cfg)
     return {"store_dtype": dtype, "planned_doc_bytes": doc_bytes(width, sparse_reps, dtype),
             "searcher": shard_search(str(eval_cfg.get("search") or "auto"), device)}
 
@@ -120,8 +129,7 @@ class EncodingStore:
                  searcher: HostSearch | TorchSearch | None = None):
         self.root, self.encode, self.sparse = Path(root), encode, sparse_reps
         self.shard_size, self.rank, self.world = max(1, int(shard_size)), rank, world
-        if store_dtype not in STORE_DTYPES:
-            raise UserError(f"eval.store_dtype={store_dtype!r} is not one of {list(STORE_DTYPES)}.")
+        self.store_dtype = check_choice("eval.store_dtype", store_dtype, tuple(STORE_DTYPES))
         self.store_dtype, self.planned_doc_bytes = store_dtype, planned_doc_bytes
         self.searcher = searcher or HostSearch()
         self.root.mkdir(parents=True, exist_ok=True)

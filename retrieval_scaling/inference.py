@@ -14,7 +14,7 @@ import torch
 from scipy import sparse
 
 from .encoders import Encoder, encode_inputs
-from .encodings import PLANNED_DOC_TERMS, store_settings
+from .encodings import planned_doc_terms, store_settings
 from .precision import weight_dtype
 from .retrievers import EncoderRetriever
 
@@ -97,6 +97,6 @@ def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = 
 
     width = encoder.backbone.config.hidden_size
     if encoder.sparse:
-        width = max_terms or int((eval_cfg or {}).get("planned_doc_terms") or PLANNED_DOC_TERMS)
+        width = max_terms or planned_doc_terms(eval_cfg or {})
     settings = store_settings(eval_cfg or {}, encoder.sparse, width, next(encoder.parameters()).device)
     return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy, settings)

@@ -217,16 +217,15 @@ def search_buffers(cfg: Mapping[str, Any], arch) -> dict[str, float]:
     """Bytes by term of searching one shard on the GPU (`shard_search.TorchSearch`): the shard moved
     there (dense: its 16-bit copy and the float32 one made from it; sparse: torch CSR with 64-bit
     indices), one block of queries' scores against it, and for sparse the block's densified queries."""
-    from .encodings import PLANNED_DOC_TERMS
+    from .encodings import planned_doc_terms, store_dtype
     from .shard_search import QUERY_BLOCK
 
     ev = cfg["eval"]
     shard = int(ev.get("shard_size") or 200_000)
-    stored = 2 if str(ev.get("store_dtype") or "float16") == "float16" else 0
+    stored = 2 if store_dtype(ev) == "float16" else 0
     out = {"search_scores": float(QUERY_BLOCK * shard * (FP32 + 1))}  # the scores and the candidates' mask
     if cfg["paradigm"]["name"] == "sparse":
-        terms = int(ev.get("planned_doc_terms") or PLANNED_DOC_TERMS)
-        out["search_shard"] = float(shard * terms * (8 + 8 + FP32))
+        out["search_shard"] = float(shard * planned_doc_terms(ev) * (8 + 8 + FP32))
         out["search_queries"] = float(QUERY_BLOCK * arch.vocab_size * FP32)
     else:
         out["search_shard"] = float(shard * arch.hidden_size * (stored + FP32))

@@ -161,19 +161,19 @@ def disk_plan(cfg: Mapping[str, Any], trainable: int) -> dict[str, float]:
     weights, its run files, and the encoding stores of its evaluations while they run (the final one,
     and the step-0 one its (backbone, paradigm) shares)."""
     from .backbone import architecture
-    from .encodings import PLANNED_DOC_TERMS, doc_bytes
+    from .encodings import doc_bytes, planned_doc_terms, store_dtype
     from .layout import step0_max_terms
 
     ev = cfg["eval"]
     sparse = cfg["paradigm"]["name"] == "sparse"
-    hidden = architecture(cfg["model"]).hidden_size
-    dtype = str(ev.get("store_dtype") or "float16")
+    arch = architecture(cfg["model"])
+    dtype = store_dtype(ev)
     corpora, _ = suite_corpora(cfg)
     docs = sum(size.docs for _, size, _, encodes in corpora if encodes)
     hits = sum(min(size.queries, int((ev.get("subset") or {}).get("queries") or size.queries)) * int(spec["depth"])
                for spec, size, _, _ in corpora)
-    final_width = int(ev.get("planned_doc_terms") or PLANNED_DOC_TERMS) if sparse else hidden
-    step0_width = (step0_max_terms(cfg) or architecture(cfg["model"]).vocab_size) if sparse else hidden
+    final_width = planned_doc_terms(ev) if sparse else arch.hidden_size
+    step0_width = (step0_max_terms(cfg) or arch.vocab_size) if sparse else arch.hidden_size
     return {"checkpoint": 2 * CHECKPOINT_BYTES_PER_TRAINABLE * trainable / 1e9, "final": 4 * trainable / 1e9,
             "runs": RUN_BYTES_PER_HIT * hits / 1e9,
             "eval_store": docs * doc_bytes(final_width, sparse, dtype) / 1e9,

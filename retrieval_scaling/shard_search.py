@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from .config_checks import CHOICES, check_choice
 from .search import InvertedIndex, to_csr
 from .topk import dense_top_k
 
@@ -54,22 +55,25 @@ def full_precision_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class HostSearch:
-    """Shards searched on the host: BLAS for dense reps, the inverted index for sparse ones."""
-
-    device = torch.device("cpu")
+    """Shards searched on the host: BLAS for dense reps, the inverted index for sparse ones. A shard is
+    indexed once (`index`) for every query set searched over it (`top_k`)."""
 
     def prepare(self, queries):
         return to_csr(queries) if sparse.issparse(queries) else np.ascontiguousarray(queries, dtype=np.float32)
 
-    def top_k(self, queries, reps, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if sparse.issparse(reps):
-            return InvertedIndex(reps).search(queries, k)
-        return dense_top_k(queries, np.asarray(reps, dtype=np.float32), k)
+    def index(self, reps) -> InvertedIndex | np.ndarray:
+        return InvertedIndex(reps) if sparse.issparse(reps) else np.asarray(reps, dtype=np.float32)
+
+    def top_k(self, queries, docs: InvertedIndex | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(docs, InvertedIndex):
+            return docs.search(queries, k)
+        return dense_top_k(queries, docs, k)
 
 
 class TorchSearch:
-    """Shards searched with torch on `device`: a shard's reps moved there once, its scores made there
-    and cut to the top k there; only (queries, k) hits come back."""
+    """Shards searched with torch on `device`: a shard's reps moved there once (`index`) for every query
+    set searched over it, its scores made there and cut to the top k there; only (queries, k) hits come
+    back."""
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -82,12 +86,12 @@ class TorchSearch:
             return to_csr(queries)
         return torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
 
-    def top_k(self, queries, reps, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(self, queries, docs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         n_q = queries.shape[0]
-        k = min(k, reps.shape[0])
+        k = min(k, docs.shape[0])
         out_s = np.empty((n_q, k), dtype=np.float32)
         out_i = np.empty((n_q, k), dtype=np.int64)
-        docs, sparse_docs = self.to_device(reps), sparse.issparse(reps)
+        sparse_docs = docs.layout == torch.sparse_csr
         for lo in range(0, n_q, QUERY_BLOCK):
             block = queries[lo:lo + QUERY_BLOCK]
             if sparse_docs:
@@ -99,7 +103,7 @@ class TorchSearch:
             out_s[lo:lo + QUERY_BLOCK], out_i[lo:lo + QUERY_BLOCK] = s.cpu().numpy(), i.cpu().numpy()
         return out_s, out_i
 
-    def to_device(self, reps) -> torch.Tensor:
+    def index(self, reps) -> torch.Tensor:
         """A shard's reps on the device in float32 (16-bit stores widened there: half the bytes cross)."""
         if sparse.issparse(reps):
             m = to_csr(reps)
@@ -115,10 +119,7 @@ def shard_search(where: str, encoder_device: torch.device | str | None = None) -
     """`eval.search`: `auto` (torch on the encoder's device when that is an accelerator, else the host),
     `host`, or `torch` (torch on the encoder's device, a CPU too)."""
     device = torch.device(encoder_device or "cpu")
+    check_choice("eval.search", where, CHOICES["eval.search"])
     if where == "host" or (where == "auto" and device.type == "cpu"):
         return HostSearch()
-    if where in ("auto", "torch"):
-        return TorchSearch(device)
-    from .errors import ConfigError
-
-    raise ConfigError(f"eval.search={where!r} is not one of ['auto', 'host', 'torch'].")
+    return TorchSearch(device)

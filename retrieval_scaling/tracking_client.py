@@ -145,7 +145,7 @@ def client(uri: str) -> RetryingClient:
     return RetryingClient(uri)
 
 
-READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a mount or directory this process cannot write
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)  # a mount or directory this process cannot write
 
 
 @contextmanager
@@ -160,7 +160,7 @@ def _store_lock(uri: str) -> Iterator[None]:
         db.parent.mkdir(parents=True, exist_ok=True)
         handle = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 — closed below
     except OSError as exc:
-        if exc.errno not in READ_ONLY_ERRNOS or not db.is_file():
+        if exc.errno not in UNWRITABLE_ERRNOS or not db.is_file():
             raise
         yield  # a store on a read-only mount: read, never migrated by anyone, so no lock is needed
         return

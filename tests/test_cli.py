@@ -127,6 +127,8 @@ def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps,
     ("budget.flops=1e6", "smaller than one optimizer step"),
     ("train.bf16=maybe", "train.bf16='maybe': use auto"),
     ("eval.dtype=float8", "eval.dtype='float8': use auto, bfloat16 or float32"),
+    ("eval.store_dtype=bfloat16", "eval.store_dtype='bfloat16': expected one of float16, float32"),
+    ("eval.search=gpu", "eval.search='gpu': expected one of auto, host, torch"),
 ])
 def test_bad_input_stops_before_anything_runs(sweeps, override, message):
     proc = run_cli("sweep", "+grid=tiny", override, env_extra=sweeps)
