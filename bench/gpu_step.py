@@ -86,7 +86,7 @@ def main() -> None:
     from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.memory import Precision, training_peak
     from retrieval_scaling.plan import plan_cell
-    from retrieval_scaling.train import Batch, StepLoss
+    from retrieval_scaling.train import Batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="llama3_1b/dense/cl", help="<model>/<paradigm>/<loss>")
@@ -124,7 +124,7 @@ def main() -> None:
     engine, _, _, _ = deepspeed.initialize(model=step.encoder, optimizer=torch.optim.AdamW(params, lr=1e-5),
                                            config=ds_cfg)
     batch = Batch(step.q_ids, torch.ones_like(step.q_ids), step.p_ids, torch.ones_like(step.p_ids), step.teacher)
-    step_loss = StepLoss(step.loss_fn, step.group, cfg["paradigm"], steps=1)  # the FLOPS term at full weight
+    step_loss = step.step_loss  # its last step: the FLOPS term at full weight
 
     def engine_step():  # as `train` steps: whole, or gradient-cached micro-batches
         optimizer_step(engine, batch, micro, True, lambda q, p: step_loss(q, p, batch.teacher, 1))

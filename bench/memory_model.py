@@ -117,7 +117,7 @@ def child(case: str, steps: int) -> dict:
         micro = MicroBatches.of(cfg["train"].get("micro_batch"), step.queries, step.queries * step.group)
         engine, _ = build_engine(step.encoder, micro.size, steps + 1, cfg["train"], deepspeed_config(cfg),
                                  micro.backward_passes)
-        step_loss = StepLoss(step.loss_fn, step.group, cfg["paradigm"], steps + 1)
+        step_loss = StepLoss(step.step_loss.loss_fn, step.group, step.encoder.paradigm, steps + 1)
         batch = Batch(step.q_ids, torch.ones_like(step.q_ids), step.p_ids, torch.ones_like(step.p_ids), step.teacher)
         for i in range(steps):
             optimizer_step(engine, batch, micro, bf16, lambda q, p: step_loss(q, p, batch.teacher, i))  # noqa: B023
@@ -146,7 +146,7 @@ def saved_bytes(arch: dict, layers: int, attention: str, autocast: bool, weights
         lora_inputs_uncast,
         set_bidirectional,
     )
-    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     torch.manual_seed(0)
     model_cfg = {"arch": {**arch, "num_hidden_layers": layers, "vocab_size": 512},
@@ -158,7 +158,7 @@ def saved_bytes(arch: dict, layers: int, attention: str, autocast: bool, weights
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(weights)
-    encoder = build_encoder("dense", model).train()
+    encoder = paradigm_of({"name": "dense"}).encoder(model).train()
     ids = torch.randint(2, 512, (sequences, length))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 QUERIES, GROUP, QUERY_LEN, PASSAGE_LEN = 4, 17, 64, 128
 ARCH = {"vocab_size": 128_256, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+FLOPS = {"lambda_q": 5e-4, "lambda_d": 5e-4, "warmup_fraction": 0.0}  # the regulariser at full weight
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,9 +50,9 @@ def child(micro_batch: int | None, steps: int, chunked: bool) -> dict:
     from retrieval_scaling import encoders
     from retrieval_scaling.backbone import set_bidirectional
     from retrieval_scaling.distributed import configure_threads, init_distributed
-    from retrieval_scaling.encoders import build_encoder
     from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.losses import ContrastiveLoss
+    from retrieval_scaling.paradigms import paradigm_of
     from retrieval_scaling.precision import AUTO, use_bf16
     from retrieval_scaling.train import Batch, StepLoss, build_engine
 
@@ -62,8 +63,8 @@ def child(micro_batch: int | None, steps: int, chunked: bool) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**ARCH, attn_implementation="sdpa"))
     set_bidirectional(model, True)
-    encoder = build_encoder("sparse", get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                                       target_modules=LORA_TARGETS))).train()
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS)
+    encoder = paradigm_of({"name": "sparse", "flops": FLOPS}).encoder(get_peft_model(model, lora)).train()
     gen = torch.Generator().manual_seed(1)
     batch = Batch(torch.randint(3, ARCH["vocab_size"], (QUERIES, QUERY_LEN), generator=gen),
                   torch.ones(QUERIES, QUERY_LEN, dtype=torch.long),
@@ -73,8 +74,7 @@ def child(micro_batch: int | None, steps: int, chunked: bool) -> dict:
     train_cfg = {"lr": 1e-4, "weight_decay": 0.0, "warmup_fraction": 0.04, "grad_clip": 1.0}
     ds_cfg = {"zero_optimization": {"stage": 2, "contiguous_gradients": True}, "steps_per_print": 10**9}
     engine, _ = build_engine(encoder, micro.size, steps + 1, train_cfg, ds_cfg, micro.backward_passes)
-    step_loss = StepLoss(ContrastiveLoss(), GROUP, {"temperature": 1.0, "flops": {
-        "lambda_q": 5e-4, "lambda_d": 5e-4, "warmup_fraction": 0.0}}, steps + 1)
+    step_loss = StepLoss(ContrastiveLoss(), GROUP, encoder.paradigm, steps + 1)
     bf16 = use_bf16(AUTO, torch.device("cpu"), "train.bf16")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
     before, times = rss_gb("VmRSS"), []

@@ -67,7 +67,7 @@ def tiny_encoder(paradigm: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retrieval_scaling.backbone import set_bidirectional
-    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -83,7 +83,7 @@ def tiny_encoder(paradigm: str):
             head.weight.copy_(old.weight)
             head.bias.fill_(-3.85 * float(old.weight.std()) * (old.in_features ** 0.5))
         model.lm_head = head
-    return build_encoder(paradigm, model).eval().requires_grad_(False)
+    return paradigm_of({"name": paradigm}).encoder(model).eval().requires_grad_(False)
 
 
 def eval_child(paradigm: str, n_docs: int, shard_size: int, check: bool) -> dict:

@@ -12,7 +12,7 @@ of 200 queries. Measured: peak RSS, bytes on disk per document, non-zeros per do
 Also SmolLM2-135M's real weights with its untrained head over SciFact passages (`--smollm2-docs`).
 
 Target (issue 32): peak RSS < 2.5 GB at 4,000 and 20,000 passages pruned; disk per document within
-the documented bound (`encodings.doc_bytes`: 256 × (4-byte weight + 4-byte term id) + 4-byte row pointer
+the documented bound (`Sparse.doc_bytes`: 256 × (4-byte weight + 4-byte term id) + 4-byte row pointer
 + 16-byte key = 2,068 bytes, and at most 2 KiB per shard file).
 """
 
@@ -32,10 +32,12 @@ from scale import VOCAB, WordTokenizer, peak_rss_gb, synthetic_corpus
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval_scaling.encodings import doc_bytes  # noqa: E402 — after the path is set
+from retrieval_scaling.paradigms import Shapes  # noqa: E402 — after the path is set
+from retrieval_scaling.paradigms.sparse import Sparse  # noqa: E402
 
 MAX_TERMS = 256
-BOUND_BYTES = doc_bytes(MAX_TERMS, True, "float16")  # per document: weights, term ids, row pointer, key
+# per document: weights, term ids, row pointer, key
+BOUND_BYTES = Sparse().doc_bytes(Shapes(0), {"step0_max_terms": MAX_TERMS}, 0, step0=True)
 SHARD_BYTES = 2048  # per shard file: the npz archive's headers and its shape array
 
 
@@ -44,14 +46,14 @@ def untrained_sparse_encoder():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retrieval_scaling.backbone import set_bidirectional
-    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4, attn_implementation="sdpa",
                                          bos_token_id=1, pad_token_id=0))
     set_bidirectional(model, True)
-    return build_encoder("sparse", model).eval().requires_grad_(False)
+    return paradigm_of({"name": "sparse"}).encoder(model).eval().requires_grad_(False)
 
 
 def child(n_docs: int, max_terms: int | None) -> dict:
@@ -91,9 +93,9 @@ def smollm2_child(n_docs: int, max_terms: int) -> dict:
     from retrieval_scaling.backbone import load_backbone, set_bidirectional
     from retrieval_scaling.data import Collection, load_collection
     from retrieval_scaling.distributed import configure_threads
-    from retrieval_scaling.encoders import build_encoder
     from retrieval_scaling.gguf import ensure_converted
     from retrieval_scaling.inference import encoder_retriever, inference_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     configure_threads(torch.get_num_threads())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -101,7 +103,8 @@ def smollm2_child(n_docs: int, max_terms: int) -> dict:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as store:
         backbone, tokenizer = load_backbone(model_cfg, ensure_converted(model_cfg, Path(cache)))
         set_bidirectional(backbone, True)
-        encoder = inference_encoder(build_encoder("sparse", backbone).eval().requires_grad_(False), "auto")
+        sparse_encoder = paradigm_of({"name": "sparse"}).encoder(backbone)
+        encoder = inference_encoder(sparse_encoder.eval().requires_grad_(False), "auto")
         scifact = load_collection(os.environ["RS_DATA_DIR"], "scifact", "test")
         corpus = dict(list(scifact.corpus.items())[:n_docs])
         coll = Collection("scifact", corpus, dict(list(scifact.queries.items())[:50]), {})

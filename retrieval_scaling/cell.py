@@ -155,9 +155,9 @@ class Evaluator:
 
         eval_cfg = self.cfg["eval"]
         inference = inference_encoder(encoder, eval_cfg["dtype"], self.cfg["model"].get("eval_attn_implementation"))
+        entropy = entropy_spec(eval_cfg, encoder.paradigm.temperature)
         retriever = encoder_retriever(inference, tokenizer, int(eval_cfg["batch_size"]), f"cell-{self.cid}",
-                                      store_dir, self.rank, self.world, entropy_spec(eval_cfg, self.cfg["paradigm"]),
-                                      max_terms, eval_cfg)
+                                      store_dir, self.rank, self.world, entropy, max_terms, eval_cfg)
         # each finished collection is kept beside the encodings it came from: a requeue skips it
         metrics = evaluate_all(retriever, None, eval_cfg, runs_dir, self.rank, store_dir / "collections")
         if self.rank == 0 and not eval_cfg.get("keep_encodings"):
@@ -167,8 +167,8 @@ class Evaluator:
     def step0(self, encoder, tokenizer, out: Path) -> dict[str, float] | None:
         """At step 0 LoRA's B is zero, so every loss's cell of a (model, paradigm) is the same model:
         evaluated once and shared. Rank 0 holds the lock; all ranks evaluate when it is missing. An
-        untrained sparse head weighs most of the vocabulary: its vectors are pruned to
-        `eval.step0_max_terms` terms, and its metrics named for it (`evaluation.pruned_names`)."""
+        untrained head may weigh most of the vocabulary: the paradigm says how much of its vectors is kept
+        (`Sparse.step0_max_terms`), and the metrics are named for it (`inference.pruned_names`)."""
         from .distributed import from_rank0
         from .inference import pruned_names
         from .layout import step0_dir, step0_max_terms, step0_store
@@ -221,7 +221,7 @@ def _run_stages(cfg: dict[str, Any], cid: str, out: Path, run, rank: int) -> dic
     # Compiled layers (train.compile) are cached with the sweep's other stages unless the user chose a place.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg["sweep"]["cache_dir"]) / "inductor"))
     encoder = train(encoder, loss_fn, batch_sampler(cfg, data_dir, tokenizer), plan["steps"],
-                    plan["flops_per_step"], plan["tokens_per_step"], cfg["train"], cfg["paradigm"],
+                    plan["flops_per_step"], plan["tokens_per_step"], cfg["train"], encoder.paradigm,
                     deepspeed_config(cfg), out / "checkpoints", int(cfg["log"]["every"]), run.log_new_metrics,
                     Faults(faults_path(cfg["sweep"]["root"], cfg["sweep"]["name"]), cid))
     if rank == 0:

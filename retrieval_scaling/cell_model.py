@@ -57,7 +57,7 @@ def build_cell_encoder(cfg: Mapping[str, Any], local_dir: Path | None, adapter: 
 
     from .backbone import enable_gradient_checkpointing, load_backbone, lora_config
     from .distributed import device
-    from .encoders import build_encoder
+    from .paradigms import paradigm_of
 
     model_cfg = cfg["model"]
     backbone, tokenizer = load_backbone(model_cfg, local_dir)
@@ -72,7 +72,7 @@ def build_cell_encoder(cfg: Mapping[str, Any], local_dir: Path | None, adapter: 
         backbone.get_input_embeddings().weight.requires_grad_(True)
     if trainable and cfg["train"].get("gradient_checkpointing"):
         enable_gradient_checkpointing(backbone)
-    return build_encoder(cfg["paradigm"]["name"], backbone).to(device()), tokenizer
+    return paradigm_of(cfg["paradigm"]).encoder(backbone).to(device()), tokenizer
 
 
 def save_trainable(encoder, path: Path) -> None:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import sparse
 from scipy.special import logsumexp
 
 
@@ -45,12 +44,6 @@ def per_query(positive: Sequence[np.ndarray], negative: np.ndarray, excluded: np
     return out
 
 
-def scores(queries: np.ndarray | sparse.spmatrix, docs: np.ndarray | sparse.spmatrix) -> np.ndarray:
-    """Dot products, (queries, docs), as a dense float64 array."""
-    product = queries @ docs.T
-    return np.asarray(product.toarray() if sparse.issparse(product) else product, dtype=np.float64)
-
-
 @dataclass
 class EntropySample:
     """What the entropy of one collection needs from its corpus's encodings: the scores of its judged
@@ -71,12 +64,13 @@ class EntropySample:
         """Every corpus position whose reps are needed, sorted, once each."""
         return np.unique(np.concatenate([self.sample, self.pair_position]))
 
-    def score_shard(self, queries, positions: np.ndarray, reps) -> None:
+    def score_shard(self, queries, positions: np.ndarray, reps, paradigm) -> None:
         """Fill the scores of the needed documents at corpus `positions` (sorted, distinct), whose reps
-        (one row each) are `reps`."""
+        (one row each) are `reps`, scored as their `paradigm` (a `paradigms.Paradigm`) scores them."""
         if len(positions) == 0:
             return
-        table = scores(queries[self.rows], reps)  # (judged, documents of this shard that are needed)
+        # (judged, documents of this shard that are needed)
+        table = paradigm.host_scores(paradigm.take(queries, self.rows), reps)
         at = np.searchsorted(positions, self.sample)
         found = np.flatnonzero((at < len(positions)) & (positions[np.minimum(at, len(positions) - 1)] == self.sample))
         self.negative[:, found] = table[:, at[found]]

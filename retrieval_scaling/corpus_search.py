@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from scipy import sparse
 
 from .contrastive_entropy import EntropySample
 from .encodings import CorpusView, EncodingStore
@@ -28,7 +28,7 @@ class SearchRequest:
     """One query set searched over a corpus: its queries' reps, the depth, and the contrastive entropy
     sample to fill on the same pass (None: not asked for)."""
 
-    queries: np.ndarray | sparse.csr_matrix
+    queries: Any  # in the host form of the store's paradigm
     k: int
     entropy: EntropySample | None = None
 
@@ -55,7 +55,7 @@ def expand_repeats(scores: np.ndarray, positions: np.ndarray,
 
 def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[SearchRequest],
                   scratch: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Exact top-k corpus positions for each request's queries (dense array or CSR): a list of
+    """Exact top-k corpus positions for each request's queries: a list of
     (scores, positions), each (queries, k), best first, ties by lower position, -1 where the corpus
     has fewer than k documents; each request's entropy sample filled on the way. One read of each
     shard serves every request. Collective: rank 0 gets the result, the others None. `scratch`:
@@ -65,13 +65,13 @@ def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[Sea
     found = [(np.full((r.queries.shape[0], 0), -np.inf, dtype=np.float32),
               np.full((r.queries.shape[0], 0), -1, dtype=np.int64)) for r in requests]
     needed = needed_firsts(view, requests)
-    store.doc_nnz = 0  # sparse: non-zeros over the corpus's documents (a repeated text at each position)
+    store.doc_nnz = 0  # values over the corpus's documents, where they vary (a repeated text at each position)
     for name in sorted(view.rows)[store.rank::store.world]:
         rows, first = view.rows[name]
-        reps = store.read_reps(name)[rows]
+        reps = store.paradigm.take(store.read_reps(name), rows)
         docs = store.searcher.index(reps)  # once for every request
-        if store.sparse:
-            counts = np.diff(reps.indptr)
+        counts = store.paradigm.stored_values(reps)
+        if counts is not None:
             repeated = (sum(int(counts[j]) * len(view.repeats.get(int(p), ())) for j, p in enumerate(first))
                         if view.repeats else 0)
             store.doc_nnz += int(counts.sum()) + repeated
@@ -82,7 +82,8 @@ def search_corpus(store: EncodingStore, view: CorpusView, requests: Sequence[Sea
                 positions, at = needed[j]
                 where = np.searchsorted(first, at)
                 inside = np.flatnonzero((where < len(first)) & (first[np.minimum(where, len(first) - 1)] == at))
-                request.entropy.score_shard(request.queries, positions[inside], reps[where[inside]])
+                request.entropy.score_shard(request.queries, positions[inside],
+                                            store.paradigm.take(reps, where[inside]), store.paradigm)
     if store.world == 1:
         return [pad_top_k(s, p, k) for (s, p), k in zip(found, ks, strict=True)]
     return merge_ranks(store, view, requests, found, ks, scratch)

@@ -30,16 +30,16 @@ def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """A backbone (`*ForCausalLM`, possibly LoRA-wrapped) plus a pooling head."""
+    """A backbone (`*ForCausalLM`, possibly LoRA-wrapped) plus a pooling head; `paradigm` (a
+    `paradigms.Paradigm`) says what its representations are and how they are kept and searched."""
 
-    sparse = False
     # A gradient-cached step's pooling results, kept from its first encoding for its second (a list,
     # filled then consumed in order; None outside such a step). Only pooling that can reuse them does.
     pooling_cache: list | None = None
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, paradigm=None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.paradigm = backbone, paradigm
 
     def hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         decoder = self.backbone.get_decoder()
@@ -63,8 +63,6 @@ class DenseEncoder(Encoder):
 
 class SparseEncoder(Encoder):
     """Lion-SP: LM-head logits scaled by d^-1/4, max over non-pad positions, then log(1 + ReLU)."""
-
-    sparse = True
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         head = self.backbone.get_output_embeddings()
@@ -208,9 +206,3 @@ def sparse_activation(pooled_logits: torch.Tensor, hidden_size: int) -> torch.Te
     """Term weights from max-pooled logits: log(1 + ReLU(logit · d^-1/4)), in fp32."""
     return torch.log1p(torch.relu(pooled_logits.float() * hidden_size**-0.25))
 
-
-ENCODERS: dict[str, type[Encoder]] = {"dense": DenseEncoder, "sparse": SparseEncoder}
-
-
-def build_encoder(paradigm: str, backbone: nn.Module) -> Encoder:
-    return ENCODERS[paradigm](backbone)

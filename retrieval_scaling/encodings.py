@@ -1,9 +1,10 @@
 """Corpus encodings of one model, persisted as shards and keyed by content.
 
 An `EncodingStore` is a directory of shard files (`shard-<hash>.npz`), each holding the content keys of
-its documents and their reps: dense, an (n, d) array in `eval.store_dtype` (float16 halves the store;
-the searches, `corpus_search`, score the stored values exactly, in float32; a shard whose values would
-overflow float16 is stored in float32 instead); sparse, CSR with float32 weights.
+its documents and their reps, as the model's paradigm writes them (`Paradigm.shard_arrays`): dense, an
+(n, d) array in `eval.store_dtype` (float16 halves the store; the searches, `corpus_search`, score the
+stored values exactly, in float32; a shard whose values would overflow float16 is stored in float32
+instead); sparse, CSR with float32 weights.
 
 A document's key is a hash of its text and the length it is truncated to, never its collection or id,
 so collections whose corpora are the same (MS MARCO dev, DL19, DL20) or overlap (FEVER, Climate-FEVER)
@@ -26,70 +27,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import sparse
 
 from .config_checks import check_choice
 from .disk import human_size
 from .distributed import balanced_shards, from_rank0, wait_for_ranks
 from .errors import UserError
 from .layout import write_via
-from .search import to_csr
-from .shard_search import HostSearch, TorchSearch, shard_search
+from .shard_search import HostSearch, TorchSearch
+from .store_format import KEY, KEY_BYTES, STORE_DTYPES, store_dtype
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 16
-KEY = np.dtype(f"V{KEY_BYTES}")  # a key as one numpy item: sortable, searchable
-# texts, max length in tokens, progress label -> (N, dim) reps: a float32 array, or CSR for sparse ones
-EncodeFn = Callable[[list[str], int, str], "np.ndarray | sparse.csr_matrix"]
-STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# texts, max length in tokens, progress label -> their reps, in the host form of the store's paradigm
+EncodeFn = Callable[[list[str], int, str], Any]
 # what reading a damaged shard raises: a bad CRC or header (zipfile), a truncated array (numpy), a lost member
 DAMAGED = (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError)
 
 
-def doc_bytes(width: int, sparse_reps: bool, store_dtype: str = "float16") -> int:
-    """What one document takes in a store: its key and its vector, `width` values wide (dense: the
-    dimension, in `store_dtype`; sparse: the non-zeros, each a float32 weight and a 32-bit term id, plus
-    its row pointer)."""
-    if sparse_reps:
-        return KEY_BYTES + width * (4 + 4) + 4
-    return KEY_BYTES + width * np.dtype(STORE_DTYPES[store_dtype]).itemsize
-
-
-PLANNED_DOC_TERMS = 512  # a trained sparse document's non-zeros, planned for (`eval.planned_doc_terms`)
-
-
-def planned_doc_terms(eval_cfg: Mapping[str, Any]) -> int:
-    """The non-zeros a trained sparse document is planned to take: disk checks, disk and memory plans."""
-    return int(eval_cfg.get("planned_doc_terms") or PLANNED_DOC_TERMS)
-
-
-def store_dtype(eval_cfg: Mapping[str, Any]) -> str:
-    """`eval.store_dtype`, the dense vectors' dtype on disk (float16 unless set)."""
-    return check_choice("eval.store_dtype", str(eval_cfg.get("store_dtype") or "float16"), tuple(STORE_DTYPES))
-
-
-def store_settings(eval_cfg: Mapping[str, Any], sparse_reps: bool, width: int,
-                   device: Any = "cpu") -> dict[str, Any]:
+def store_settings(eval_cfg: Mapping[str, Any], paradigm, arch, device: Any = "cpu",
+                   step0: bool = False) -> dict[str, Any]:
     """How an evaluation's encodings are stored and searched: `eval.store_dtype`, the bytes a document
-    is planned to take (dense: `width` = its dimension; sparse: its non-zeros), and `eval.search`'s
-    searcher on the encoder's `device` (a torch device)."""
-    dtype = store_dtype(eval_cfg)
-    return {"store_dtype": dtype, "planned_doc_bytes": doc_bytes(width, sparse_reps, dtype),
-            "searcher": shard_search(str(eval_cfg.get("search") or "auto"), device)}
-
-
-def narrowed(values: np.ndarray, store_dtype: str) -> np.ndarray:
-    """`values` in the store's dtype, unless float16 would overflow a finite value: then float32."""
-    values = np.asarray(values, dtype=np.float32)
-    if store_dtype == "float32":
-        return values
-    with np.errstate(over="ignore"):
-        half = values.astype(np.float16)
-    if np.isfinite(half).all() or not np.isfinite(values).all():
-        return half
-    log.warning("a shard's values reach %.3g, beyond float16: stored in float32", float(np.abs(values).max()))
-    return values
+    is planned to take (`paradigm.doc_bytes` for a model of shapes `arch`, at the passage length), and
+    `eval.search`'s searcher on the encoder's `device` (a torch device)."""
+    planned = paradigm.doc_bytes(arch, eval_cfg, float(eval_cfg.get("passage_max_len") or 0), step0)
+    return {"store_dtype": store_dtype(eval_cfg), "planned_doc_bytes": planned,
+            "searcher": paradigm.searcher(str(eval_cfg.get("search") or "auto"), device)}
 
 
 def doc_key(text: str, max_len: int) -> bytes:
@@ -122,21 +84,22 @@ class CorpusView:
 
 
 class EncodingStore:
-    """Document reps of one model under `root`; `encode` makes new ones `shard_size` documents at a time."""
+    """Document reps of one model under `root`; `encode` makes new ones `shard_size` documents at a time,
+    in the form `paradigm` (a `paradigms.Paradigm`) keeps, writes and searches."""
 
-    def __init__(self, root: Path, encode: EncodeFn, sparse_reps: bool, shard_size: int, rank: int = 0,
+    def __init__(self, root: Path, encode: EncodeFn, paradigm, shard_size: int, rank: int = 0,
                  world: int = 1, store_dtype: str = "float16", planned_doc_bytes: int | None = None,
                  searcher: HostSearch | TorchSearch | None = None):
-        self.root, self.encode, self.sparse = Path(root), encode, sparse_reps
+        self.root, self.encode, self.paradigm = Path(root), encode, paradigm
         self.shard_size, self.rank, self.world = max(1, int(shard_size)), rank, world
         self.store_dtype = check_choice("eval.store_dtype", store_dtype, tuple(STORE_DTYPES))
         self.store_dtype, self.planned_doc_bytes = store_dtype, planned_doc_bytes
-        self.searcher = searcher or HostSearch()
+        self.searcher = searcher or paradigm.searcher("host")
         self.root.mkdir(parents=True, exist_ok=True)
         self.encoded_docs = 0  # by this rank, in this process: what tests and logs count
         self.reused_shards = 0
         self.shard_reads = 0  # shards whose reps this rank read
-        self.doc_nnz = 0
+        self.doc_nnz = 0  # values the corpus's documents hold, where that varies (`corpus_search`)
         self.keys: dict[str, np.ndarray] = {}  # shard name -> its documents' keys, as read so far
         self.known = np.empty(0, dtype=KEY)  # every key read so far, sorted
 
@@ -153,8 +116,8 @@ class EncodingStore:
         with np.load(self.shard_path(name)) as z:
             return np.ascontiguousarray(z["keys"]).view(KEY).ravel()
 
-    def read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
-        """A shard's reps: dense as stored (float16 or float32), sparse as CSR. A shard damaged since it was
+    def read_reps(self, name: str) -> Any:
+        """A shard's reps, as its paradigm reads them back. A shard damaged since it was
         checked is removed, and the evaluation stops to be run again."""
         self.shard_reads += 1
         try:
@@ -164,20 +127,13 @@ class EncodingStore:
             raise UserError(f"encodings shard {self.shard_path(name)} is damaged ({type(exc).__name__}: {exc}); it "
                             "was removed: run the evaluation again, which encodes its documents again") from None
 
-    def _read_reps(self, name: str) -> np.ndarray | sparse.csr_matrix:
+    def _read_reps(self, name: str) -> Any:
         with np.load(self.shard_path(name)) as z:
-            if self.sparse:
-                return sparse.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-            return z["reps"]
+            return self.paradigm.from_arrays(z)
 
     def write_shard(self, name: str, keys: np.ndarray, reps) -> None:
         arrays = {"keys": np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), KEY_BYTES)}
-        if self.sparse:
-            m = to_csr(reps)
-            # sparse weights stay float32: float16 moved SciFact's nDCG@10 (docs/evaluation.md)
-            arrays.update(data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape))
-        else:
-            arrays["reps"] = np.ascontiguousarray(narrowed(reps, self.store_dtype))
+        arrays.update(self.paradigm.shard_arrays(reps, self.store_dtype))
         write_via(self.shard_path(name), lambda tmp: np.savez(tmp, **arrays))
 
     # ---- encoding ----

@@ -62,8 +62,9 @@ def cell_retriever(cfg: Mapping[str, Any], cell: str) -> tuple[Retriever, dict[s
     # Encodings of these weights at this precision, kept in the cell's directory until the evaluation is
     # done: an interrupted `evaluate` resumes from them.
     store = out / "eval" / f"verb-{file_hash(out / FINAL)}-{cfg['eval']['dtype']}"
+    entropy = entropy_spec(cfg["eval"], encoder.paradigm.temperature)
     return encoder_retriever(encoder, tokenizer, int(cfg["eval"]["batch_size"]), f"cell-{cell}", store,
-                             entropy=entropy_spec(cfg["eval"], cell_cfg["paradigm"]), eval_cfg=cfg["eval"]), cell_cfg
+                             entropy=entropy, eval_cfg=cfg["eval"]), cell_cfg
 
 
 def print_table(metrics: Mapping[str, float], title: str) -> None:

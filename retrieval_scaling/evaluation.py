@@ -28,14 +28,14 @@ from .scoring import per_query_scores, score_run, write_run
 log = logging.getLogger(__name__)
 
 
-def entropy_spec(eval_cfg: Mapping[str, Any], paradigm_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+def entropy_spec(eval_cfg: Mapping[str, Any], temperature: float) -> dict[str, Any] | None:
     """What the contrastive entropy of a cell's evaluation needs: the sample (`eval.contrastive_entropy`)
     and the paradigm's temperature; None when the evaluation turns it off."""
     spec = eval_cfg.get("contrastive_entropy")
     if not spec:
         return None
     return {"negatives": int(spec["negatives"]), "seed": int(spec["seed"]),
-            "temperature": float(paradigm_cfg.get("temperature") or 1.0)}
+            "temperature": float(temperature)}
 
 
 def query_set(coll: Collection, spec: Mapping[str, Any], eval_cfg: Mapping[str, Any]) -> QuerySet:

@@ -25,7 +25,8 @@ class RandomStep:
         from transformers import LlamaForCausalLM
 
         from .backbone import architecture, enable_gradient_checkpointing, llama_config, lora_config, set_bidirectional
-        from .encoders import build_encoder
+        from .paradigms import paradigm_of
+        from .train import StepLoss
 
         model_cfg, train = cfg["model"], cfg["train"]
         self.arch = architecture(model_cfg)
@@ -41,26 +42,20 @@ class RandomStep:
             backbone.get_input_embeddings().weight.requires_grad_(True)
         if train.get("gradient_checkpointing"):
             enable_gradient_checkpointing(backbone)
-        self.encoder = build_encoder(cfg["paradigm"]["name"], backbone).train()
-        self.loss_fn = instantiate({k: v for k, v in cfg["loss"].items() if k != "name"})
-        self.temperature = float(cfg["paradigm"]["temperature"])
-        self.reg = cfg["paradigm"].get("flops")
+        self.encoder = paradigm_of(cfg["paradigm"]).encoder(backbone).train()
+        # at its last step: the regulariser (if any) at full weight
+        self.step_loss = StepLoss(instantiate({k: v for k, v in cfg["loss"].items() if k != "name"}), self.group,
+                                  self.encoder.paradigm, steps=1)
         self.q_ids = torch.randint(2, self.arch.vocab_size, (self.queries, self.query_len))
         self.p_ids = torch.randint(2, self.arch.vocab_size, (self.queries * self.group, self.passage_len))
         self.teacher = torch.randn(self.queries, self.group)
 
     def loss(self, model=None) -> torch.Tensor:
         """Forward pass and loss through `model` (default: the encoder; e.g. a DeepSpeed engine)."""
-        from .regularizers import flops_regularizer
-
         model = model or self.encoder
         q = model(self.q_ids, torch.ones_like(self.q_ids)).float()
         p = model(self.p_ids, torch.ones_like(self.p_ids)).float()
-        loss = self.loss_fn(q, p, self.teacher, self.group, self.temperature).total
-        if self.reg:
-            loss = (loss + float(self.reg["lambda_q"]) * flops_regularizer(q)
-                    + float(self.reg["lambda_d"]) * flops_regularizer(p))
-        return loss
+        return self.step_loss(q, p, self.teacher, step=1)[0]
 
 
 def measured_step_flops(cfg: Mapping[str, Any], queries: int | None = None, passages_per_query: int | None = None,

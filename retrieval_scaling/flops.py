@@ -7,10 +7,12 @@ Convention (written in README "How FLOPs are counted" and logged as `flops_conve
   activation gradient when the embeddings are frozen (their input then needs none).
 - LoRA weights cost forward + activation gradient + weight gradient: 6N per token.
 - Attention scores and mixing cost 4·d·S² per layer and sequence forward, 8·d·S² backward.
-- Sparse cells run the LM head over every position (2·T·d·V forward, 2·T·d·V backward), plus
+- A paradigm's head is counted by the paradigm (`Paradigm.head_flops`). Sparse cells run the LM head
+  over every position (2·T·d·V forward, 2·T·d·V backward), plus
   2·T·d·V for its weight gradient when the (tied) embeddings are trained. A dense cell's embedding
   gradient is a scatter-add of token rows: no matmul, not counted.
-- The loss's similarity matrices cost 2·pairs·D forward and 4·pairs·D backward: every query against
+- The loss's similarity matrices cost 2·pairs·D forward and 4·pairs·D backward, D the multiply-adds of
+  scoring one pair (`Paradigm.pair_width`: the vector's width for one vector per text): every query against
   every passage for in-batch losses (CL, CL+KD), plus each query against its own G passages for
   teacher losses (KD, CL+KD, KL).
 - Gradient checkpointing recomputes every decoder layer's forward in backward. Those are hardware
@@ -88,7 +90,6 @@ class StepShape:
     passages_per_query: int  # G
     query_len: int  # padded length, BOS included
     passage_len: int
-    sparse: bool
     in_batch: bool  # loss scores every query against every passage of the batch
     own_group: bool = False  # loss also scores each query against its own G passages (teacher losses)
 
@@ -105,12 +106,13 @@ class StepShape:
         return self.queries * self.query_len**2 + self.passages * self.passage_len**2
 
 
-def step_flops(arch: Architecture, shape: StepShape, lora_rank: int,
+def step_flops(arch: Architecture, shape: StepShape, paradigm, lora_rank: int,
                lora_targets: tuple[str, ...] = LORA_TARGETS, train_embeddings: bool = False,
                gradient_checkpointing: bool = False) -> dict[str, int]:
-    """Named FLOP terms of one step (forward + backward); `total` (model FLOPs, what budgets count) is
-    their sum; `hardware_total` adds the gradient-checkpointing `recompute`."""
-    layers, d, vocab = arch.num_hidden_layers, arch.hidden_size, arch.vocab_size
+    """Named FLOP terms of one step (forward + backward) of a `paradigm` (`paradigms.Paradigm`: its head's
+    terms and what scoring a pair takes); `total` (model FLOPs, what budgets count) is their sum;
+    `hardware_total` adds the gradient-checkpointing `recompute`."""
+    layers, d = arch.num_hidden_layers, arch.hidden_size
     t, s2 = shape.tokens, shape.sum_sq_len
     shapes = arch.projection_shapes()
     n_lin = layers * arch.linear_params_per_layer()
@@ -122,7 +124,7 @@ def step_flops(arch: Architecture, shape: StepShape, lora_rank: int,
     lora_qkv0_input = 0 if train_embeddings else sum(lora_rank * shapes[n][0] for n in first_qkv
                                                      if n in lora_targets)
 
-    width = vocab if shape.sparse else d
+    width = paradigm.pair_width(arch, shape.query_len, shape.passage_len)
     pairs = shape.queries * ((shape.passages if shape.in_batch else 0)
                              + (shape.passages_per_query if shape.own_group or not shape.in_batch else 0))
     terms = {
@@ -132,8 +134,7 @@ def step_flops(arch: Architecture, shape: StepShape, lora_rank: int,
         "lora_backward": 4 * t * n_lora - 2 * t * lora_qkv0_input,
         "attention_forward": 4 * layers * d * s2,
         "attention_backward": 8 * layers * d * s2,
-        "lm_head": (2 + 2) * t * d * vocab if shape.sparse else 0,
-        "lm_head_weight_grad": 2 * t * d * vocab if shape.sparse and train_embeddings else 0,
+        **paradigm.head_flops(arch, t, train_embeddings),
         "similarity": (2 + 4) * pairs * width,
     }
     terms["total"] = sum(terms.values())

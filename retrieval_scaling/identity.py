@@ -33,7 +33,9 @@ NON_SEMANTIC = ("sweep", "launcher", "tracking", "log", "hydra", "grid_name", "d
                 # how a teacher batches and caches (its scores do not change), wherever the teacher sits
                 *(f"{where}.{key}" for where in ("teacher", "data.teacher") for key in TEACHER_RUNTIME_KEYS),
                 # sources of values interpolated where they matter (sparse cells' paradigm)
-                "flops_lambda", "sparse_temperature")
+                "flops_lambda", "sparse_temperature",
+                # where a paradigm's code lives; its name and settings say what it computes
+                "paradigm._target_")
 
 
 def semantic_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

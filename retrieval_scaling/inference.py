@@ -1,6 +1,7 @@
 """A cell's encoder at inference: prepared for evaluation (LoRA merged, inference dtype and attention),
-run over texts in length-sorted batches, its sparse reps made CSR (optionally pruned) on its device, and
-put behind the retriever interface with its store's settings."""
+run over texts in length-sorted batches, each batch's reps brought to the host as its paradigm keeps them
+(sparse: CSR made on the device, optionally pruned), and put behind the retriever interface with its
+store's settings."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import sparse
 
 from .encoders import Encoder, encode_inputs
-from .encodings import planned_doc_terms, store_settings
+from .encodings import store_settings
 from .precision import weight_dtype
 from .retrievers import EncoderRetriever
 
@@ -37,10 +37,11 @@ def inference_encoder(encoder: Encoder, dtype: str = "auto", attn_implementation
 
 @torch.no_grad()
 def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, batch_size: int,
-                 desc: str, max_terms: int | None = None) -> torch.Tensor | sparse.csr_matrix:
-    """Reps of `texts` in input order: fp32 for a dense encoder; for a sparse one CSR, each batch's
-    reps made sparse as it comes, so no dense (texts, vocabulary) array exists beyond one batch's;
-    with `max_terms`, each sparse rep keeps only its `max_terms` largest weights.
+                 desc: str, max_terms: int | None = None) -> Any:
+    """Reps of `texts` in input order, in the host form of the encoder's paradigm (`Paradigm.to_host`):
+    a float32 array for a dense encoder; for a sparse one CSR, each batch's reps made sparse as it comes,
+    so no dense (texts, vocabulary) array exists beyond one batch's; with `max_terms`, each sparse rep
+    keeps only its `max_terms` largest weights.
     Batches are formed over length-sorted texts so that padding is small, on the encoder's device,
     under bf16 autocast where its weights are bf16 (see `inference_encoder`)."""
     from tqdm import tqdm
@@ -57,12 +58,10 @@ def encode_texts(encoder: Encoder, tokenizer, texts: list[str], max_len: int, ba
                                         tokenizer.pad_token_id, max_len)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
             reps = encoder(input_ids.to(device), mask.to(device)).float()
-        chunks.append(batch_csr(reps, max_terms) if encoder.sparse else reps.cpu())
+        chunks.append(encoder.paradigm.to_host(reps, max_terms))
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    if encoder.sparse:
-        return sparse.vstack(chunks, format="csr")[inverse]
-    return torch.cat(chunks)[torch.as_tensor(inverse)]
+    return encoder.paradigm.join(chunks, inverse)
 
 
 def pruned_names(metrics: Mapping[str, float], max_terms: int) -> dict[str, float]:
@@ -71,32 +70,17 @@ def pruned_names(metrics: Mapping[str, float], max_terms: int) -> dict[str, floa
             for key, value in metrics.items() for where, what in [key.split("/", 1)]}
 
 
-def batch_csr(reps: torch.Tensor, max_terms: int | None = None) -> sparse.csr_matrix:
-    """A batch's sparse reps as CSR, made on their device: only the non-zeros cross to host memory (a
-    (256, 128,256) fp32 batch is 131 MB dense, ~0.2 MB as CSR at 200 terms a document). With
-    `max_terms`, each row keeps its `max_terms` largest weights (the rest set to zero) first."""
-    if max_terms is not None and reps.shape[1] > max_terms:
-        top = reps.topk(int(max_terms), dim=1)
-        reps = torch.zeros_like(reps).scatter_(1, top.indices, top.values)
-    m = reps.to_sparse_csr()
-    return sparse.csr_matrix((m.values().cpu().numpy(), m.col_indices().cpu().numpy(), m.crow_indices().cpu().numpy()),
-                             shape=tuple(reps.shape))
-
-
 def encoder_retriever(encoder: Encoder, tokenizer, batch_size: int, name: str = "cell",
                       store_root: Path | None = None, rank: int = 0, world: int = 1,
                       entropy: Mapping[str, Any] | None = None, max_terms: int | None = None,
                       eval_cfg: Mapping[str, Any] | None = None) -> EncoderRetriever:
     """An encoder (as `inference_encoder` prepares it) behind the retriever interface; its corpus
     encodings persist under `store_root` (see `EncoderRetriever`), stored and searched as `eval_cfg`
-    says (`store_settings`). `max_terms`: a sparse encoder's queries and documents pruned to their
-    largest weights (`encode_texts`)."""
+    says (`store_settings`). `max_terms`: what a step-0 evaluation keeps of each representation
+    (`Paradigm.step0_max_terms`; `encode_texts`)."""
     def encode(texts: list[str], max_len: int, desc: str):
-        reps = encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc, max_terms)
-        return reps if encoder.sparse else reps.numpy()
+        return encode_texts(encoder, tokenizer, texts, max_len, batch_size, desc, max_terms)
 
-    width = encoder.backbone.config.hidden_size
-    if encoder.sparse:
-        width = max_terms or planned_doc_terms(eval_cfg or {})
-    settings = store_settings(eval_cfg or {}, encoder.sparse, width, next(encoder.parameters()).device)
-    return EncoderRetriever(name, encode, encoder.sparse, store_root, rank, world, entropy, settings)
+    settings = store_settings(eval_cfg or {}, encoder.paradigm, encoder.backbone.config,
+                              next(encoder.parameters()).device, step0=max_terms is not None)
+    return EncoderRetriever(name, encode, encoder.paradigm, store_root, rank, world, entropy, settings)

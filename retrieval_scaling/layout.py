@@ -220,10 +220,10 @@ def converted_dir(cache_root: Path, model_cfg: Mapping[str, Any]) -> Path:
 
 
 def step0_max_terms(cfg: Mapping[str, Any]) -> int | None:
-    """Terms a vector keeps in this cell's step-0 evaluation: `eval.step0_max_terms` for a sparse cell,
-    None (all) otherwise."""
-    pruned = cfg["eval"].get("step0_max_terms") if cfg["paradigm"]["name"] == "sparse" else None
-    return int(pruned) if pruned else None
+    """How much of a representation this cell's step-0 evaluation keeps, as its paradigm says (None: all)."""
+    from .paradigms import paradigm_of
+
+    return paradigm_of(cfg["paradigm"]).step0_max_terms(cfg["eval"])
 
 
 def step0_key(cfg: Mapping[str, Any]) -> str:

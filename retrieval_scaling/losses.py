@@ -1,13 +1,15 @@
 """The paper's training objectives as interchangeable strategies.
 
-Shapes: `q` is (B, D) query reps, `p` is (B·G, D) passage reps grouped per query with the positive
-first, `teacher` is (B, G) teacher scores of each query's own passages. `temperature` divides student
-scores (the paper: 0.01 for dense, 1 for sparse).
+A loss reads the student's scores from `Scores`, which the cell's paradigm computes (`paradigms`):
+every query against every passage of the batch (`in_batch`), or against its own G passages, the positive
+first (`own`), both divided by the paradigm's temperature (the paper: 0.01 for dense, 1 for sparse).
+`teacher` is (B, G) teacher scores of each query's own passages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +21,33 @@ class LossOutput:
     parts: dict[str, torch.Tensor]
 
 
-def own_scores(q: torch.Tensor, p: torch.Tensor, group: int) -> torch.Tensor:
-    """(B, G): each query against its own G passages."""
-    return torch.einsum("bd,bgd->bg", q, p.view(q.shape[0], group, -1))
+@dataclass
+class Scores:
+    """A step's student scores: `q` (B queries' reps) and `p` (B·G passages' reps, grouped per query) as
+    `paradigm` scores them, over its temperature."""
+
+    q: torch.Tensor
+    p: torch.Tensor
+    group: int
+    paradigm: Any  # a paradigms.Paradigm
+
+    @property
+    def queries(self) -> int:
+        return self.q.shape[0]
+
+    def in_batch(self) -> torch.Tensor:
+        """(B, B·G): every query against every passage of the batch."""
+        return self.paradigm.scores(self.q, self.p) / self.paradigm.temperature
+
+    def own(self) -> torch.Tensor:
+        """(B, G): each query against its own G passages."""
+        return self.paradigm.own_scores(self.q, self.p, self.group) / self.paradigm.temperature
 
 
-def in_batch_cross_entropy(q: torch.Tensor, p: torch.Tensor, group: int, temperature: float) -> torch.Tensor:
+def in_batch_cross_entropy(scores: Scores) -> torch.Tensor:
     """InfoNCE over every passage of the batch; the positive of query i sits at column i·G."""
-    scores = q @ p.T / temperature
-    labels = torch.arange(q.shape[0], device=q.device) * group
-    return F.cross_entropy(scores, labels)
+    labels = torch.arange(scores.queries, device=scores.q.device) * scores.group
+    return F.cross_entropy(scores.in_batch(), labels)
 
 
 def teacher_kl(student: torch.Tensor, teacher: torch.Tensor, teacher_temperature: float = 1.0) -> torch.Tensor:
@@ -44,8 +63,8 @@ class ContrastiveLoss:
     in_batch = True
     needs_teacher = False
 
-    def __call__(self, q, p, teacher, group: int, temperature: float) -> LossOutput:
-        ce = in_batch_cross_entropy(q, p, group, temperature)
+    def __call__(self, scores: Scores, teacher) -> LossOutput:
+        ce = in_batch_cross_entropy(scores)
         return LossOutput(ce, {"ce": ce})
 
 
@@ -56,10 +75,10 @@ class MarginMSELoss:
     in_batch = False
     needs_teacher = True
 
-    def __call__(self, q, p, teacher, group: int, temperature: float) -> LossOutput:
-        if group != 2:
-            raise ValueError(f"MarginMSE compares one positive with one negative (group 2), got {group}")
-        s = own_scores(q, p, group) / temperature
+    def __call__(self, scores: Scores, teacher) -> LossOutput:
+        if scores.group != 2:
+            raise ValueError(f"MarginMSE compares one positive with one negative (group 2), got {scores.group}")
+        s = scores.own()
         mse = F.mse_loss(s[:, 0] - s[:, 1], teacher[:, 0] - teacher[:, 1])
         return LossOutput(mse, {"margin_mse": mse})
 
@@ -74,8 +93,8 @@ class KLDistillationLoss:
     def __init__(self, teacher_temperature: float = 1.0):
         self.teacher_temperature = teacher_temperature
 
-    def __call__(self, q, p, teacher, group: int, temperature: float) -> LossOutput:
-        kl = teacher_kl(own_scores(q, p, group) / temperature, teacher, self.teacher_temperature)
+    def __call__(self, scores: Scores, teacher) -> LossOutput:
+        kl = teacher_kl(scores.own(), teacher, self.teacher_temperature)
         return LossOutput(kl, {"kl": kl})
 
 
@@ -90,7 +109,7 @@ class ContrastiveDistillationLoss:
         self.ce_weight, self.kl_weight = ce_weight, kl_weight
         self.teacher_temperature = teacher_temperature
 
-    def __call__(self, q, p, teacher, group: int, temperature: float) -> LossOutput:
-        ce = in_batch_cross_entropy(q, p, group, temperature)
-        kl = teacher_kl(own_scores(q, p, group) / temperature, teacher, self.teacher_temperature)
+    def __call__(self, scores: Scores, teacher) -> LossOutput:
+        ce = in_batch_cross_entropy(scores)
+        kl = teacher_kl(scores.own(), teacher, self.teacher_temperature)
         return LossOutput(self.ce_weight * ce + self.kl_weight * kl, {"ce": ce, "kl": kl})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backbone import architecture, lora_params
+from .paradigms import paradigm_of
 
 GB = 1e9
 FP32, BF16 = 4, 2
@@ -98,17 +99,6 @@ def decoder_activations(arch, tokens: int, length: int, attention: str, prec: Pr
     return {"activations": kept, "backward_buffers": transient}
 
 
-def head_backward(arch, rows: int, length: int, prec: Precision, head_trainable: bool) -> float:
-    """The sparse head's backward over `rows` sequences (`MaxPooledLogits`): a chunk of (rows, L, V)
-    logits' gradient, the head weight in the compute dtype and, if it trains, its gradient."""
-    from .encoders import pool_chunk_rows
-
-    chunk = min(rows, pool_chunk_rows(length, arch.vocab_size)) * length * arch.vocab_size * prec.compute_bytes
-    weight = arch.vocab_size * arch.hidden_size * prec.compute_bytes
-    cast = weight if prec.autocast and prec.weight_bytes == FP32 else 0
-    return float(chunk + cast + (weight if head_trainable else 0))
-
-
 @dataclass(frozen=True)
 class TrainShape:
     """One rank's share of a training step."""
@@ -119,7 +109,6 @@ class TrainShape:
     passage_len: int
     world: int
     micro_batch: int | None
-    sparse: bool
 
     @property
     def whole(self) -> bool:
@@ -137,8 +126,7 @@ def train_shape(cfg: Mapping[str, Any], world: int) -> TrainShape:
     train = cfg["train"]
     queries = max(1, int(train["queries_per_step"]) // world)
     return TrainShape(queries, queries * int(train["passages_per_query"]), int(cfg["data"]["query_max_len"]),
-                      int(cfg["data"]["passage_max_len"]), world, train.get("micro_batch"),
-                      cfg["paradigm"]["name"] == "sparse")
+                      int(cfg["data"]["passage_max_len"]), world, train.get("micro_batch"))
 
 
 def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[str, float]:
@@ -155,13 +143,17 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     stage = int(zero.get("stage", 0))
     held = {"weights": frozen_weights(arch, prec, train_emb) / (world if stage >= 3 else 1),
             **trainable_state(trainable, world, stage)}
-    width = arch.vocab_size if shape.sparse else arch.hidden_size
+    paradigm = paradigm_of(cfg["paradigm"])
     local = shape.queries + shape.passages
-    reps = FP32 * width * local  # this rank's representations, fp32
+    # this rank's representations, fp32
+    reps = FP32 * (shape.queries * paradigm.rep_width(arch, shape.query_len)
+                   + shape.passages * paradigm.rep_width(arch, shape.passage_len))
     gathered = reps * world
+    rows = shape.passages if shape.whole else min(int(shape.micro_batch), shape.passages)
+    head = paradigm.training_head(arch, rows, local, shape.passage_len, prec, train_emb and arch.tie_word_embeddings)
     # the loss over every rank's representations: them (gathered copies when several ranks), their
-    # gradient, and the FLOPS regulariser's |x| (sparse)
-    loss = gathered * (2 if shape.sparse else 1) + (gathered if world > 1 else 0)
+    # gradient, and what the paradigm's loss holds beside them (sparse: the FLOPS regulariser's |x|)
+    loss = gathered * head.loss_copies + (gathered if world > 1 else 0)
     acts = decoder_activations(arch, shape.tokens_in_graph(), shape.passage_len,
                                str(model.get("attn_implementation") or "sdpa"), prec,
                                float(model["lora"].get("dropout") or 0) > 0,
@@ -169,19 +161,15 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     if shape.whole and not train.get("gradient_checkpointing") and prec.autocast and prec.weight_bytes == FP32:
         # the query and the passage forwards each keep autocast's weight copies
         acts["activations"] += arch.num_hidden_layers * BF16 * arch.linear_params_per_layer()
-    # the sparse pooling's max logits (compute dtype) and argmax per row: kept for the head's backward, or
-    # by gradient caching from the first encoding to the second
-    head_kept = (prec.compute_bytes + 4) * width * local if shape.sparse else 0
-    head = head_backward(arch, shape.passages if shape.whole else min(int(shape.micro_batch), shape.passages),
-                         shape.passage_len, prec, train_emb and arch.tie_word_embeddings) if shape.sparse else 0.0
+    head_kept = head.kept
     bucket = {"representations": reps + (gathered if world > 1 else 0), "gradient_bucket": gradient_bucket(zero)}
     if shape.whole:
         phases = [{**held, **acts, "representations": reps + head_kept + loss},
-                  {**held, **acts, "representations": reps + head_kept, "vocabulary_scores": head}]
+                  {**held, **acts, "representations": reps + head_kept, "vocabulary_scores": head.backward}]
     else:  # a micro-batch's graph also keeps its term weights' activation (input, output, mask)
-        pooled = 3 * FP32 * width * min(int(shape.micro_batch), shape.passages) if shape.sparse else 0
         phases = [{**held, "representations": reps + head_kept + loss},
-                  {**held, **acts, "representations": 2 * reps + head_kept + pooled, "vocabulary_scores": head}]
+                  {**held, **acts, "representations": 2 * reps + head_kept + head.graph,
+                   "vocabulary_scores": head.backward}]
         bucket["representations"] += reps + head_kept
     phases.append({**held, **bucket})
     return max(phases, key=lambda terms: sum(terms.values()))
@@ -205,8 +193,7 @@ def evaluation_peak(cfg: Mapping[str, Any], prec: Precision) -> dict[str, float]
                          + 3 * arch.intermediate_size)
     weights = {"weights": float(arch.params_total() * prec.weight_bytes)}
     terms = {**weights, "activations": float(live)}
-    if cfg["paradigm"]["name"] == "sparse":  # one (L, V) buffer, the (N, V) pooled logits and weights
-        terms["vocabulary_scores"] = float(arch.vocab_size * (length * c + batch * (c + 2 * FP32)))
+    terms.update(paradigm_of(cfg["paradigm"]).encoding_buffers(arch, batch, length, c))
     if str(ev.get("search") or "auto") == "host":
         return terms
     search = {**weights, **search_buffers(cfg, arch)}
@@ -214,22 +201,12 @@ def evaluation_peak(cfg: Mapping[str, Any], prec: Precision) -> dict[str, float]
 
 
 def search_buffers(cfg: Mapping[str, Any], arch) -> dict[str, float]:
-    """Bytes by term of searching one shard on the GPU (`shard_search.TorchSearch`): the shard moved
-    there (dense: its 16-bit copy and the float32 one made from it; sparse: torch CSR with 64-bit
-    indices), one block of queries' scores against it, and for sparse the block's densified queries."""
-    from .encodings import planned_doc_terms, store_dtype
+    """Bytes by term of searching one shard on the GPU (`shard_search.TorchSearch`), as the paradigm
+    stores and searches it (`Paradigm.search_buffers`)."""
     from .shard_search import QUERY_BLOCK
 
     ev = cfg["eval"]
-    shard = int(ev.get("shard_size") or 200_000)
-    stored = 2 if store_dtype(ev) == "float16" else 0
-    out = {"search_scores": float(QUERY_BLOCK * shard * (FP32 + 1))}  # the scores and the candidates' mask
-    if cfg["paradigm"]["name"] == "sparse":
-        out["search_shard"] = float(shard * planned_doc_terms(ev) * (8 + 8 + FP32))
-        out["search_queries"] = float(QUERY_BLOCK * arch.vocab_size * FP32)
-    else:
-        out["search_shard"] = float(shard * arch.hidden_size * (stored + FP32))
-    return out
+    return paradigm_of(cfg["paradigm"]).search_buffers(arch, ev, int(ev.get("shard_size") or 200_000), QUERY_BLOCK)
 
 
 def mntp_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[str, float]:

@@ -10,6 +10,7 @@ from .backbone import architecture, lora_params
 from .errors import ConfigError
 from .flops import CONVENTION, StepShape, step_flops
 from .identity import cell_id
+from .paradigms import paradigm_of
 from .precision import check_settings
 
 
@@ -33,7 +34,7 @@ def step_shape(cfg: Mapping[str, Any]) -> StepShape:
     return StepShape(
         queries=int(train["queries_per_step"]), passages_per_query=int(train["passages_per_query"]),
         query_len=int(data["query_max_len"]), passage_len=int(data["passage_max_len"]),
-        sparse=cfg["paradigm"]["name"] == "sparse", in_batch=bool(loss.in_batch),
+        in_batch=bool(loss.in_batch),
         own_group=bool(loss.needs_teacher),
     )
 
@@ -42,7 +43,8 @@ def step_cost(cfg: Mapping[str, Any]) -> dict[str, int]:
     """The named FLOP terms of one optimizer step of this cell (flops.step_flops on its shapes)."""
     model = cfg["model"]
     lora = model["lora"]
-    return step_flops(architecture(model), step_shape(cfg), int(lora["r"]), tuple(lora["targets"]),
+    return step_flops(architecture(model), step_shape(cfg), paradigm_of(cfg["paradigm"]), int(lora["r"]),
+                      tuple(lora["targets"]),
                       bool(model.get("train_embeddings", False)),
                       bool(cfg["train"].get("gradient_checkpointing", False)))
 

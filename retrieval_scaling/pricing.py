@@ -22,6 +22,7 @@ from typing import Any
 
 from .backbone import architecture
 from .mntp import mntp_flops
+from .paradigms import paradigm_of
 
 TOKENS_PER_WORD = 1.3  # Llama-3's tokenizer on English prose, roughly; BEIR publishes words
 # Core-seconds per million corpus documents (bench/mining.py on MS MARCO-shaped data; docs/benchmarks.md):
@@ -105,10 +106,10 @@ def collection_size(spec: Mapping[str, Any], root: str | None) -> CorpusSize | N
     return None
 
 
-def encoding_flops(arch, sparse: bool, texts: int, mean_tokens: float) -> float:
-    """Forward FLOPs of encoding `texts` texts of `mean_tokens` tokens (BOS included)."""
+def encoding_flops(arch, paradigm, texts: int, mean_tokens: float) -> float:
+    """Forward FLOPs of encoding `texts` texts of `mean_tokens` tokens (BOS included), with `paradigm`'s head."""
     n_lin = arch.num_hidden_layers * arch.linear_params_per_layer()
-    head = 2 * arch.hidden_size * arch.vocab_size if sparse else 0
+    head = paradigm.encoding_flops_per_token(arch)
     per_text = mean_tokens * (2 * n_lin + head) + 4 * arch.num_hidden_layers * arch.hidden_size * mean_tokens**2
     return texts * per_text
 
@@ -134,7 +135,7 @@ def suite_corpora(cfg: Mapping[str, Any]) -> tuple[list[tuple[dict, CorpusSize, 
 def evaluation_flops(cfg: Mapping[str, Any]) -> tuple[float, list[str]]:
     """One evaluation of this cell's model on `eval`: (FLOPs, names of collections it could not price)."""
     arch = architecture(cfg["model"])
-    sparse = cfg["paradigm"]["name"] == "sparse"
+    paradigm = paradigm_of(cfg["paradigm"])
     ev = cfg["eval"]
     total = 0.0
     corpora, unpriced = suite_corpora(cfg)
@@ -143,9 +144,9 @@ def evaluation_flops(cfg: Mapping[str, Any]) -> tuple[float, list[str]]:
         queries = size.queries
         if ev.get("subset"):
             queries = min(queries, int(ev["subset"]["queries"]))
-        total += encoding_flops(arch, sparse, queries, min(q_len, 1 + size.query_words * TOKENS_PER_WORD))
+        total += encoding_flops(arch, paradigm, queries, min(q_len, 1 + size.query_words * TOKENS_PER_WORD))
         if encodes:
-            total += encoding_flops(arch, sparse, size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
+            total += encoding_flops(arch, paradigm, size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
     return total, unpriced
 
 
@@ -160,24 +161,18 @@ def disk_plan(cfg: Mapping[str, Any], trainable: int) -> dict[str, float]:
     """A cell's disk, GB: its checkpoint at its largest (two tags while one is written), its final
     weights, its run files, and the encoding stores of its evaluations while they run (the final one,
     and the step-0 one its (backbone, paradigm) shares)."""
-    from .backbone import architecture
-    from .encodings import doc_bytes, planned_doc_terms, store_dtype
-    from .layout import step0_max_terms
-
     ev = cfg["eval"]
-    sparse = cfg["paradigm"]["name"] == "sparse"
+    paradigm = paradigm_of(cfg["paradigm"])
     arch = architecture(cfg["model"])
-    dtype = store_dtype(ev)
     corpora, _ = suite_corpora(cfg)
-    docs = sum(size.docs for _, size, _, encodes in corpora if encodes)
+    stored = [(size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
+              for _, size, p_len, encodes in corpora if encodes]
     hits = sum(min(size.queries, int((ev.get("subset") or {}).get("queries") or size.queries)) * int(spec["depth"])
                for spec, size, _, _ in corpora)
-    final_width = planned_doc_terms(ev) if sparse else arch.hidden_size
-    step0_width = (step0_max_terms(cfg) or arch.vocab_size) if sparse else arch.hidden_size
     return {"checkpoint": 2 * CHECKPOINT_BYTES_PER_TRAINABLE * trainable / 1e9, "final": 4 * trainable / 1e9,
             "runs": RUN_BYTES_PER_HIT * hits / 1e9,
-            "eval_store": docs * doc_bytes(final_width, sparse, dtype) / 1e9,
-            "step0_store": docs * doc_bytes(step0_width, sparse, dtype) / 1e9}
+            "eval_store": sum(n * paradigm.doc_bytes(arch, ev, tokens) for n, tokens in stored) / 1e9,
+            "step0_store": sum(n * paradigm.doc_bytes(arch, ev, tokens, step0=True) for n, tokens in stored) / 1e9}
 
 
 def stage_flops(model_cfg: Mapping[str, Any]) -> float:

@@ -23,7 +23,8 @@ from .corpus_search import SearchRequest, search_corpus
 from .data import Collection
 from .encodings import EncodeFn, EncodingStore, store_settings
 from .errors import ConfigError
-from .search import to_csr
+from .paradigms import Shapes
+from .paradigms.dense import Dense
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class QuerySet:
 class Ranked:
     """A query set's hits: (queries, depth) scores and corpus positions, best first, -1 = no hit; None
     on a rank > 0 of a multi-rank search. With them, what the search measured on the way: each judged
-    query's contrastive entropy, and a sparse retriever's mean non-zeros."""
+    query's contrastive entropy, and what the paradigm measures of its queries and documents (a sparse
+    retriever's mean non-zeros)."""
 
     qids: list[str]
     scores: np.ndarray | None
@@ -56,7 +58,6 @@ class Ranked:
 
 class Retriever:
     name = "retriever"
-    sparse = False
 
     def search_sets(self, corpus: Mapping[str, str], sets: Sequence[QuerySet], passage_max_len: int,
                     shard_size: int) -> list[Ranked]:
@@ -77,15 +78,16 @@ class EncoderRetriever(Retriever):
     None: a temporary directory per search), encoded and searched over `world` ranks. With `entropy`
     ({negatives, seed, temperature}), each search also gives the contrastive entropy of every judged
     query (`contrastive_entropy`), from the encodings the search read. `store` holds the store's
-    settings (`EncodingStore`: store_dtype, planned_doc_bytes, searcher)."""
+    settings (`EncodingStore`: store_dtype, planned_doc_bytes, searcher); `paradigm` (a
+    `paradigms.Paradigm`) how its reps are kept, stored, searched and scored."""
 
-    def __init__(self, name: str, encode: EncodeFn, sparse: bool, store_root: Path | None = None,
+    def __init__(self, name: str, encode: EncodeFn, paradigm, store_root: Path | None = None,
                  rank: int = 0, world: int = 1, entropy: Mapping[str, Any] | None = None,
                  store: Mapping[str, Any] | None = None):
-        self.name, self.encode, self.sparse = name, encode, sparse
+        self.name, self.encode, self.paradigm = name, encode, paradigm
         self.store_root, self.rank, self.world, self.entropy = store_root, rank, world, entropy
         self.store_settings = dict(store or {})
-        self.nnz: dict[str, float] = {}  # sparse: mean non-zeros of the last query set's queries and docs
+        self.nnz: dict[str, float] = {}  # what the paradigm measured of the last query set (sparse: non-zeros)
         self.per_query_entropy: dict[str, float] = {}  # of the last query set, by query id
         self.store: EncodingStore | None = None
 
@@ -100,7 +102,7 @@ class EncoderRetriever(Retriever):
         from .contrastive_entropy import entropy_sample
 
         if self.store is None or self.store.root != root:
-            self.store = EncodingStore(root, self.encode, self.sparse, shard_size, self.rank, self.world,
+            self.store = EncodingStore(root, self.encode, self.paradigm, shard_size, self.rank, self.world,
                                        **self.store_settings)
         self.store.shard_size = max(1, int(shard_size))
         label = "+".join(qs.name for qs in sets)
@@ -122,10 +124,9 @@ class EncoderRetriever(Retriever):
                 sample = request.entropy
                 ranked.entropy = sample.values(float(self.entropy["temperature"])) if sample is not None else {}
                 self.per_query_entropy = ranked.entropy
-            if self.sparse:
-                m = to_csr(request.queries)
-                ranked.nnz = self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1),
-                                         "query_nnz": m.nnz / max(m.shape[0], 1)}
+            stats = self.paradigm.query_stats(request.queries)
+            if stats:
+                ranked.nnz = self.nnz = {"doc_nnz": self.store.doc_nnz / max(view.size, 1), **stats}
             out.append(ranked)
         return out
 
@@ -177,6 +178,7 @@ def build_baseline(cfg: Mapping[str, Any], eval_cfg: Mapping[str, Any] | None = 
         if not cfg.get("path"):
             raise ConfigError("baseline=sbert needs baseline.path=<local sentence-transformers directory>.")
         encode = sbert_encode(cfg["path"], int(cfg["batch_size"]), cfg.get("max_len"))
-        return EncoderRetriever(f"sbert:{Path(cfg['path']).name}", encode, sparse=False,
-                                store=store_settings(eval_cfg or {}, False, int(encode.dimension)))
+        dense = Dense()
+        return EncoderRetriever(f"sbert:{Path(cfg['path']).name}", encode, dense,
+                                store=store_settings(eval_cfg or {}, dense, Shapes(int(encode.dimension))))
     raise ConfigError(f"baseline={name!r} is not one of ['bm25', 'sbert'].")

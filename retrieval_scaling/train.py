@@ -25,9 +25,9 @@ from .encoders import Encoder, encode_inputs
 from .errors import ConfigError, DataError
 from .faults import Faults
 from .gradient_cache import MicroBatches, optimizer_step
-from .losses import LossOutput
+from .losses import LossOutput, Scores
+from .paradigms import Paradigm
 from .precision import AUTO, use_bf16
-from .regularizers import flops_regularizer, quadratic_warmup
 from .requeue import REQUEUE
 from .training_tokens import TrainingTokens
 
@@ -101,10 +101,6 @@ def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], floa
     return factor
 
 
-def sparsity(reps: torch.Tensor) -> float:
-    return float((reps > 0).sum(dim=-1).float().mean())
-
-
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     latest = ckpt_dir / "latest"
     if not latest.is_file():
@@ -172,29 +168,21 @@ def build_engine(encoder: Encoder, micro_batch: int, steps: int, train_cfg: Mapp
 
 
 class StepLoss:
-    """One step's loss over the rank-gathered reps: the objective, plus the FLOPS regulariser (sparse)
-    with its quadratic warm-up over optimizer steps."""
+    """One step's loss over the rank-gathered reps: the objective on the paradigm's scores, plus the
+    paradigm's regulariser at this optimizer step."""
 
-    def __init__(self, loss_fn: Callable[..., LossOutput], group: int, paradigm_cfg: Mapping[str, Any], steps: int):
-        self.loss_fn, self.group = loss_fn, group
-        self.temperature = float(paradigm_cfg["temperature"])
-        self.reg = paradigm_cfg.get("flops")
-        self.reg_warmup = math.ceil(steps * float(self.reg["warmup_fraction"])) if self.reg else 0
+    def __init__(self, loss_fn: Callable[..., LossOutput], group: int, paradigm: Paradigm, steps: int):
+        self.loss_fn, self.group, self.paradigm, self.steps = loss_fn, group, paradigm, steps
 
     def __call__(self, q: torch.Tensor, p: torch.Tensor, teacher, step: int) -> tuple[torch.Tensor, dict]:
-        out = self.loss_fn(q, p, teacher, self.group, self.temperature)
-        loss, parts = out.total, dict(out.parts)
-        if self.reg:
-            lam_q = quadratic_warmup(float(self.reg["lambda_q"]), step, self.reg_warmup)
-            lam_d = quadratic_warmup(float(self.reg["lambda_d"]), step, self.reg_warmup)
-            parts["flops_q"], parts["flops_d"] = flops_regularizer(q), flops_regularizer(p)
-            loss = loss + lam_q * parts["flops_q"] + lam_d * parts["flops_d"]
-        return loss, parts
+        out = self.loss_fn(Scores(q, p, self.group, self.paradigm), teacher)
+        penalty, extra = self.paradigm.regularizer(q, p, step, self.steps)
+        return out.total + penalty, {**out.parts, **extra}
 
 
 def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSampler, steps: int,
           flops_per_step: int, tokens_per_step: int, train_cfg: Mapping[str, Any],
-          paradigm_cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
+          paradigm: Paradigm, ds_cfg: Mapping[str, Any], ckpt_dir: Path, log_every: int,
           log_metrics: Callable[[dict[str, float], int], None], faults: Faults | None = None) -> Encoder:
     """Train for `steps` optimizer steps, resuming from the last checkpoint in `ckpt_dir`. FLOPs and
     tokens per step come from the cell's plan, the one place they are counted. Over several ranks,
@@ -215,7 +203,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
         start, real_tokens = int(client["step"]), int(client.get("real_tokens", 0))
         log.info("resumed from checkpoint at step %d", start)
         log_metrics({"resumed_from_step": float(start)}, start)
-    step_loss = StepLoss(loss_fn, sampler.group, paradigm_cfg, steps)
+    step_loss = StepLoss(loss_fn, sampler.group, paradigm, steps)
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     bf16 = use_bf16(train_cfg.get("bf16", AUTO), device, "train.bf16")
     engine.train()
@@ -237,7 +225,7 @@ def train(encoder: Encoder, loss_fn: Callable[..., LossOutput], sampler: BatchSa
                     "train/lr": scheduler.get_last_lr()[0], "flops_spent": float(done * flops_per_step),
                     "tokens_seen": float(done * tokens_per_step), "tokens_real_seen": float(real_tokens),
                     "throughput_tokens_per_s": tokens_per_step * (done - max(start, done - log_every)) / elapsed,
-                    **({"train/query_nnz": sparsity(q), "train/doc_nnz": sparsity(p)} if encoder.sparse else {}),
+                    **paradigm.train_metrics(q, p),
                 }
                 log_metrics(metrics, done)
                 log.info("step %d/%d loss %.4f", done, steps, metrics["train/loss"])

@@ -22,7 +22,7 @@ def tiny_encoder(paradigm: str, texts: list[str]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retrieval_scaling.backbone import set_bidirectional, train_bpe_tokenizer
-    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     tokenizer = train_bpe_tokenizer(texts, 512)
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def tiny_encoder(paradigm: str, texts: list[str]):
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                          pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa"))
     set_bidirectional(model, True)
-    return build_encoder(paradigm, model).eval().requires_grad_(False), tokenizer
+    return paradigm_of({"name": paradigm}).encoder(model).eval().requires_grad_(False), tokenizer
 
 
 def eval_cfg(root: Path, shard_size: int) -> dict:

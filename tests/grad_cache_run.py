@@ -43,6 +43,7 @@ def main() -> None:
     from retrieval_scaling.distributed import configure_threads, init_distributed
     from retrieval_scaling.gradient_cache import MicroBatches, optimizer_step
     from retrieval_scaling.losses import ContrastiveDistillationLoss, ContrastiveLoss, MarginMSELoss
+    from retrieval_scaling.paradigms import paradigm_of
     from retrieval_scaling.train import StepLoss, build_engine, shard
 
     configure_threads(1)
@@ -62,9 +63,9 @@ def main() -> None:
     for paradigm, loss_name in CASES:
         group = 2 if loss_name == "kd" else 3
         flops = {"lambda_q": 0.3, "lambda_d": 0.1, "warmup_fraction": 0.0}
-        paradigm_cfg = {"temperature": 0.05 if paradigm == "dense" else 1.0,
-                        "flops": flops if paradigm == "sparse" else None}
-        step_loss = StepLoss(losses[loss_name], group, paradigm_cfg, steps=10)
+        settings = {"name": paradigm, "temperature": 0.05 if paradigm == "dense" else 1.0,
+                    **({"flops": flops} if paradigm == "sparse" else {})}
+        step_loss = StepLoss(losses[loss_name], group, paradigm_of(settings), steps=10)
         whole = batch(group)
         local = shard(whole, rank, world)
         for micro_batch in MICRO_BATCHES:
@@ -88,7 +89,7 @@ def main() -> None:
     whole = batch(3)
     local = shard(whole, rank, world)
     optimizer_step(engine, local, micro, False,
-                   lambda q, p: StepLoss(losses["cl"], 3, {"temperature": 1.0}, 10)(q, p, whole.teacher, 5))
+                   lambda q, p: StepLoss(losses["cl"], 3, paradigm_of({"name": "sparse"}), 10)(q, p, whole.teacher, 5))
     first, second = outputs[:micro.backward_passes], outputs[micro.backward_passes:]
     with torch.no_grad():  # other draws, other masks: dropout is on, so the replay is what matched them
         again = engine(local.query_ids[:3], local.query_mask[:3])

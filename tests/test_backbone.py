@@ -23,7 +23,7 @@ def lora_encoder(paradigm: str, checkpointing: bool = False, dropout: float = 0.
     from peft import LoraConfig, get_peft_model
 
     from retrieval_scaling.backbone import enable_gradient_checkpointing
-    from retrieval_scaling.encoders import build_encoder
+    from retrieval_scaling.paradigms import paradigm_of
 
     model = tiny_llama("eager")
     set_bidirectional(model, True)
@@ -31,7 +31,7 @@ def lora_encoder(paradigm: str, checkpointing: bool = False, dropout: float = 0.
                                              target_modules=["q_proj", "v_proj", "down_proj"]))
     if checkpointing:
         enable_gradient_checkpointing(model)
-    return build_encoder(paradigm, model)
+    return paradigm_of({"name": paradigm}).encoder(model)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

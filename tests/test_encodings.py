@@ -18,6 +18,9 @@ from scipy import sparse
 
 from retrieval_scaling.corpus_search import SearchRequest, search_corpus
 from retrieval_scaling.encodings import EncodingStore
+from retrieval_scaling.paradigms import Shapes
+from retrieval_scaling.paradigms.dense import Dense
+from retrieval_scaling.paradigms.sparse import Sparse
 from retrieval_scaling.topk import merge_top_k, top_k_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,11 @@ HELPER = ROOT / "tests" / "eval_ranks.py"
 def stable_seed(*parts: object) -> int:
     """A seed that is the same in every process (Python's `hash` of a str changes with PYTHONHASHSEED)."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def paradigm(sparse_reps: bool):
+    """The paradigm whose host form the fake reps take: CSR for sparse, an array for dense."""
+    return Sparse() if sparse_reps else Dense()
 
 
 def fake_encoder(dim: int, sparse_reps: bool, calls: list):
@@ -69,7 +77,7 @@ def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, 
     calls = []
     encode = fake_encoder(24, sparse_reps, calls)
     texts = [f"doc {i}" for i in range(90)] + ["doc 3", "doc 50", "doc 3"]  # repeats at 90, 91, 92
-    store = EncodingStore(tmp_path, encode, sparse_reps, shard_size=20, searcher=shard_search(searcher))
+    store = EncodingStore(tmp_path, encode, paradigm(sparse_reps), shard_size=20, searcher=shard_search(searcher))
     view = store.ensure(texts, 64, "c")
     # each distinct text once, in 5 shards of at most 20 as equal as can be (ranks split them evenly)
     assert store.encoded_docs == 90 and sorted(calls) == [18, 18, 18, 18, 18]
@@ -86,7 +94,7 @@ def test_store_search_equals_brute_force_with_repeated_texts_and_ties(tmp_path, 
 
 def test_overlapping_corpora_share_encodings_and_a_new_length_is_a_new_encoding(tmp_path):
     calls = []
-    store = EncodingStore(tmp_path, fake_encoder(8, False, calls), False, shard_size=1000)
+    store = EncodingStore(tmp_path, fake_encoder(8, False, calls), Dense(), shard_size=1000)
     store.ensure([f"d{i}" for i in range(100)], 64, "fever")
     store.ensure([f"d{i}" for i in range(10, 105)], 64, "climate-fever")  # 90 shared, 5 new
     assert store.encoded_docs == 105 and store.reused_shards == 1
@@ -107,8 +115,8 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retrieval_scaling.encoders import build_encoder
     from retrieval_scaling.inference import encode_texts
+    from retrieval_scaling.paradigms import paradigm_of
 
     class Tok:
         bos_token_id, pad_token_id = 1, 0
@@ -119,15 +127,15 @@ def test_sparse_encoding_never_builds_a_dense_corpus_array(monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=5000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    encoder = build_encoder("sparse", model).eval()
+    encoder = paradigm_of({"name": "sparse"}).encoder(model).eval()
     widest = []
-    real_batch_csr = __import__("retrieval_scaling.inference", fromlist=["batch_csr"]).batch_csr
+    real_batch_csr = __import__("retrieval_scaling.paradigms.sparse", fromlist=["batch_csr"]).batch_csr
 
     def spy(reps, max_terms=None):
         widest.append(reps.shape[0])
         return real_batch_csr(reps, max_terms)
 
-    monkeypatch.setattr("retrieval_scaling.inference.batch_csr", spy)
+    monkeypatch.setattr("retrieval_scaling.paradigms.sparse.batch_csr", spy)
     texts = [f"text number {i} " * (1 + i % 3) for i in range(50)]
     out = encode_texts(encoder, Tok(), texts, 16, 8, "docs")
     assert sparse.issparse(out) and out.shape == (50, 5000) and max(widest) == 8 and len(widest) == 7
@@ -141,7 +149,8 @@ def test_pruned_sparse_reps_keep_each_rows_largest_weights_and_name_their_metric
     row keeps exactly its k largest weights (all of them when it has fewer), in CSR of k entries."""
     import torch
 
-    from retrieval_scaling.inference import batch_csr, pruned_names
+    from retrieval_scaling.inference import pruned_names
+    from retrieval_scaling.paradigms.sparse import batch_csr
 
     gen = torch.Generator().manual_seed(3)
     reps = torch.relu(torch.randn(6, 128_256, generator=gen))  # about half the vocabulary non-zero
@@ -405,12 +414,13 @@ def test_collections_sharing_a_corpus_and_their_entropy_read_each_shard_once(tmp
     colls = shared_corpus_collections()
     cfg = eval_settings(colls, 20)
     entropy = {"negatives": 20, "seed": 0, "temperature": 0.5}
-    together = EncoderRetriever("t", fake_encoder(16, sparse_reps, []), sparse_reps, tmp_path / "one", entropy=entropy)
+    kind = paradigm(sparse_reps)
+    together = EncoderRetriever("t", fake_encoder(16, sparse_reps, []), kind, tmp_path / "one", entropy=entropy)
     metrics = evaluate_all(together, colls, cfg)
     shards = len(list((tmp_path / "one").glob("shard-*.npz")))
     assert shards == 5 and together.store.shard_reads == shards  # 3 searches + 3 entropies: one read a shard
     # the same numbers as each collection searched on its own (which reads the store once per collection)
-    alone = EncoderRetriever("a", fake_encoder(16, sparse_reps, []), sparse_reps, tmp_path / "two", entropy=entropy)
+    alone = EncoderRetriever("a", fake_encoder(16, sparse_reps, []), kind, tmp_path / "two", entropy=entropy)
     separate = {}
     for coll in colls:
         one = {**cfg, "collections": {coll.name: cfg["collections"][coll.name]}}
@@ -425,12 +435,11 @@ def test_a_store_short_of_space_stops_before_encoding_with_one_line(tmp_path, mo
     import shutil as shutil_module
 
     from retrieval_scaling.disk import human_size
-    from retrieval_scaling.encodings import doc_bytes
     from retrieval_scaling.errors import UserError
 
     calls = []
-    store = EncodingStore(tmp_path / "store", fake_encoder(1024, False, calls), False, shard_size=20,
-                          planned_doc_bytes=doc_bytes(1024, False))
+    store = EncodingStore(tmp_path / "store", fake_encoder(1024, False, calls), Dense(), shard_size=20,
+                          planned_doc_bytes=Dense().doc_bytes(Shapes(1024), {}, 0))
     store.ensure([f"doc {i}" for i in range(20)], 64, "first")  # fits
     kept = sorted(p.name for p in (tmp_path / "store").iterdir())
     free = shutil_module.disk_usage(tmp_path).free
@@ -452,7 +461,7 @@ def test_a_float16_store_is_half_the_size_and_keeps_float32_where_float16_would_
     reps = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
     sizes = {}
     for dtype in ("float32", "float16"):
-        store = EncodingStore(tmp_path / dtype, None, False, shard_size=8, store_dtype=dtype)
+        store = EncodingStore(tmp_path / dtype, None, Dense(), shard_size=8, store_dtype=dtype)
         store.write_shard("shard-x", keys, reps)
         sizes[dtype] = store.shard_path("shard-x").stat().st_size
         back = store.read_reps("shard-x")
@@ -481,7 +490,7 @@ def test_a_requeued_evaluation_skips_the_collections_it_finished(tmp_path):
         return encode(texts, max_len, desc)
 
     fail = [True]
-    retriever = EncoderRetriever("r", dies_on_other, False, tmp_path / "store", entropy={**cfg["contrastive_entropy"],
+    retriever = EncoderRetriever("r", dies_on_other, Dense(), tmp_path / "store", entropy={**cfg["contrastive_entropy"],
                                                                                         "temperature": 0.5})
     with pytest.raises(RuntimeError, match="node lost"):
         evaluate_all(retriever, [dev, other], cfg, tmp_path / "runs", progress=tmp_path / "store" / "collections")
@@ -489,7 +498,7 @@ def test_a_requeued_evaluation_skips_the_collections_it_finished(tmp_path):
     fail[0], seen[:] = False, []
     again = evaluate_all(retriever, [dev, other], cfg, tmp_path / "runs", progress=tmp_path / "store" / "collections")
     assert seen and not any(t.startswith("doc") or t.startswith("query dev") for t in seen)  # dev not redone
-    fresh = EncoderRetriever("f", encode, False, tmp_path / "fresh", entropy=retriever.entropy)
+    fresh = EncoderRetriever("f", encode, Dense(), tmp_path / "fresh", entropy=retriever.entropy)
     assert again == evaluate_all(fresh, [dev, other], cfg, tmp_path / "runs-fresh")
 
 
@@ -508,10 +517,10 @@ def test_a_damaged_shard_left_by_an_earlier_attempt_is_encoded_again_with_one_wa
     calls = []
     encode = fake_encoder(24, False, calls)
     texts = [f"doc {i}" for i in range(60)]
-    EncodingStore(tmp_path, encode, False, shard_size=20).ensure(texts, 64, "c")
+    EncodingStore(tmp_path, encode, Dense(), shard_size=20).ensure(texts, 64, "c")
     shards = sorted(tmp_path.glob("shard-*.npz"))
     damage(shards[1], how)
-    again = EncodingStore(tmp_path, encode, False, shard_size=20)
+    again = EncodingStore(tmp_path, encode, Dense(), shard_size=20)
     with caplog.at_level("WARNING", logger="retrieval_scaling.encodings"):
         view = again.ensure(texts, 64, "c")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -527,7 +536,7 @@ def test_a_shard_damaged_during_an_evaluation_stops_it_with_one_line_naming_it(t
     from retrieval_scaling.errors import UserError
 
     encode = fake_encoder(24, False, [])
-    store = EncodingStore(tmp_path, encode, False, shard_size=20)
+    store = EncodingStore(tmp_path, encode, Dense(), shard_size=20)
     view = store.ensure([f"doc {i}" for i in range(40)], 64, "c")
     victim = sorted(tmp_path.glob("shard-*.npz"))[0]
     damage(victim, "flipped")

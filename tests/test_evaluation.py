@@ -16,6 +16,8 @@ from scipy import sparse
 from retrieval_scaling.data import Collection, load_source
 from retrieval_scaling.errors import DataError
 from retrieval_scaling.evaluation import evaluate_all, group_means, rank_collection
+from retrieval_scaling.paradigms.dense import Dense
+from retrieval_scaling.paradigms.sparse import Sparse
 from retrieval_scaling.readers import read_trec_qrels, read_trec_topics
 from retrieval_scaling.retrievers import Ranked, Retriever
 from retrieval_scaling.scoring import score_run
@@ -84,6 +86,11 @@ def test_positive_postings_search_equals_brute_force_with_ties_repeats_and_few_h
         np.testing.assert_array_equal(got[0], want[0])
     assert search.search_positive_postings(csc.indptr, csc.indices, csc.data.astype(np.float32), n_docs, q_indptr,
                                            q_terms, k)[1].tolist() == want[1].tolist()
+
+
+def paradigm(sparse_reps: bool):
+    """The paradigm whose host form the fake reps take: CSR for sparse, an array for dense."""
+    return Sparse() if sparse_reps else Dense()
 
 
 def test_inverted_index_from_shards_equals_one_matrix():
@@ -357,7 +364,7 @@ def test_sparse_retriever_reports_mean_non_zeros_of_queries_and_documents():
         return np.array([reps[t] for t in texts], dtype=np.float32)
 
     coll = Collection("c", {"a": "doc a", "b": "doc b", "c": "doc c"}, {"q": "query"}, {"q": {"c": 1}})
-    retriever = EncoderRetriever("fake", encode, sparse=True)
+    retriever = EncoderRetriever("fake", encode, Sparse())
     qids, scores, idx = retriever.search(coll, 3, 8, 8, shard_size=2)  # two shards
     assert retriever.nnz == {"doc_nnz": pytest.approx(6 / 3), "query_nnz": 2.0}
     # scores: a = 0·1 + 1·0 + 1·2 = 2, b = 3, c = 2 → b, then a and c tied at 2 (lower index first)
@@ -407,7 +414,7 @@ def test_a_retriever_logs_contrastive_entropy_per_query_from_its_stored_encoding
     coll = Collection("c", corpus, {"1": "q1", "2": "q2", "3": "q3"},
                       {"1": {"c": 1, "b": 0}, "2": {"d": 2, "a2": 1}, "3": {"x": 0}})  # query 3: nothing relevant
     spec = {"negatives": 3, "seed": 7, "temperature": 0.5}
-    retriever = EncoderRetriever("fake", encode, sparse_reps, tmp_path / "store", entropy=spec)
+    retriever = EncoderRetriever("fake", encode, paradigm(sparse_reps), tmp_path / "store", entropy=spec)
     cfg = {"query_max_len": 8, "passage_max_len": 8, "shard_size": 2, "contrastive_entropy": spec,
            "collections": {"c": {"name": "c", "depth": 5, "measures": {"ndcg_10": "nDCG@10"}}}}
     metrics = evaluate_all(retriever, [coll], cfg, tmp_path / "runs")
@@ -498,7 +505,7 @@ def test_sparse_weights_are_stored_whole_even_in_a_float16_store(data_root, tmp_
                                        "measures": {"ndcg_10": "nDCG@10"}}}}
     got = {}
     for dtype in ("float32", "float16"):
-        retriever = EncoderRetriever("bm25-vectors", encode, True, tmp_path / dtype, store={"store_dtype": dtype})
+        retriever = EncoderRetriever("bm25-vectors", encode, Sparse(), tmp_path / dtype, store={"store_dtype": dtype})
         got[dtype] = evaluate_all(retriever, [coll], cfg)["scifact/ndcg_10"]
         for shard in (tmp_path / dtype).glob("shard-*.npz"):
             with np.load(shard) as z:

@@ -4,12 +4,15 @@ import pytest
 
 from retrieval_scaling.errors import ConfigError
 from retrieval_scaling.flops import Architecture, StepShape, step_flops
+from retrieval_scaling.paradigms.dense import Dense
+from retrieval_scaling.paradigms.sparse import Sparse
 from retrieval_scaling.plan import check_budget, plan_cell
 
 TOY = Architecture(hidden_size=4, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                    intermediate_size=8, vocab_size=10)
 SHAPE = dict(queries=2, passages_per_query=2, query_len=3, passage_len=5, in_batch=True)
 
+DENSE, SPARSE = Dense(), Sparse()
 
 def test_parameter_counts():
     assert TOY.linear_params_per_layer() == 4 * 16 + 3 * 32
@@ -19,7 +22,7 @@ def test_parameter_counts():
 
 def test_dense_step_flops_by_hand():
     # T = 2·3 + 4·5 = 26 tokens, Σ S² = 2·9 + 4·25 = 118, similarity 2 × 4 pairs of width 4
-    terms = step_flops(TOY, StepShape(sparse=False, **SHAPE), lora_rank=1)
+    terms = step_flops(TOY, StepShape(**SHAPE), DENSE, lora_rank=1)
     assert terms["frozen_forward"] == 2 * 26 * 160
     assert terms["frozen_backward"] == 2 * 26 * (160 - 48)  # no input gradient for layer-0 q/k/v
     assert terms["lora_forward"] == 2 * 26 * 68
@@ -32,7 +35,7 @@ def test_dense_step_flops_by_hand():
 
 
 def test_sparse_cells_pay_for_the_lm_head_and_vocab_wide_similarity():
-    terms = step_flops(TOY, StepShape(sparse=True, **SHAPE), lora_rank=1)
+    terms = step_flops(TOY, StepShape(**SHAPE), SPARSE, lora_rank=1)
     assert terms["lm_head"] == 4 * 26 * 4 * 10
     assert terms["similarity"] == 6 * 8 * 10
     assert terms["total"] == 29984 - 192 + 480 + 4160
@@ -56,11 +59,11 @@ def test_a_budget_below_one_step_is_refused_with_the_minimum(compose):
 def test_trained_tied_embeddings_add_the_lm_head_weight_gradient_and_layer0_input_gradients():
     # Trained embeddings need layer 0's input gradient: its q/k/v (48 weights) and their LoRA A-paths
     # (r·in = 3·4) now compute it: 2·26·48 + 2·26·12 = 3,120 more than with frozen embeddings.
-    sparse = step_flops(TOY, StepShape(sparse=True, **SHAPE), lora_rank=1, train_embeddings=True)
+    sparse = step_flops(TOY, StepShape(**SHAPE), SPARSE, lora_rank=1, train_embeddings=True)
     assert sparse["lm_head_weight_grad"] == 2 * 26 * 4 * 10
     assert sparse["frozen_backward"] == 2 * 26 * 160 and sparse["lora_backward"] == 4 * 26 * 68
     assert sparse["total"] == 34432 + 2080 + 3120
-    dense = step_flops(TOY, StepShape(sparse=False, **SHAPE), lora_rank=1, train_embeddings=True)
+    dense = step_flops(TOY, StepShape(**SHAPE), DENSE, lora_rank=1, train_embeddings=True)
     assert dense["total"] == 29984 + 3120  # no LM head: a dense cell's embedding gradient is a scatter-add
 
 
@@ -85,14 +88,15 @@ def test_the_flop_model_matches_torchs_count_of_a_real_step(compose, model, para
 
     from retrieval_scaling.backbone import architecture
     from retrieval_scaling.flopcheck import measured_step_flops
+    from retrieval_scaling.paradigms import paradigm_of
     from retrieval_scaling.plan import step_shape
 
     cfg = compose(f"model={model}", f"paradigm={paradigm}", f"loss={loss}")
     measured, _ = measured_step_flops(cfg, **(shapes or {}))
     shape = dataclasses.replace(step_shape(cfg), **(shapes or {}))
     lora = cfg["model"]["lora"]
-    modelled = step_flops(architecture(cfg["model"]), shape, lora["r"], tuple(lora["targets"]),
-                          cfg["model"]["train_embeddings"])["total"]
+    modelled = step_flops(architecture(cfg["model"]), shape, paradigm_of(cfg["paradigm"]), lora["r"],
+                          tuple(lora["targets"]), cfg["model"]["train_embeddings"])["total"]
     assert modelled == pytest.approx(measured, rel=1e-3)
     assert modelled == pytest.approx(measured, rel=0.05)  # the contract
 
@@ -115,8 +119,8 @@ def test_gradient_checkpointing_recompute_is_counted_as_hardware_flops_only(comp
 
 def test_own_group_scores_of_teacher_losses_are_counted_once_per_query_and_passage():
     shape = dict(queries=2, passages_per_query=2, query_len=3, passage_len=5)
-    cl_kd = step_flops(TOY, StepShape(sparse=False, in_batch=True, own_group=True, **shape), lora_rank=1)
-    kl = step_flops(TOY, StepShape(sparse=False, in_batch=False, own_group=True, **shape), lora_rank=1)
+    cl_kd = step_flops(TOY, StepShape(in_batch=True, own_group=True, **shape), DENSE, lora_rank=1)
+    kl = step_flops(TOY, StepShape(in_batch=False, own_group=True, **shape), DENSE, lora_rank=1)
     assert cl_kd["similarity"] == 6 * (2 * 4 + 2 * 2) * 4  # every passage + each query's own two
     assert kl["similarity"] == 6 * (2 * 2) * 4
 

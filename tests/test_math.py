@@ -11,7 +11,9 @@ from retrieval_scaling.losses import (
     ContrastiveLoss,
     KLDistillationLoss,
     MarginMSELoss,
+    Scores,
 )
+from retrieval_scaling.paradigms.dense import Dense
 from retrieval_scaling.regularizers import flops_regularizer, quadratic_warmup
 
 
@@ -149,14 +151,19 @@ def test_quadratic_warmup_counts_optimizer_steps():
     assert quadratic_warmup(0.04, 25, 10) == pytest.approx(0.04)
 
 
+def scored(q: torch.Tensor, p: torch.Tensor, group: int, temperature: float) -> Scores:
+    """A step's scores as a one-vector-per-text paradigm gives them (a dot product) at `temperature`."""
+    return Scores(q, p, group, Dense(temperature=temperature))
+
+
 def test_contrastive_loss_uses_every_in_batch_passage():
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     p = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # G=2, positives at 0 and 2
-    out = ContrastiveLoss()(q, p, None, group=2, temperature=1.0)
+    out = ContrastiveLoss()(scored(q, p, 2, 1.0), None)
     # each query: scores [1, 0, 0, 0] with the positive first → log(e + 3) - 1
     assert out.total.item() == pytest.approx(math.log(math.e + 3) - 1, rel=1e-6)
     # the temperature divides the scores
-    out = ContrastiveLoss()(q, p, None, group=2, temperature=0.5)
+    out = ContrastiveLoss()(scored(q, p, 2, 0.5), None)
     assert out.total.item() == pytest.approx(math.log(math.e**2 + 3) - 2, rel=1e-6)
 
 
@@ -164,7 +171,7 @@ def test_margin_mse_divides_student_margin_by_temperature():
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
     teacher = torch.tensor([[5.0, 2.0]])
-    out = MarginMSELoss()(q, p, teacher, group=2, temperature=0.5)
+    out = MarginMSELoss()(scored(q, p, 2, 0.5), teacher)
     assert out.total.item() == pytest.approx(((2 - 1) / 0.5 - 3) ** 2)
 
 
@@ -172,19 +179,19 @@ def test_cl_kd_is_half_ce_half_kl_teacher_to_student():
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     teacher = torch.tensor([[0.0, 0.0]])  # uniform teacher
-    out = ContrastiveDistillationLoss()(q, p, teacher, group=2, temperature=1.0)
+    out = ContrastiveDistillationLoss()(scored(q, p, 2, 1.0), teacher)
     ce = math.log(math.e + 1) - 1
     kl = math.log(0.5) + math.log(math.e + 1) - 0.5  # KL(uniform ‖ softmax([1, 0]))
     assert out.parts["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert out.parts["kl"].item() == pytest.approx(kl, rel=1e-6)
     assert out.total.item() == pytest.approx(0.5 * ce + 0.5 * kl, rel=1e-6)
-    kl_only = KLDistillationLoss()(q, p, teacher, group=2, temperature=1.0)
+    kl_only = KLDistillationLoss()(scored(q, p, 2, 1.0), teacher)
     assert kl_only.total.item() == pytest.approx(kl, rel=1e-6)
 
 
 def test_margin_mse_refuses_groups_other_than_two():
     with pytest.raises(ValueError, match="group 2"):
-        MarginMSELoss()(torch.ones(1, 2), torch.ones(3, 2), torch.ones(1, 3), group=3, temperature=1.0)
+        MarginMSELoss()(scored(torch.ones(1, 2), torch.ones(3, 2), 3, 1.0), torch.ones(1, 3))
 
 
 def test_sparse_pool_without_padding_takes_the_plain_max():

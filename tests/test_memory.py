@@ -10,11 +10,11 @@ from retrieval_scaling.flops import Architecture
 from retrieval_scaling.memory import (
     FP32,
     Precision,
-    head_backward,
     saved_per_token_layer,
     trainable_state,
     training_peak,
 )
+from retrieval_scaling.paradigms.sparse import Sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = Architecture(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -36,8 +36,13 @@ def test_the_heads_backward_holds_one_chunk_of_logits_and_the_weight_it_needs():
     # 128 tokens × 128,256 terms: 4 sequences a chunk (2**26 logits); bf16 under autocast, plus the fp32 head
     # weight's bf16 copy; a frozen head needs no weight gradient
     chunk = 4 * 128 * 128_256 * 2
-    assert head_backward(vocab, 64, 128, Precision(True, FP32), False) == chunk + 128_256 * 64 * 2
-    assert head_backward(vocab, 2, 128, Precision(False, FP32), True) == 2 * 128 * 128_256 * 4 + 128_256 * 64 * 4
+    head = Sparse().training_head(vocab, 64, 80, 128, Precision(True, FP32), False)
+    assert head.backward == chunk + 128_256 * 64 * 2
+    assert Sparse().training_head(vocab, 2, 80, 128, Precision(False, FP32), True).backward == (
+        2 * 128 * 128_256 * 4 + 128_256 * 64 * 4)
+    # the pooling's max logits (bf16) and argmax (int32) of the 80 texts on the rank; 64 passages' term weights
+    # (input, output, mask) in a micro-batch's graph; the FLOPS regulariser's second copy in the loss
+    assert (head.kept, head.graph, head.loss_copies) == (80 * 128_256 * (2 + 4), 3 * 4 * 128_256 * 64, 2)
 
 
 @pytest.mark.parametrize("attention, autocast, weights, dropout", [
@@ -82,7 +87,7 @@ def test_the_estimated_peak_is_within_a_quarter_of_a_real_steps_live_tensors(com
         micro_batches = MicroBatches.of(cfg["train"]["micro_batch"], step.queries, step.queries * step.group)
         engine, _ = build_engine(step.encoder, micro_batches.size, 3, cfg["train"], deepspeed_config(cfg),
                                  micro_batches.backward_passes)
-        step_loss = StepLoss(step.loss_fn, step.group, cfg["paradigm"], 3)
+        step_loss = StepLoss(step.step_loss.loss_fn, step.group, step.encoder.paradigm, 3)
         batch = Batch(step.q_ids, torch.ones_like(step.q_ids), step.p_ids, torch.ones_like(step.p_ids), step.teacher)
         for i in range(2):
             optimizer_step(engine, batch, micro_batches, False, lambda q, p: step_loss(q, p, batch.teacher, i))  # noqa: B023

@@ -3,6 +3,8 @@
 import pytest
 
 from retrieval_scaling.backbone import architecture
+from retrieval_scaling.paradigms.dense import Dense
+from retrieval_scaling.paradigms.sparse import Sparse
 from retrieval_scaling.pricing import DECLARED, TOKENS_PER_WORD, encoding_flops, evaluation_flops, price_study
 
 
@@ -10,8 +12,8 @@ def test_encoding_flops_by_hand(compose):
     arch = architecture(compose("model=tiny_s")["model"])  # d 64, 2 layers, MLP 176, vocabulary 4096
     # linear weights per layer: 4·64·64 (q, k, v, o) + 3·64·176 (gate, up, down) = 50,176; 2 layers 100,352
     # 10 texts × 20 tokens: 10·(20·2·100,352 + 4·2·64·20²) = 42,188,800; the sparse head adds 10·20·2·64·4096
-    assert encoding_flops(arch, False, 10, 20) == 42_188_800
-    assert encoding_flops(arch, True, 10, 20) == 42_188_800 + 104_857_600
+    assert encoding_flops(arch, Dense(), 10, 20) == 42_188_800
+    assert encoding_flops(arch, Sparse(), 10, 20) == 42_188_800 + 104_857_600
 
 
 def msmarco_suite(cfg):
@@ -28,8 +30,8 @@ def test_msmarco_dev_dl19_dl20_price_one_corpus_encoding(compose):
     assert {s["id"] for s in specs.values()} >= {"msmarco-passage/dev/small", "msmarco-passage/trec-dl-2019/judged"}
     flops, unpriced = evaluation_flops(cfg)
     size = DECLARED["msmarco-passage/dev/small"]
-    corpus = encoding_flops(arch, False, size.docs, min(192, 1 + size.doc_words * TOKENS_PER_WORD))
-    queries = sum(encoding_flops(arch, False, DECLARED[s["id"]].queries,
+    corpus = encoding_flops(arch, Dense(), size.docs, min(192, 1 + size.doc_words * TOKENS_PER_WORD))
+    queries = sum(encoding_flops(arch, Dense(), DECLARED[s["id"]].queries,
                                  min(64, 1 + DECLARED[s["id"]].query_words * TOKENS_PER_WORD)) for s in specs.values())
     assert unpriced == [] and flops == pytest.approx(corpus + queries)  # the corpus once, not three times
 
