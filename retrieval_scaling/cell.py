@@ -171,15 +171,16 @@ class Evaluator:
         (`Sparse.step0_max_terms`), and the metrics are named for it (`inference.pruned_names`)."""
         from .distributed import from_rank0
         from .inference import pruned_names
-        from .layout import step0_dir, step0_max_terms, step0_store
+        from .layout import step0_dir, step0_store
         from .stages import holding_lock, is_built, write_stage
 
-        shared, pruned = step0_dir(self.cfg), step0_max_terms(self.cfg)
+        pruned = encoder.paradigm.step0_max_terms(self.cfg["eval"])
+        shared = step0_dir(self.cfg, pruned)
         # while another cell evaluates it (hours at the paper's size), rank 0 waits on the lock and the
         # other ranks on the file system for its word: no collective waits that long
         with holding_lock(shared, self.rank == 0):
             if from_rank0(shared.parent, f"step0-{shared.name}", lambda: not is_built(shared)):
-                computed = self(encoder, tokenizer, step0_store(self.cfg), max_terms=pruned)
+                computed = self(encoder, tokenizer, step0_store(self.cfg, pruned), max_terms=pruned)
                 if self.rank == 0:
                     computed = pruned_names(computed, pruned) if pruned else computed
                     write_stage(shared, lambda tmp: (tmp / "metrics.json").write_text(json.dumps(computed)))

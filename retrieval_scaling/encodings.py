@@ -144,6 +144,7 @@ class EncodingStore:
         kept as sorted arrays, not Python sets: a paper-sized evaluation holds ~35M of them."""
         keys = np.frombuffer(b"".join(doc_key(t, max_len) for t in texts), dtype=KEY)
         distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        self.paradigm.check_corpus(label, len(distinct), max_len)
         firsts = first[inverse.ravel()]
         again = np.flatnonzero(firsts != np.arange(len(keys)))
         repeats: dict[int, list[int]] = {}

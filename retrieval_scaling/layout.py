@@ -219,39 +219,32 @@ def converted_dir(cache_root: Path, model_cfg: Mapping[str, Any]) -> Path:
     return Path(cache_root) / "backbones" / f"{model_cfg['name']}-gguf-{key}"
 
 
-def step0_max_terms(cfg: Mapping[str, Any]) -> int | None:
-    """How much of a representation this cell's step-0 evaluation keeps, as its paradigm says (None: all)."""
-    from .paradigms import paradigm_of
-
-    return paradigm_of(cfg["paradigm"]).step0_max_terms(cfg["eval"])
-
-
-def step0_key(cfg: Mapping[str, Any]) -> str:
-    """The step-0 evaluation's key: what decides a (backbone, paradigm)'s untrained scores."""
+def step0_key(cfg: Mapping[str, Any], pruned: int | None = None) -> str:
+    """The step-0 evaluation's key: what decides a (backbone, paradigm)'s untrained scores, `pruned` what
+    it keeps of each representation (`Paradigm.step0_max_terms`; None: all)."""
     from .data import data_fingerprint
     from .identity import EVAL_RUNTIME_KEYS, content_hash
 
     eval_cfg = cfg["eval"]
-    pruned = step0_max_terms(cfg)
     settings = {k: v for k, v in eval_cfg.items() if k not in (*EVAL_RUNTIME_KEYS, "step0_max_terms")}
     return content_hash({"model": cfg["model"], "paradigm": cfg["paradigm"]["name"], "data": cfg["data"]["name"],
                          "eval": settings,
-                         **({"step0_max_terms": pruned} if pruned else {}),  # what a sparse step 0 keeps
+                         **({"step0_max_terms": pruned} if pruned else {}),  # what a pruned step 0 keeps
                          # the test sets' files, not only their names: another data root may hold other ones
                          "files": {name: data_fingerprint(spec, eval_cfg.get("root"))
                                    for name, spec in eval_cfg["collections"].items()},
                          "code": STAGE_VERSIONS["step0"]})
 
 
-def step0_dir(cfg: Mapping[str, Any]) -> Path:
-    return Path(cfg["sweep"]["cache_dir"]) / "step0-evals" / step0_key(cfg)
+def step0_dir(cfg: Mapping[str, Any], pruned: int | None = None) -> Path:
+    return Path(cfg["sweep"]["cache_dir"]) / "step0-evals" / step0_key(cfg, pruned)
 
 
 STEP0_STORE_SUFFIX = ".encodings"
 
 
-def step0_store(cfg: Mapping[str, Any]) -> Path:
+def step0_store(cfg: Mapping[str, Any], pruned: int | None = None) -> Path:
     """The encodings of a step-0 evaluation until it is built: beside it, so that whichever cell takes
     the evaluation over (its first evaluator killed) resumes them, and the sweep finds them once done."""
-    shared = step0_dir(cfg)
+    shared = step0_dir(cfg, pruned)
     return shared.with_name(shared.name + STEP0_STORE_SUFFIX)

@@ -114,6 +114,16 @@ class TrainShape:
     def whole(self) -> bool:
         return self.micro_batch is None or int(self.micro_batch) >= max(self.queries, self.passages)
 
+    @property
+    def texts(self) -> int:
+        """Queries and passages on this rank."""
+        return self.queries + self.passages
+
+    @property
+    def backward_rows(self) -> int:
+        """Passages one backward pass goes through: the whole share, or a micro-batch."""
+        return self.passages if self.whole else min(int(self.micro_batch), self.passages)
+
     def tokens_in_graph(self) -> int:
         """Tokens whose activations one forward keeps: the whole share, or the larger micro-batch."""
         if self.whole:
@@ -144,16 +154,14 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[s
     held = {"weights": frozen_weights(arch, prec, train_emb) / (world if stage >= 3 else 1),
             **trainable_state(trainable, world, stage)}
     paradigm = paradigm_of(cfg["paradigm"])
-    local = shape.queries + shape.passages
     # this rank's representations, fp32
     reps = FP32 * (shape.queries * paradigm.rep_width(arch, shape.query_len)
                    + shape.passages * paradigm.rep_width(arch, shape.passage_len))
     gathered = reps * world
-    rows = shape.passages if shape.whole else min(int(shape.micro_batch), shape.passages)
-    head = paradigm.training_head(arch, rows, local, shape.passage_len, prec, train_emb and arch.tie_word_embeddings)
+    head = paradigm.training_head(arch, shape, prec, train_emb and arch.tie_word_embeddings)
     # the loss over every rank's representations: them (gathered copies when several ranks), their
     # gradient, and what the paradigm's loss holds beside them (sparse: the FLOPS regulariser's |x|)
-    loss = gathered * head.loss_copies + (gathered if world > 1 else 0)
+    loss = gathered * head.loss_copies + (gathered if world > 1 else 0) + head.scores
     acts = decoder_activations(arch, shape.tokens_in_graph(), shape.passage_len,
                                str(model.get("attn_implementation") or "sdpa"), prec,
                                float(model["lora"].get("dropout") or 0) > 0,

@@ -165,8 +165,11 @@ def disk_plan(cfg: Mapping[str, Any], trainable: int) -> dict[str, float]:
     paradigm = paradigm_of(cfg["paradigm"])
     arch = architecture(cfg["model"])
     corpora, _ = suite_corpora(cfg)
-    stored = [(size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD))
-              for _, size, p_len, encodes in corpora if encodes]
+    stored = []  # (documents, mean tokens) of each corpus the evaluation encodes
+    for spec, size, p_len, encodes in corpora:
+        if encodes:
+            stored.append((size.docs, min(p_len, 1 + size.doc_words * TOKENS_PER_WORD)))
+            paradigm.check_corpus(spec["name"], *stored[-1])
     hits = sum(min(size.queries, int((ev.get("subset") or {}).get("queries") or size.queries)) * int(spec["depth"])
                for spec, size, _, _ in corpora)
     return {"checkpoint": 2 * CHECKPOINT_BYTES_PER_TRAINABLE * trainable / 1e9, "final": 4 * trainable / 1e9,

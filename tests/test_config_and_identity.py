@@ -208,3 +208,33 @@ def test_planning_and_status_import_no_torch():
     check_dtype("bfloat16", "eval.dtype")  # a named dtype is still checked against torch's
     with pytest.raises(ConfigError, match="eval.dtype='int8'"):
         check_dtype("int8", "eval.dtype")
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse"])
+def test_each_paradigm_config_builds_its_class_and_its_class_path_is_not_identity(compose, name):
+    from retrieval_scaling.paradigms import Paradigm, paradigm_of
+
+    cfg = compose("model=tiny_s", f"paradigm={name}", "loss=cl")
+    paradigm = paradigm_of(cfg["paradigm"])
+    assert isinstance(paradigm, Paradigm) and paradigm.name == name
+    assert paradigm.temperature == {"dense": 0.01, "sparse": 1.0}[name]
+    # a cell config written before paradigms named their class reads as the shipped one
+    older = {k: v for k, v in cfg["paradigm"].items() if k != "_target_"}
+    assert type(paradigm_of(older)) is type(paradigm)
+    moved = {**cfg, "paradigm": {**cfg["paradigm"], "_target_": "elsewhere.Same"}}
+    assert cell_id(moved) == cell_id(cfg)
+
+
+def test_a_paradigm_config_that_names_no_paradigm_or_an_unknown_setting_is_one_clear_error(compose):
+    from retrieval_scaling.errors import ConfigError
+    from retrieval_scaling.paradigms import paradigm_of
+
+    sparse = compose("paradigm=sparse")["paradigm"]
+    with pytest.raises(ConfigError, match=r"paradigm._target_='retrieval_scaling.paradigms.dense.Nope' cannot be "
+                                          r"imported \(module .* has no attribute 'Nope'\)"):
+        paradigm_of({**sparse, "_target_": "retrieval_scaling.paradigms.dense.Nope"})
+    with pytest.raises(ConfigError, match="is not a Paradigm class"):
+        paradigm_of({**sparse, "_target_": "retrieval_scaling.losses.ContrastiveLoss"})
+    with pytest.raises(ConfigError, match=r"paradigm.lamda is not a setting of the sparse paradigm \(Sparse takes "
+                                          r"name, temperature, flops\)"):
+        paradigm_of({**sparse, "lamda": 0.1})

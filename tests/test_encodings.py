@@ -173,11 +173,15 @@ def test_pruned_sparse_reps_keep_each_rows_largest_weights_and_name_their_metric
 def test_the_step0_key_follows_the_pruning_of_sparse_cells_only(compose):
     from retrieval_scaling.identity import cell_id
     from retrieval_scaling.layout import step0_key
+    from retrieval_scaling.paradigms import paradigm_of
+
+    def key(cfg):
+        return step0_key(cfg, paradigm_of(cfg["paradigm"]).step0_max_terms(cfg["eval"]))
 
     for paradigm in ("sparse", "dense"):
         base, other = (compose("model=tiny_s", f"paradigm={paradigm}", f"eval.step0_max_terms={k}") for k in (256, 64))
         assert cell_id(base) == cell_id(other)  # the trained cell is evaluated whole either way
-        assert (step0_key(base) != step0_key(other)) == (paradigm == "sparse")
+        assert (key(base) != key(other)) == (paradigm == "sparse")
 
 
 # ---- an eval=paper-shaped rehearsal with a real tiny encoder, 1 and 2 ranks -------------------------

@@ -1,6 +1,7 @@
 """The planner's memory model: its terms by hand, its per-token count against autograd's, and its peak
 against a real step's live tensors."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from retrieval_scaling.flops import Architecture
 from retrieval_scaling.memory import (
     FP32,
     Precision,
+    TrainShape,
     saved_per_token_layer,
     trainable_state,
     training_peak,
@@ -36,9 +38,12 @@ def test_the_heads_backward_holds_one_chunk_of_logits_and_the_weight_it_needs():
     # 128 tokens × 128,256 terms: 4 sequences a chunk (2**26 logits); bf16 under autocast, plus the fp32 head
     # weight's bf16 copy; a frozen head needs no weight gradient
     chunk = 4 * 128 * 128_256 * 2
-    head = Sparse().training_head(vocab, 64, 80, 128, Precision(True, FP32), False)
+    # 16 queries and 64 passages on the rank, whole; then in micro-batches of 2
+    shape = TrainShape(16, 64, 32, 128, world=1, micro_batch=None)
+    head = Sparse().training_head(vocab, shape, Precision(True, FP32), False)
     assert head.backward == chunk + 128_256 * 64 * 2
-    assert Sparse().training_head(vocab, 2, 80, 128, Precision(False, FP32), True).backward == (
+    micro = dataclasses.replace(shape, micro_batch=2)
+    assert Sparse().training_head(vocab, micro, Precision(False, FP32), True).backward == (
         2 * 128 * 128_256 * 4 + 128_256 * 64 * 4)
     # the pooling's max logits (bf16) and argmax (int32) of the 80 texts on the rank; 64 passages' term weights
     # (input, output, mask) in a micro-batch's graph; the FLOPS regulariser's second copy in the loss

@@ -1,5 +1,5 @@
-"""The package's shape: a flat package whose modules import each other without cycles, and whose
-third-party imports are all declared in pyproject.toml."""
+"""The package's shape: modules that import each other without cycles, stay small, and never ask which
+paradigm a cell is outside the paradigm classes; every third-party import declared in pyproject.toml."""
 
 import ast
 import importlib.metadata
@@ -11,21 +11,41 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "retrieval_scaling"
 
 
-def internal_imports(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules that `path` imports, at module level or inside functions."""
+def module_names() -> dict[str, Path]:
+    """Every module of the package by dotted name under it (`cell`, `paradigms.base`; a sub-package by its
+    own name, for its `__init__`)."""
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if parts:
+            out[".".join(parts)] = path
+    return out
+
+
+def internal_imports(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that module `name` (at `path`) imports, at module level or inside functions."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrieval_scaling"):
-            parts = node.module.split(".")
-            found.update(parts[1:2] or [a.name for a in node.names])
-    return (found & modules) - {path.stem}
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+        elif (node.module or "").startswith("retrieval_scaling"):
+            base = []
+        else:
+            continue
+        target = [*base, *[p for p in (node.module or "").split(".") if p and p != "retrieval_scaling"]]
+        candidates = [".".join([*target, a.name]) for a in node.names] + [".".join(target[:k])
+                                                                            for k in range(len(target), 0, -1)]
+        found.update(next(([c] for c in candidates if c in modules), []))
+    return found - {name}
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    return {m: internal_imports(PACKAGE / f"{m}.py", modules) for m in modules}
+    modules = module_names()
+    return {m: internal_imports(m, path, set(modules)) for m, path in modules.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -68,7 +88,32 @@ def test_the_cycle_finder_finds_a_cycle_and_only_cycles():
 def test_the_package_has_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 30 and graph["cell"]  # the graph was read, not empty
+    assert {"paradigms", "store_format"} <= graph["memory"] | graph["paradigms.base"]  # sub-packages and ".." read
     assert cycles(graph) == []
+
+
+# Modules that report results by paradigm, not act on one: the paper's finding "sparse beats dense",
+# and the figure's colours
+REPORTS = {"curves_summary", "curves_plot"}
+
+
+def test_only_the_paradigm_classes_ask_which_paradigm_a_cell_is():
+    """No comparison with a paradigm's name and no `.sparse` flag outside `paradigms/`: a new paradigm is
+    its class and its config, not a branch in every module."""
+    names = {p.stem for p in (ROOT / "conf" / "paradigm").glob("*.yaml")}
+    assert {"dense", "sparse"} <= names
+    asking = []
+    for module, path in module_names().items():
+        if module.split(".")[0] == "paradigms" or module in REPORTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in names
+                                                     for c in [node.left, *node.comparators]):
+                asking.append(f"{module}:{node.lineno}")
+            elif (isinstance(node, ast.Attribute) and node.attr in ("sparse", "dense")
+                  and not (isinstance(node.value, ast.Name) and node.value.id == "torch")):  # torch.sparse.mm
+                asking.append(f"{module}:{node.lineno} .{node.attr}")
+    assert asking == []
 
 
 def test_every_third_party_import_is_declared():
@@ -100,7 +145,7 @@ def _name(requirement: str) -> str:
 def test_modules_and_functions_stay_small_enough_to_read():
     """No module over 300 lines and no function over 60: a concept that outgrows them gets its own module."""
     long_modules, long_functions = [], []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text()
         if len(text.splitlines()) > 300:
             long_modules.append(path.name)

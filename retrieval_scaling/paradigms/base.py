@@ -7,6 +7,8 @@ prices a paradigm without weights, and without torch: what needs torch is import
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,14 @@ class HeadMemory:
     """Bytes a paradigm's head holds in a training step beyond the representations themselves (one rank):
     `kept` from the forward for the head's backward (and by gradient caching between its two encodings),
     `backward` at the peak of the head's backward, `graph` a micro-batch's graph keeps of the pooled
-    output; `loss_copies` is how many copies of the gathered representations the loss holds."""
+    output; `loss_copies` is how many copies of the gathered representations the loss holds, and `scores`
+    what its scoring holds beyond the (queries, passages) score matrices."""
 
     kept: float = 0.0
     backward: float = 0.0
     graph: float = 0.0
     loss_copies: int = 1
+    scores: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,10 +105,9 @@ class Paradigm:
         """Floats in one text's training representation, for a text padded to `length` tokens."""
         return arch.hidden_size
 
-    def training_head(self, arch, rows: int, local: int, length: int, prec,
-                      head_trainable: bool) -> HeadMemory:
-        """What the head holds in a training step: `rows` passages through one backward, `local` texts on
-        this rank, padded to `length` (passages), in precision `prec` (`memory.Precision`)."""
+    def training_head(self, arch, shape, prec, head_trainable: bool) -> HeadMemory:
+        """What the head holds in one rank's training step of `shape` (`memory.TrainShape`), in precision
+        `prec` (`memory.Precision`)."""
         return HeadMemory()
 
     def encoding_buffers(self, arch, batch: int, length: int, compute_bytes: int) -> dict[str, float]:
@@ -119,6 +122,10 @@ class Paradigm:
                 "search_shard": float(shard * arch.hidden_size * (stored + FP32))}
 
     # ---- stored and searched ----
+
+    def check_corpus(self, label: str, documents: int, tokens: float) -> None:
+        """Refuse, with one clear error, a corpus of `documents` texts of `tokens` tokens this paradigm
+        cannot evaluate exactly; the planner and the store both ask."""
 
     def step0_max_terms(self, eval_cfg: Mapping[str, Any]) -> int | None:
         """How much of a representation the step-0 evaluation keeps (None: all of it)."""
@@ -171,21 +178,23 @@ class Paradigm:
 
 def paradigm_of(cfg: Mapping[str, Any]) -> Paradigm:
     """The paradigm a `paradigm` config group describes: its `_target_` class with the other keys."""
-    from hydra.utils import get_class
-
     target = cfg.get("_target_") or shipped_target(str(cfg.get("name")))
+    module, _, attr = str(target).rpartition(".")
     try:
-        cls = get_class(str(target))
-    except Exception as exc:  # noqa: BLE001 — hydra wraps every failure to import
-        raise ConfigError(f"paradigm '{cfg.get('name')}': cannot load its class {target!r} ({exc}); set "
-                          "paradigm._target_ to a retrieval_scaling.paradigms class") from None
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"paradigm._target_={target!r} cannot be imported ({reason}); name a Paradigm class, "
+                          "e.g. retrieval_scaling.paradigms.dense.Dense") from None
     if not (isinstance(cls, type) and issubclass(cls, Paradigm)):
-        raise ConfigError(f"paradigm._target_={target!r} is not a Paradigm class")
+        raise ConfigError(f"paradigm._target_={target!r} is not a Paradigm class (retrieval_scaling.paradigms)")
     settings = {k: v for k, v in cfg.items() if k != "_target_"}
-    try:
-        return cls(**settings)
-    except TypeError as exc:
-        raise ConfigError(f"paradigm '{cfg.get('name')}': {exc}") from None
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise ConfigError(f"paradigm.{unknown[0]} is not a setting of the {settings.get('name')} paradigm "
+                          f"({cls.__name__} takes {', '.join(accepted)}); remove it or fix its spelling")
+    return cls(**settings)
 
 
 def shipped_target(name: str) -> str | None:

@@ -70,18 +70,18 @@ class Sparse(Paradigm):
     def rep_width(self, arch, length):
         return arch.vocab_size
 
-    def training_head(self, arch, rows, local, length, prec, head_trainable):
+    def training_head(self, arch, shape, prec, head_trainable):
         """The pooling's max logits (compute dtype) and argmax per row, kept for the head's backward (or by
         gradient caching from the first encoding to the second); the head's chunked backward
         (`MaxPooledLogits`); a micro-batch's term weights (input, output, mask); and the loss's second copy
         of the representations, the FLOPS regulariser's |x|."""
         from ..encoders import pool_chunk_rows  # torch: imported by a plan, not by the planner's modules
 
-        vocab = arch.vocab_size
+        vocab, rows, length = arch.vocab_size, shape.backward_rows, shape.passage_len
         chunk = min(rows, pool_chunk_rows(length, vocab)) * length * vocab * prec.compute_bytes
         weight = vocab * arch.hidden_size * prec.compute_bytes
         cast = weight if prec.autocast and prec.weight_bytes == FP32 else 0
-        return HeadMemory(kept=(prec.compute_bytes + 4) * vocab * local,
+        return HeadMemory(kept=(prec.compute_bytes + 4) * vocab * shape.texts,
                           backward=float(chunk + cast + (weight if head_trainable else 0)),
                           graph=3 * FP32 * vocab * rows, loss_copies=2)
 
