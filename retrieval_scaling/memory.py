@@ -109,6 +109,7 @@ class TrainShape:
     passage_len: int
     world: int
     micro_batch: int | None
+    in_batch: bool = True  # the loss scores every query against every passage of the gathered batch
 
     @property
     def whole(self) -> bool:
@@ -132,21 +133,22 @@ class TrainShape:
         return max(min(micro, self.queries) * self.query_len, min(micro, self.passages) * self.passage_len)
 
 
-def train_shape(cfg: Mapping[str, Any], world: int) -> TrainShape:
+def train_shape(cfg: Mapping[str, Any], world: int, in_batch: bool = True) -> TrainShape:
     train = cfg["train"]
     queries = max(1, int(train["queries_per_step"]) // world)
     return TrainShape(queries, queries * int(train["passages_per_query"]), int(cfg["data"]["query_max_len"]),
-                      int(cfg["data"]["passage_max_len"]), world, train.get("micro_batch"))
+                      int(cfg["data"]["passage_max_len"]), world, train.get("micro_batch"), in_batch)
 
 
-def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision) -> dict[str, float]:
+def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision, in_batch: bool = True) -> dict[str, float]:
     """Bytes by term of one rank at the peak of a training step of this cell, the largest of three
     moments: the loss (every representation and its gradient), a backward pass through the head (a
     graph's activations and the head's chunked gradient), and DeepSpeed's reduction of the gradients
-    after the backward pass, into its bucket."""
+    after the backward pass, into its bucket. `in_batch`: whether the loss scores every query against every
+    passage of the gathered batch (the paradigm's scoring may hold what that takes)."""
     model, train = cfg["model"], cfg["train"]
     arch = architecture(model)
-    shape = train_shape(cfg, world)
+    shape = train_shape(cfg, world, in_batch)
     train_emb = bool(model.get("train_embeddings"))
     trainable = lora_params(model) + (arch.vocab_size * arch.hidden_size if train_emb else 0)
     zero = zero_settings(cfg)

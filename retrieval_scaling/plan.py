@@ -104,7 +104,8 @@ def memory_plan(cfg: Mapping[str, Any], gpus: int) -> dict[str, Any]:
     bf16 = bool(planner.get("bf16", True))
     weights = 2 if str(model.get("dtype") or "float32") in ("bfloat16", "float16") else 4
     eval_bf16 = bf16 and cfg["eval"].get("dtype") in ("auto", "bfloat16")  # inference weights: LoRA merged, cast
-    stages = {"train": training_peak(cfg, gpus, Precision(bf16 and cfg["train"].get("bf16") is not False, weights)),
+    train_prec = Precision(bf16 and cfg["train"].get("bf16") is not False, weights)
+    stages = {"train": training_peak(cfg, gpus, train_prec, bool(loss_class(cfg["loss"]).in_batch)),
               "mntp": mntp_peak(cfg, gpus, Precision(bf16 and (model.get("mntp") or {}).get("bf16") is not False,
                                                      weights)),
               "eval": evaluation_peak(cfg, Precision(bf16, 2 if eval_bf16 else 4))}
