@@ -1,7 +1,7 @@
-"""Lion-DS (dense) and Lion-SP (sparse) encoders over a decoder-only backbone.
+"""Lion-DS (dense), Lion-SP (sparse) and multi-vector encoders over a decoder-only backbone.
 
 One base class owns input handling (left padding, position ids); subclasses override only `pool`,
-how a sequence of hidden states becomes one vector.
+how a sequence of hidden states becomes its representation.
 """
 
 from __future__ import annotations
@@ -83,6 +83,20 @@ class SparseEncoder(Encoder):
             pooled = torch.stack([head(h[m.bool()]).amax(dim=0) for h, m in zip(hidden, mask, strict=True)])
             return sparse_activation(pooled, hidden.shape[-1])
         return sparse_activation(pooled_logits_inference(hidden, mask, head.weight, head.bias), hidden.shape[-1])
+
+
+class MultiVectorEncoder(Encoder):
+    """Every token's hidden state through a trained projection to `dim` values, L2-normalised; padding
+    positions zero (ColBERT's token vectors)."""
+
+    def __init__(self, backbone: nn.Module, dim: int, paradigm=None):
+        super().__init__(backbone, paradigm)
+        self.projection = nn.Linear(backbone.config.hidden_size, dim, bias=False)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(hidden.to(self.projection.weight.dtype))  # bf16 backbones, fp32 projection
+        vectors = nn.functional.normalize(projected.float(), p=2, dim=-1)
+        return vectors * mask.unsqueeze(-1).to(vectors.dtype)
 
 
 @torch.no_grad()

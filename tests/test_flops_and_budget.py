@@ -77,6 +77,9 @@ def test_trained_tied_embeddings_add_the_lm_head_weight_gradient_and_layer0_inpu
     ("tiny_m", "dense", "cl_kd", None),
     ("tiny_l", "sparse", "cl", None),
     ("tiny_l", "dense", "kl", None),
+    # MaxSim over every (query token, passage token) pair and the projection: 2 queries keep it fast
+    ("tiny_s", "multivector", "cl_kd", dict(queries=2, passages_per_query=2, query_len=8, passage_len=16)),
+    ("tiny_m", "multivector", "kd", dict(queries=4, passages_per_query=2, query_len=16, passage_len=32)),
     # SmolLM2-135M's architecture at a smaller batch; even so a real step of it belongs with the slow tests
     pytest.param("smollm2_135m", "dense", "cl", dict(queries=2, passages_per_query=4, query_len=16, passage_len=48),
                  marks=pytest.mark.slow),
