@@ -141,7 +141,7 @@ def saved_bytes(arch: dict, layers: int, attention: str, autocast: bool, weights
 
     from retrieval_scaling.backbone import (
         architecture,
-        llama_config,
+        decoder_config,
         lora_config,
         lora_inputs_uncast,
         set_bidirectional,
@@ -152,7 +152,7 @@ def saved_bytes(arch: dict, layers: int, attention: str, autocast: bool, weights
     model_cfg = {"arch": {**arch, "num_hidden_layers": layers, "vocab_size": 512},
                  "lora": {"r": 16, "alpha": 32, "dropout": dropout, "targets": [
                      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
-    model = LlamaForCausalLM(llama_config(architecture(model_cfg), attn_implementation=attention))
+    model = LlamaForCausalLM(decoder_config(architecture(model_cfg), attn_implementation=attention))
     set_bidirectional(model, True)
     model = get_peft_model(model, lora_config(model_cfg))
     for p in model.parameters():

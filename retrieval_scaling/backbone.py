@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .flops import Architecture
+from .flops import FAMILIES, Architecture
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ def architecture(model_cfg: Mapping[str, Any]) -> Architecture:
     arch = model_cfg.get("arch")
     if not arch:
         raise ConfigError(f"model '{model_cfg.get('name')}' has no `arch` section (shapes needed for the plan)")
+    family = arch.get("family", "llama")
+    if family not in FAMILIES:
+        raise ConfigError(f"model.arch.family={family!r} (model '{model_cfg.get('name')}') is not a supported "
+                          f"decoder family: one of {', '.join(FAMILIES)} (the transformers model_type)")
     return Architecture(**arch)
 
 
@@ -51,14 +55,34 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS)
 
 
-def llama_config(arch: Architecture, **extra: Any):
-    """A transformers LlamaConfig of these shapes (`extra`: token ids, attention kernel, …)."""
-    from transformers import LlamaConfig
+def decoder_config(arch: Architecture, **extra: Any):
+    """A transformers config of these shapes in the architecture's family (`extra`: token ids, attention
+    kernel, …): what a random-weight model of a plan's shapes is built from."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                       intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
-                       num_attention_heads=arch.num_attention_heads, num_key_value_heads=arch.num_key_value_heads,
-                       head_dim=arch.head_size, tie_word_embeddings=arch.tie_word_embeddings, **extra)
+    return AutoConfig.for_model(arch.family, vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+                                intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+                                num_attention_heads=arch.num_attention_heads,
+                                num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_size,
+                                tie_word_embeddings=arch.tie_word_embeddings, **extra)
+
+
+# The model config's fields the plan's `arch` section must agree with, by `Architecture` field
+CHECKED_SHAPES = {"family": "model_type", "hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
+                  "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+                  "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+                  "tie_word_embeddings": "tie_word_embeddings"}
+
+
+def check_shapes(model_cfg: Mapping[str, Any], config, where: str) -> None:
+    """The weights at `where` are the architecture `model.arch` describes: plans, budgets and memory are
+    priced from that section, so a mismatch would make every figure wrong. One error naming each."""
+    arch = architecture(model_cfg)
+    wrong = [f"{field} {getattr(config, attr, None)!r} (arch says {getattr(arch, field)!r})"
+             for field, attr in CHECKED_SHAPES.items() if getattr(config, attr, None) != getattr(arch, field)]
+    if wrong:
+        raise ConfigError(f"model '{model_cfg.get('name')}': the weights at '{where}' have {'; '.join(wrong)}: fix "
+                          "model.arch (the planner prices from it) or model.name_or_path")
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
@@ -105,6 +129,7 @@ def load_backbone(model_cfg: Mapping[str, Any], local_dir: Path | None = None):
             f"model '{model_cfg.get('name')}': cannot load '{where}' ({exc}). Offline machines need a "
             "local directory in model.name_or_path."
         ) from None
+    check_shapes(model_cfg, model.config, where)
     set_bidirectional(model, bool(model_cfg.get("bidirectional", False)))
     return model, tokenizer
 
@@ -141,7 +166,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 def set_bidirectional(model, on: bool) -> None:
     """transformers ≥5 builds a padding-only mask and passes is_causal=False to the kernels when the
-    config says so; setting it on attention modules alone is not enough (stays causal under eager)."""
+    config says so; setting it on attention modules alone is not enough (stays causal under eager). It is
+    tested for each of `FAMILIES` (tests/test_families.py); another family may ignore it."""
+    family = getattr(model.config, "model_type", None)
+    if on and family not in FAMILIES:
+        raise ConfigError(f"bidirectional attention is verified for {', '.join(FAMILIES)}, not for {family!r}: "
+                          "add the family to flops.FAMILIES once its test passes, or set model.bidirectional=false")
     model.config.is_causal = not on
 
 

@@ -22,9 +22,15 @@ class RandomStep:
                  query_len: int | None = None, passage_len: int | None = None, attn_implementation: str = "eager"):
         from hydra.utils import instantiate
         from peft import get_peft_model
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        from .backbone import architecture, enable_gradient_checkpointing, llama_config, lora_config, set_bidirectional
+        from .backbone import (
+            architecture,
+            decoder_config,
+            enable_gradient_checkpointing,
+            lora_config,
+            set_bidirectional,
+        )
         from .paradigms import paradigm_of
         from .train import StepLoss
 
@@ -35,7 +41,7 @@ class RandomStep:
         self.query_len = query_len or int(cfg["data"]["query_max_len"])
         self.passage_len = passage_len or int(cfg["data"]["passage_max_len"])
         torch.manual_seed(0)
-        backbone = LlamaForCausalLM(llama_config(self.arch, attn_implementation=attn_implementation))
+        backbone = AutoModelForCausalLM.from_config(decoder_config(self.arch, attn_implementation=attn_implementation))
         set_bidirectional(backbone, bool(model_cfg.get("bidirectional", False)))
         backbone = get_peft_model(backbone, lora_config(model_cfg))
         if model_cfg.get("train_embeddings"):

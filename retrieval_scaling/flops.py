@@ -32,9 +32,14 @@ CONVENTION = ("lora-aware-4N+6N_lora+attn(4/8)dS2+sparse-head+similarity;padded-
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Decoder families whose attention is made bidirectional, MNTP-trained and pooled by both heads, by their
+# transformers `model_type`: each is Llama's layer plus, at most, a few parameters no matmul touches.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """The shapes of a Llama-architecture decoder that matter for parameters and FLOPs."""
+    """The shapes of a decoder of one of the `FAMILIES` that matter for parameters and FLOPs."""
 
     hidden_size: int
     num_hidden_layers: int
@@ -44,6 +49,7 @@ class Architecture:
     vocab_size: int
     tie_word_embeddings: bool = True
     head_dim: int | None = None
+    family: str = "llama"
 
     @property
     def head_size(self) -> int:
@@ -67,6 +73,11 @@ class Architecture:
     def linear_params_per_layer(self) -> int:
         return sum(i * o for i, o in self.projection_shapes().values())
 
+    def extra_params_per_layer(self) -> int:
+        """What the family adds to Llama's layer: Qwen2's q/k/v biases, Qwen3's q/k norms over a head."""
+        q_out, kv_out = self.num_attention_heads * self.head_size, self.num_key_value_heads * self.head_size
+        return {"qwen2": q_out + 2 * kv_out, "qwen3": 2 * self.head_size}.get(self.family, 0)
+
     def lora_params_per_layer(self, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
         shapes = self.projection_shapes()
         return sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
@@ -75,11 +86,15 @@ class Architecture:
         """Base parameters (without LoRA): embeddings, LM head if untied, layers, norms."""
         d, v, layers = self.hidden_size, self.vocab_size, self.num_hidden_layers
         embeddings = v * d * (1 if self.tie_word_embeddings else 2)
-        per_layer = self.linear_params_per_layer() + 2 * d  # + input and post-attention RMSNorm
+        per_layer = self.non_embedding_per_layer()
         return embeddings + layers * per_layer + d  # + final norm
 
     def params_non_embedding(self) -> int:
-        return self.num_hidden_layers * (self.linear_params_per_layer() + 2 * self.hidden_size)
+        return self.num_hidden_layers * self.non_embedding_per_layer()
+
+    def non_embedding_per_layer(self) -> int:
+        """Linear weights, the input and post-attention RMSNorms, and the family's extras."""
+        return self.linear_params_per_layer() + 2 * self.hidden_size + self.extra_params_per_layer()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .backbone import architecture, llama_config, train_bpe_tokenizer
+from .backbone import architecture, decoder_config, train_bpe_tokenizer
 from .data import Collection
 from .encoders import weight_usable_directly
 from .flops import Architecture
@@ -163,7 +163,7 @@ def _pretrain(model_cfg: Mapping[str, Any], corpus: Collection, out: Path, ckpt_
     arch = architecture(model_cfg)
     seed, block = int(recipe["seed"]), int(recipe["block_len"])
     tokenizer, heldout, train = pretraining_blocks(model_cfg, corpus)
-    config = llama_config(
+    config = decoder_config(
         arch, max_position_embeddings=int(recipe.get("max_position_embeddings", 512)),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,

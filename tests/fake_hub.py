@@ -127,11 +127,11 @@ def tiny_llama_repo(directory: Path, arch: dict, texts: list[str]) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from retrieval_scaling.backbone import architecture, llama_config, train_bpe_tokenizer
+    from retrieval_scaling.backbone import architecture, decoder_config, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(texts, arch["vocab_size"])
     torch.manual_seed(0)
-    config = llama_config(architecture({"arch": arch}), bos_token_id=tokenizer.bos_token_id,
+    config = decoder_config(architecture({"arch": arch}), bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

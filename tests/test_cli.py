@@ -15,6 +15,7 @@ from retrieval_scaling.identity import cell_id
 from retrieval_scaling.layout import PER_QUERY
 
 ROOT = Path(__file__).resolve().parents[1]
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("[!_]*.yaml"))
 
 
 def run_cli(verb, *args, env_extra=None, timeout=900):
@@ -119,7 +120,7 @@ def test_cells_that_differ_only_in_values_compose_as_hydra_composes_each(sweeps,
 
 
 @pytest.mark.parametrize("override,message", [
-    ("model=tiny_xl", "options in 'model': llama3_1b llama3_3b llama3_8b smollm2_135m tiny_l tiny_m tiny_s ("),
+    ("model=tiny_xl", f"options in 'model': {' '.join(MODELS)} ("),
     ("sweep.name=tiny✓", "cannot read the override 'sweep.name=tiny✓': an unquoted value may hold"),
     ("sweep.name=" + "a" * 250, "… (250 characters)' is not a usable name: it names a directory under the sweeps root, "
                                 "so use 1 to 128 letters"),
@@ -268,7 +269,7 @@ def test_ctrl_c_ends_a_verb_with_one_line_and_the_shells_status():
 def test_help_lists_the_options_a_user_picks_from_not_the_bases_they_build_on(sweeps):
     proc = run_cli("sweep", "--help", env_extra=sweeps)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "\nmodel: llama3_1b, llama3_3b, llama3_8b, smollm2_135m, tiny_l, tiny_m, tiny_s\n" in proc.stdout
+    assert f"\nmodel: {', '.join(MODELS)}\n" in proc.stdout
     assert "\neval: beir13, beir_dir, dl19, dl20, msmarco_dev, paper, scifact, trec\n" in proc.stdout
     assert "_tiny_family" not in proc.stdout and "_base" not in proc.stdout
     assert "\n== Config ==\n" in proc.stdout and "\nmodel:\n  source: pretrain" in proc.stdout
