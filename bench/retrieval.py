@@ -89,7 +89,7 @@ def main() -> None:
     from retrieval_scaling.data import load_collection
     from retrieval_scaling.inference import encode_texts, inference_encoder
     from retrieval_scaling.search import InvertedIndex, brute_force_sparse, to_csr
-    from retrieval_scaling.topk import search_dense
+    from retrieval_scaling.topk import dense_top_k
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="tiny")
@@ -125,7 +125,7 @@ def main() -> None:
     dim = encoder.backbone.get_input_embeddings().weight.shape[1]  # the dense head's width for this model
     dense_docs = np.random.default_rng(0).normal(size=(len(docs_text), dim)).astype(np.float32)
     dense_q = np.random.default_rng(1).normal(size=(len(queries_text), dim)).astype(np.float32)
-    t_dense, _ = best_of(args.repeats, lambda: search_dense(dense_q, dense_docs, 1000))
+    t_dense, _ = best_of(args.repeats, lambda: dense_top_k(dense_q, dense_docs, 1000))
 
     result = {
         "benchmark": "retrieval", "collection": "scifact/test", "cell": cell_dir.name,

@@ -2,8 +2,8 @@
 
 Every result is what brute force gives: hits by score, ties by lower document index, at the k-th place
 too. Dense search scores each query block by one matrix product and keeps each row's k best; shard
-results are merged by (score, index), so the corpus is bounded by memory (one shard's vectors at a
-time), not by code. (faiss's flat index is not used: among exactly tied documents at the k-th place it
+results are merged by (score, index) (`corpus_search`), so the corpus is bounded by memory (one shard's
+vectors at a time), not by code. (faiss's flat index is not used: among exactly tied documents at the k-th place it
 keeps whichever its heap holds, not the lowest index.)
 
 Floating point: a dense score comes from a BLAS matrix product, whose last bit may depend on where the
@@ -13,8 +13,6 @@ score (`encodings`), so they always tie exactly.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -32,37 +30,6 @@ def dense_top_k(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarr
     for lo in range(0, len(queries), QUERY_BLOCK):
         out_s[lo:lo + QUERY_BLOCK], out_i[lo:lo + QUERY_BLOCK] = top_k_rows(queries[lo:lo + QUERY_BLOCK] @ docs.T, k)
     return out_s, out_i
-
-
-class DenseTopK:
-    """Exact inner-product top-k of fixed queries, fed one corpus shard at a time."""
-
-    def __init__(self, queries: np.ndarray, k: int):
-        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
-        self.k = k
-        self.scores = np.full((len(self.queries), 0), -np.inf, dtype=np.float32)
-        self.indices = np.full((len(self.queries), 0), -1, dtype=np.int64)
-        self.offset = 0
-
-    def add_shard(self, docs: np.ndarray) -> None:
-        if len(docs):
-            s, i = dense_top_k(self.queries, docs, self.k)
-            self.scores, self.indices = merge_top_k(self.scores, self.indices, s, i + self.offset, self.k)
-        self.offset += len(docs)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global doc indices), each (queries, k), best first; -1 where fewer than k docs."""
-        return pad_top_k(self.scores, self.indices, self.k)
-
-
-def search_dense(queries: np.ndarray, doc_shards: Iterable[np.ndarray] | np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(doc_shards, np.ndarray):
-        doc_shards = [doc_shards]
-    top = DenseTopK(queries, k)
-    for shard in doc_shards:
-        top.add_shard(shard)
-    return top.result()
 
 
 def merge_top_k(scores_a: np.ndarray, pos_a: np.ndarray, scores_b: np.ndarray, pos_b: np.ndarray,

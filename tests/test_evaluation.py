@@ -22,7 +22,7 @@ from retrieval_scaling.readers import read_trec_qrels, read_trec_topics
 from retrieval_scaling.retrievers import Ranked, Retriever
 from retrieval_scaling.scoring import score_run
 from retrieval_scaling.search import InvertedIndex, brute_force_sparse
-from retrieval_scaling.topk import search_dense, top_k_rows
+from retrieval_scaling.topk import dense_top_k, merge_top_k, top_k_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,10 @@ def test_dense_search_over_shards_is_exact():
     # On a grid of 1/2 every score is exact in float32 on any CPU and kernel, and documents tie exactly.
     queries, docs = (np.round(rng.normal(size=shape) * 2) / 2 for shape in ((6, 8), (90, 8)))
     queries, docs = queries.astype(np.float32), docs.astype(np.float32)
-    scores, idx = search_dense(queries, [docs[:25], docs[25:26], docs[26:]], 7)
+    scores, idx = np.zeros((6, 0), np.float32), np.zeros((6, 0), np.int64)
+    for lo, hi in ((0, 25), (25, 26), (26, 90)):  # shard by shard, merged as the corpus search merges them
+        s, i = dense_top_k(queries, docs[lo:hi], 7)
+        scores, idx = merge_top_k(scores, idx, s, i + lo, 7)
     want_s, want = top_k_rows(queries @ docs.T, 7)  # ties by lower index
     assert sum(len(set(row)) < len(row) for row in want_s.tolist()) >= 2
     assert idx.tolist() == want.tolist() and scores.tolist() == want_s.tolist()

@@ -166,8 +166,8 @@ def test_a_tiny_multivector_cell_runs_end_to_end_and_improves_on_its_step_0(tmp_
 
     env = {**os.environ, "RS_SWEEPS_DIR": str(tmp_path), "RS_DATA_DIR": str(data_root), "MLFLOW_TRACKING_URI": ""}
     proc = subprocess.run([sys.executable, "-m", "retrieval_scaling.sweep", "+grid=tiny", "model=tiny_s",
-                           "paradigm=multivector", "loss=cl", "sweep.name=mv",
-                           "eval.subset={queries:100,bm25_depth:20,seed:0}"], cwd=ROOT, env=env,
+                           "paradigm=multivector", "loss=cl", "sweep.name=mv", "model.pretrain.steps=60",
+                           "model.mntp.steps=20", "eval.subset={queries:100,bm25_depth:20,seed:0}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (plan,) = json.loads((tmp_path / "mv" / "plan.json").read_text())
