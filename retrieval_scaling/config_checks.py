@@ -44,6 +44,15 @@ def lookup(cfg: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
     return True, node
 
 
+def assign(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set the existing key `dotted` of a plain config to `value`, in place."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
 def check_number(dotted: str, value: Any, kind: type, least: float, nullable: bool) -> Any:
     """`value` as `kind` when it is a finite number ≥ `least` (or None where allowed); else ConfigError."""
     if value is None:
@@ -72,13 +81,8 @@ def check_cell(cfg: dict[str, Any]) -> None:
     check_name("sweep.name", lookup(cfg, "sweep.name")[1])
     for dotted, (kind, least, nullable) in NUMBERS.items():
         present, value = lookup(cfg, dotted)
-        if not present:
-            continue
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for key in parents:
-            node = node[key]
-        node[leaf] = check_number(dotted, value, kind, least, nullable)
+        if present:
+            assign(cfg, dotted, check_number(dotted, value, kind, least, nullable))
     for dotted, allowed in CHOICES.items():
         present, value = lookup(cfg, dotted)
         if present and value is not None:

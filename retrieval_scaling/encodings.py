@@ -93,7 +93,7 @@ class EncodingStore:
         self.root, self.encode, self.paradigm = Path(root), encode, paradigm
         self.shard_size, self.rank, self.world = max(1, int(shard_size)), rank, world
         self.store_dtype = check_choice("eval.store_dtype", store_dtype, tuple(STORE_DTYPES))
-        self.store_dtype, self.planned_doc_bytes = store_dtype, planned_doc_bytes
+        self.planned_doc_bytes = planned_doc_bytes
         self.searcher = searcher or paradigm.searcher("host")
         self.root.mkdir(parents=True, exist_ok=True)
         self.encoded_docs = 0  # by this rank, in this process: what tests and logs count

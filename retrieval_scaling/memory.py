@@ -171,16 +171,15 @@ def training_peak(cfg: Mapping[str, Any], world: int, prec: Precision, in_batch:
     if shape.whole and not train.get("gradient_checkpointing") and prec.autocast and prec.weight_bytes == FP32:
         # the query and the passage forwards each keep autocast's weight copies
         acts["activations"] += arch.num_hidden_layers * BF16 * arch.linear_params_per_layer()
-    head_kept = head.kept
     bucket = {"representations": reps + (gathered if world > 1 else 0), "gradient_bucket": gradient_bucket(zero)}
     if shape.whole:
-        phases = [{**held, **acts, "representations": reps + head_kept + loss},
-                  {**held, **acts, "representations": reps + head_kept, "vocabulary_scores": head.backward}]
+        phases = [{**held, **acts, "representations": reps + head.kept + loss},
+                  {**held, **acts, "representations": reps + head.kept, "vocabulary_scores": head.backward}]
     else:  # a micro-batch's graph also keeps its term weights' activation (input, output, mask)
-        phases = [{**held, "representations": reps + head_kept + loss},
-                  {**held, **acts, "representations": 2 * reps + head_kept + head.graph,
+        phases = [{**held, "representations": reps + head.kept + loss},
+                  {**held, **acts, "representations": 2 * reps + head.kept + head.graph,
                    "vocabulary_scores": head.backward}]
-        bucket["representations"] += reps + head_kept
+        bucket["representations"] += reps + head.kept
     phases.append({**held, **bucket})
     return max(phases, key=lambda terms: sum(terms.values()))
 

@@ -16,6 +16,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from retrieval_scaling.config_checks import assign, check_cell, lookup
+
 OUTCOME: dict[str, int] = {}
 
 
@@ -110,11 +112,7 @@ class Composer:
         if all(plain_assignment(o, resolved, read) for o in values):
             cfg = copy.deepcopy(resolved)
             for o in values:
-                *parents, leaf = o.key_or_group.split(".")
-                node = cfg
-                for part in parents:
-                    node = node[part]
-                node[leaf] = o.value()
+                assign(cfg, o.key_or_group, o.value())
             return cfg
         cfg = copy.deepcopy(self.combos[key])
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
@@ -136,11 +134,9 @@ def plain_assignment(override, resolved: dict, read: str) -> bool:
     if override.is_add() or override.is_delete() or override.is_force_add() or override.is_sweep_override():
         return False
     key = override.key_or_group
-    node: Any = resolved
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
+    present, node = lookup(resolved, key)
+    if not present:
+        return False
     value = override.value()
     plain = (str, int, float, bool, type(None))
     parts = key.split(".")
@@ -161,7 +157,6 @@ class CellLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from retrieval_scaling.budget import resolve_budget
-        from retrieval_scaling.config_checks import check_cell
         from retrieval_scaling.sweep import act
 
         composer = Composer(self.hydra_context.config_loader, self.config)

@@ -117,9 +117,8 @@ class Paradigm:
     def search_buffers(self, arch, eval_cfg: Mapping[str, Any], shard: int, block: int) -> dict[str, float]:
         """Bytes by term of one stored shard of `shard` documents on the GPU and `block` queries' scores
         against it (`shard_search.TorchSearch`)."""
-        stored = 2 if store_dtype(eval_cfg) == "float16" else 0
         return {"search_scores": float(block * shard * (FP32 + 1)),  # the scores and the candidates' mask
-                "search_shard": float(shard * arch.hidden_size * (stored + FP32))}
+                "search_shard": float(shard * arch.hidden_size * on_device_bytes(eval_cfg))}
 
     # ---- stored and searched ----
 
@@ -174,6 +173,12 @@ class Paradigm:
     def host_scores(self, queries: Any, docs: Any) -> np.ndarray:
         """Scores on the host, (queries, docs), float64: the contrastive entropy's."""
         return np.asarray(queries @ docs.T, dtype=np.float64)
+
+
+def on_device_bytes(eval_cfg: Mapping[str, Any]) -> int:
+    """Bytes a stored dense value takes on the device while searched: its 16-bit copy and the float32 one
+    made from it, or the float32 value alone."""
+    return (2 if store_dtype(eval_cfg) == "float16" else 0) + FP32
 
 
 def paradigm_of(cfg: Mapping[str, Any]) -> Paradigm:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..store_format import KEY_BYTES, narrowed, store_dtype
-from .base import FP32, HeadMemory, Paradigm
+from .base import FP32, HeadMemory, Paradigm, on_device_bytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,8 +86,7 @@ class MultiVector(Paradigm):
         """The shard's token vectors (stored, and widened to float32), one chunk of token similarities and
         its per-document maxima, and a block of queries' scores against the shard."""
         tokens = shard * int(eval_cfg.get("passage_max_len") or 0)
-        stored = np.dtype(store_dtype(eval_cfg)).itemsize
-        return {"search_shard": float(tokens * self.dim * (stored + FP32)),
+        return {"search_shard": float(tokens * self.dim * on_device_bytes(eval_cfg)),
                 "search_scores": float(2 * FP32 * SIMILARITY_ELEMENTS + FP32 * block * shard)}
 
     # ---- stored and searched ----

@@ -92,7 +92,7 @@ class Sparse(Paradigm):
 
     def search_buffers(self, arch, eval_cfg, shard, block):
         """The shard as torch CSR with 64-bit indices, and the block's queries densified."""
-        return {"search_scores": float(block * shard * (FP32 + 1)),
+        return {**super().search_buffers(arch, eval_cfg, shard, block),
                 "search_shard": float(shard * planned_doc_terms(eval_cfg) * (8 + 8 + FP32)),
                 "search_queries": float(block * arch.vocab_size * FP32)}
 
